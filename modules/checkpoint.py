@@ -1,0 +1,128 @@
+"""Training checkpoints: `<output_dir>/checkpoints/checkpoint-<step>/`, written whole or not at all.
+
+A checkpoint holds what `accelerator.save_state` writes (model, optimizer, RNG states of every process), the EMA
+weights (safetensors) and `training_state.json` (step, images seen, LR schedule, the model's config). It is written
+under a temporary name and renamed once complete, so a directory named `checkpoint-<step>` is always whole; resume
+needs nothing else, because the data position is derived from the step (see data.ResumableBatchSampler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from modules.config import UserError
+
+STATE_FILE = "training_state.json"
+EMA_FILE = "ema.safetensors"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """'latest' -> newest complete checkpoint or None (fresh start); a path -> that checkpoint, which must exist."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(
+            f"--resume_from_checkpoint: '{path}' is not a complete checkpoint (no {STATE_FILE}); "
+            f"complete ones: {', '.join(p.name for p in list_checkpoints(output_dir)) or 'none'}"
+        )
+    return path
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def check_compatible(path: Path, model_config: dict):
+    """Refuse a checkpoint made for another model, naming every key whose value differs."""
+    saved = read_state(path).get("model_config", {})
+    keys = sorted(k for k in set(saved) | set(model_config) if not k.startswith("_"))
+    diff = [k for k in keys if _jsonable(saved.get(k)) != _jsonable(model_config.get(k))]
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {model_config.get(k)!r}" for k in diff)
+        raise UserError(f"checkpoint {path} was made for a different model ({detail})")
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_limit: int | None) -> Path:
+    """Save on all processes (sharded states need every rank); only the main process writes shared files."""
+    from safetensors.torch import save_file
+
+    root = checkpoints_dir(output_dir)
+    final = root / f"checkpoint-{step}"
+    partial = root / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        save_file(ema.state_dict(), str(partial / EMA_FILE))
+        _write_json(partial / STATE_FILE, {**state, "step": step, "ema_step": ema.step})
+        _fsync_tree(partial)
+        if final.exists():  # an earlier run's checkpoint of the same step: replace it only now we have a whole one
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, ema) -> dict:
+    """Restore model, optimizer and RNG states through Accelerate, and the EMA; returns training_state.json."""
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(path))
+    state = read_state(path)
+    ema.load_state_dict(load_file(str(Path(path) / EMA_FILE), device=str(next(ema.model.parameters()).device)),
+                        state["ema_step"])  # fmt: skip
+    return state
+
+
+def _write_json(path: Path, data: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path):
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,215 @@
+"""Configuration shared by the scripts: typed dataclasses, a YAML recipe, then command-line overrides.
+
+Precedence: dataclass defaults < the script's own defaults < `--config recipe.yaml` < flags on the command line.
+Unknown keys, in a recipe or on the command line, are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in the user's input. Scripts print it as one line and exit with status 2."""
+
+
+def cli_entry(main):
+    """Wrap a script's `main(argv)` so that a `UserError` becomes a one-line message instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def _help(text, **extra):
+    return field(metadata={"help": text}, **extra)
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = _help(
+        "Dataset to train on: 'fashion_mnist' (read from the Debian package dataset-fashion-mnist when installed, else "
+        "from the Hub), or any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
+        default="fashion_mnist",
+    )
+    dataset_config_name: str | None = _help("Config name of the Hub dataset, if it has several.", default=None)
+    dataset_split: str = _help("Split to train on.", default="train")
+    train_data_dir: str | None = _help(
+        "A folder of images to train on instead of --dataset_name. Subfolders become class labels; an optional "
+        "metadata.jsonl with a 'file_name' key adds columns (e.g. 'label').",
+        default=None,
+    )
+    image_column: str = _help("Column holding the images.", default="image")
+    label_column: str | None = _help(
+        "Column holding integer class labels. Default: 'label' if the dataset has one. 'none' disables labels.",
+        default=None,
+    )
+    cache_dir: str | None = _help("Where `datasets` caches downloads.", default=None)
+    resolution: int = _help("Images are resized (shorter side) and cropped to this size.", default=32)
+    center_crop: bool = _help("Center crop after resizing (otherwise a random crop).", default=True)
+    random_flip: bool = _help("Randomly flip images horizontally during training.", default=False)
+    num_channels: int | None = _help(
+        "1 or 3. Default: 1 for a grayscale dataset (e.g. Fashion-MNIST), else 3.", default=None
+    )
+    max_train_samples: int | None = _help("Use only the first N images (for quick runs and debugging).", default=None)
+    dataloader_num_workers: int = _help("DataLoader worker processes (0: load in the main process).", default=0)
+
+
+@dataclass
+class ModelArguments:
+    model: str = _help(
+        "Model preset: unet_s, unet_m, unet_l, dit_tiny, dit_s, dit_b, dit_l, dit_xl.", default="unet_s"
+    )
+    patch_size: int = _help("DiT patch size (2, 4 or 8).", default=2)
+    qk_norm: bool = _help("DiT: normalise queries and keys per head.", default=False)
+    pos_embed: Literal["absolute", "rope"] = _help("DiT position embedding.", default="absolute")
+    mlp: Literal["gelu", "swiglu"] = _help("DiT MLP type.", default="gelu")
+    base_channels: int | None = _help("UNet: override the preset's base channel count.", default=None)
+    dropout: float | None = _help("Override the preset's dropout.", default=None)
+    class_conditional: bool = _help(
+        "Condition on class labels (needs a label column); the null class enables classifier-free guidance.",
+        default=False,
+    )
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = _help("Run directory: checkpoints, samples, logs and the final model.", default="runs/default")
+    seed: int = _help("Seed for model init, data order, noise and sampling; a run is reproducible from it.", default=0)
+    train_batch_size: int = _help("Batch size per process.", default=64)
+    max_train_steps: int = _help("Number of optimizer steps.", default=1000)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (AdamW).", default=1e-4)
+    lr_scheduler: str = _help(
+        "Schedule after warm-up: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.",
+        default="constant_with_warmup",
+    )
+    lr_warmup_steps: int = _help("Linear warm-up steps.", default=0)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.999)
+    adam_weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    use_8bit_adam: bool = _help("Use bitsandbytes' 8-bit AdamW (GPU).", default=False)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
+        "Autocast precision; default: what `accelerate launch` was given.", default=None
+    )
+    allow_tf32: bool = _help("Allow TF32 matmuls on Ampere and newer GPUs.", default=False)
+    gradient_checkpointing: bool = _help("Trade compute for memory by recomputing activations.", default=False)
+    ema_max_decay: float = _help("Largest EMA decay.", default=0.9999)
+    ema_power: float = _help(
+        "EMA warm-up: decay = min(ema_max_decay, 1 - (1 + step) ** -ema_power); 2/3 for long runs, 3/4 for short.",
+        default=0.75,
+    )
+    cond_drop_prob: float = _help("Probability of replacing the condition by the null one (for CFG).", default=0.1)
+    sample_steps: int = _help("Write a sample grid from the EMA model every N steps (0: only at the end).", default=0)
+    num_sample_images: int = _help("Images in the sample grid.", default=64)
+    checkpointing_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
+    checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints.", default=None)
+    resume_from_checkpoint: str | None = _help(
+        "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint directory.", default=None
+    )
+    logging_steps: int = _help("Log loss, lr and throughput every N steps.", default=10)
+    report_to: str = _help("Trackers: tensorboard, wandb, all or none. metrics.jsonl is always written.", default="none")
+    fid_num_samples: int = _help("Images generated for the FID at the end of training (0: skip).", default=0)
+    fid_reference_samples: int = _help("Training images for the FID reference statistics.", default=0)
+
+
+@dataclass
+class FlowArguments:
+    time_sampling: Literal["uniform", "logit_normal"] = _help("How training t in [0, 1] is drawn.", default="uniform")
+    logit_mean: float = _help("Mean of the logit-normal t distribution.", default=0.0)
+    logit_std: float = _help("Std of the logit-normal t distribution.", default=1.0)
+    ot_coupling: bool = _help("Pair noise and data by minibatch optimal transport (OT-CFM).", default=False)
+    sampler: Literal["euler", "heun", "euler_maruyama"] = _help("Sampler for grids and FID.", default="euler")
+    num_inference_steps: int = _help("Sampling steps for grids and FID.", default=50)
+    guidance_scale: float = _help("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
+
+
+@dataclass
+class DDPMArguments:
+    num_train_timesteps: int = _help("Diffusion steps T.", default=1000)
+    beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = _help("Noise schedule.", default="linear")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _help(
+        "What the network predicts: noise (epsilon), x0 (sample) or v.", default="epsilon"
+    )
+    rescale_betas_zero_snr: bool = _help("Rescale the schedule to zero terminal SNR.", default=False)
+    snr_gamma: float | None = _help("Min-SNR-gamma loss weighting (5.0 is usual); default: none.", default=None)
+    sampler: Literal["ddpm", "ddim", "dpm_solver"] = _help("Sampler for grids and FID.", default="ddim")
+    num_inference_steps: int = _help("Sampling steps for grids and FID.", default=50)
+    ddim_eta: float = _help("DDIM eta (0: deterministic).", default=0.0)
+    guidance_scale: float = _help("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
+
+
+def _field_names(dataclass_types) -> dict[str, type]:
+    return {f.name: cls for cls in dataclass_types for f in dataclasses.fields(cls)}
+
+
+def _unknown_key_error(key: str, known, where: str) -> UserError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"{where}: unknown key '{key}'{hint}")
+
+
+def load_recipe(path: str, dataclass_types) -> dict:
+    """Read a YAML recipe; every key must be a field of one of `dataclass_types`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config: no such file '{path}'")
+    try:
+        recipe = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values, got {type(recipe).__name__}")
+    known = _field_names(dataclass_types)
+    for key in recipe:
+        if key not in known:
+            raise _unknown_key_error(key, known, path)
+    return recipe
+
+
+def parse_args(dataclass_types, argv=None, defaults: dict | None = None, description: str | None = None):
+    """Parse `argv` into one instance of each dataclass: defaults < `defaults` < `--config` YAML < flags."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
+    parser.add_argument("--config", type=str, default=None, help="YAML recipe; flags given on the command line win.")
+    known = _field_names(dataclass_types)
+    if defaults:
+        for key in defaults:
+            if key not in known:
+                raise _unknown_key_error(key, known, "script defaults")
+        parser.set_defaults(**defaults)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_recipe(pre.config, dataclass_types))
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        raise _unknown_key_error(flag.lstrip("-").split("=")[0], known, "command line")
+    values = vars(namespace)
+    return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}) for cls in dataclass_types)
+
+
+def to_dict(*configs) -> dict:
+    """All fields of the given dataclass instances as one flat dict (for run records and trackers)."""
+    out = {}
+    for cfg in configs:
+        out.update(dataclasses.asdict(cfg))
+    return out

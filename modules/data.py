@@ -1,0 +1,380 @@
+"""Open any image source as a torch Dataset of `{"pixel_values": (C,H,W) in [-1, 1], "label": int}`.
+
+Sources: Fashion-MNIST (Debian's IDX files, else the Hub copy), any `datasets` dataset, or a folder of images.
+The data order is a pure function of (seed, epoch, rank), so a resumed run reads exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from modules.config import DataArguments, UserError
+
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format: big-endian header of dims, then uint8 data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise UserError(f"{path}: header says shape {shape} but holds {array.size} values")
+    return array.reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as (images uint8 (N,28,28), labels int64 (N,)). Debian's files first, else the Hub copy."""
+    if split not in ("train", "test"):
+        raise UserError(f"fashion_mnist has splits 'train' and 'test', not '{split}'")
+    prefix = "train" if split == "train" else "t10k"
+    images_path = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if images_path.is_file() and labels_path.is_file():
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(FASHION_MNIST_HUB_ID, split=split)
+    except Exception as e:  # noqa: BLE001 - any failure here means neither source is usable
+        raise UserError(
+            f"fashion_mnist: {images_path} not found (install the Debian package dataset-fashion-mnist) and the Hub "
+            f"copy '{FASHION_MNIST_HUB_ID}' could not be loaded ({type(e).__name__}); offline, set HF_HUB_OFFLINE=1 "
+            "only if it is already cached"
+        ) from None
+    images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds["image"]])
+    return torch.from_numpy(images), torch.tensor(ds["label"], dtype=torch.int64)
+
+
+def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize a uint8 batch (N,C,H,W) of square images to (N,C,resolution,resolution), antialiased bilinear."""
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(resolution, resolution), mode="bilinear", antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], the format every metric and image file takes."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 (N,C,H,W) at the training resolution; batches are gathered in one index op."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {"pixel_values": to_model_range(self.images[idx])}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
+
+    def __getitem__(self, i):
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+    def uint8_images(self, n: int) -> torch.Tensor:
+        return self.images[:n]
+
+
+def _open_image(source, name: str, mode: str) -> Image.Image:
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"cannot read image {name}: {e}") from None
+    if image.mode != mode:
+        # Palette/RGBA/CMYK/16-bit all go through RGB so transparency and odd modes convert predictably.
+        image = image.convert("RGB").convert(mode) if mode == "L" else image.convert("RGB")
+    return image
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: np.random.Generator | None = None):
+    """Resize the shorter side to `resolution` (bicubic, antialiased) and crop a square; returns uint8 (C,H,W)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
+    if center_crop or rng is None:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, new_w - resolution + 1)), int(rng.integers(0, new_h - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
+
+
+class DecodedImageDataset(torch.utils.data.Dataset):
+    """Images decoded on access from a `datasets.Dataset` column or from files, then resized and cropped."""
+
+    def __init__(self, images, labels, names, resolution: int, num_channels: int, center_crop: bool):
+        self.images, self.labels, self.names = images, labels, names
+        self.resolution, self.mode, self.center_crop = resolution, "L" if num_channels == 1 else "RGB", center_crop
+
+    def __len__(self):
+        return len(self.images)
+
+    def _uint8(self, i: int) -> torch.Tensor:
+        image = _open_image(self.images[i], self.names(i), self.mode)
+        rng = None if self.center_crop else np.random.default_rng()
+        return resize_and_crop(image, self.resolution, self.center_crop, rng)
+
+    def __getitem__(self, i):
+        item = {"pixel_values": to_model_range(self._uint8(i))}
+        if self.labels is not None:
+            item["labels"] = torch.tensor(int(self.labels[i]), dtype=torch.long)
+        return item
+
+    def uint8_images(self, n: int) -> torch.Tensor:
+        return torch.stack([self._uint8(i) for i in range(min(n, len(self)))])
+
+
+def collate_examples(examples):
+    """Stack a list of examples; a batch already gathered by `__getitems__` passes through."""
+    if isinstance(examples, dict):
+        return examples
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+@dataclass
+class TrainData:
+    dataset: torch.utils.data.Dataset
+    num_channels: int
+    num_classes: int  # 0 when the data has no labels
+    class_names: tuple[str, ...] | None
+    key: str  # names the data for caches (e.g. FID reference statistics)
+
+
+def _image_folder(data_dir: str, args: DataArguments):
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--train_data_dir: no such directory '{data_dir}'")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(f"--train_data_dir: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under '{data_dir}'")
+    metadata = {}
+    meta_path = root / "metadata.jsonl"
+    if meta_path.is_file():
+        for n, line in enumerate(meta_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{meta_path}:{n}: not valid JSON") from None
+            if "file_name" not in row:
+                raise UserError(f"{meta_path}:{n}: missing key 'file_name' (keys: {', '.join(row)})")
+            metadata[str((root / row["file_name"]).resolve())] = row
+    columns = sorted({k for row in metadata.values() for k in row} - {"file_name"})
+    label_column = args.label_column
+    labels, class_names = None, None
+    if label_column is None and "label" in columns:
+        label_column = "label"
+    if label_column and label_column != "none":
+        if label_column not in columns:
+            raise UserError(
+                f"{meta_path}: no column '{label_column}' (columns: {', '.join(columns) or 'none'}); "
+                "pass --label_column none to train without labels"
+            )
+        labels = []
+        for p in files:
+            row = metadata.get(str(p.resolve()))
+            if row is None or label_column not in row:
+                raise UserError(f"{meta_path}: no '{label_column}' for {p}")
+            labels.append(int(row[label_column]))
+    else:
+        parents = sorted({p.parent.relative_to(root).as_posix() for p in files})
+        if label_column != "none" and len(parents) > 1 and "." not in parents:
+            class_names = tuple(parents)
+            index = {name: i for i, name in enumerate(class_names)}
+            labels = [index[p.parent.relative_to(root).as_posix()] for p in files]
+    # Every file is opened now, so an unreadable one stops the run before anything is written.
+    from tqdm.auto import tqdm
+
+    for p in tqdm(files, desc="checking images", disable=len(files) < 1000):
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+            raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
+    return [str(p) for p in files], labels, class_names, (lambda i: str(files[i]))
+
+
+class _LazyColumn:
+    """One column of a `datasets.Dataset`, decoded row by row on access rather than all at once."""
+
+    def __init__(self, ds, column: str):
+        self.ds, self.column = ds, column
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[int(i)][self.column]
+
+
+def _hub_dataset(args: DataArguments):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            args.dataset_name, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir
+        )
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(
+            f"unknown dataset '{args.dataset_name}': not a local path and not found on the Hub ({e}). Use "
+            "--dataset_name fashion_mnist, a Hub dataset id, a local dataset path, or --train_data_dir DIR"
+        ) from None
+    except ValueError as e:
+        raise UserError(f"dataset '{args.dataset_name}': {e}") from None
+    except ConnectionError as e:
+        raise UserError(
+            f"dataset '{args.dataset_name}' could not be downloaded ({e}); offline, use a local path or a cached "
+            "copy with HF_HUB_OFFLINE=1"
+        ) from None
+    if args.max_train_samples:
+        ds = ds.select(range(min(args.max_train_samples, len(ds))))
+    columns = ds.column_names
+    if args.image_column not in columns:
+        raise UserError(
+            f"dataset '{args.dataset_name}' has no image column '{args.image_column}' "
+            f"(columns: {', '.join(columns)}); pass --image_column"
+        )
+    label_column = args.label_column
+    if label_column is None and "label" in columns:
+        label_column = "label"
+    labels, class_names = None, None
+    if label_column and label_column != "none":
+        if label_column not in columns:
+            raise UserError(
+                f"dataset '{args.dataset_name}' has no label column '{label_column}' "
+                f"(columns: {', '.join(columns)}); pass --label_column, or --label_column none"
+            )
+        labels = ds[label_column]
+        feature = ds.features.get(label_column)
+        class_names = tuple(feature.names) if hasattr(feature, "names") else None
+    images = _LazyColumn(ds, args.image_column)
+    name = args.dataset_name
+    return images, labels, class_names, (lambda i: f"{name}[{args.dataset_split}][{i}].{args.image_column}")
+
+
+def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData:
+    """Open the training images named by `args`; raise `UserError` for anything a user must fix."""
+    if args.resolution <= 0:
+        raise UserError(f"--resolution must be positive, got {args.resolution}")
+    if args.num_channels not in (None, 1, 3):
+        raise UserError(f"--num_channels must be 1 or 3, got {args.num_channels}")
+    if args.train_data_dir is None and args.dataset_name == "fashion_mnist":
+        images, labels = load_fashion_mnist(args.dataset_split)
+        if args.max_train_samples:
+            images, labels = images[: args.max_train_samples], labels[: args.max_train_samples]
+        images = resize_uint8(images[:, None], args.resolution)  # (N, 1, R, R)
+        channels = args.num_channels or 1
+        images = images.expand(-1, channels, -1, -1).contiguous()
+        if args.label_column == "none":
+            labels = None
+        key = f"fashion_mnist-{args.dataset_split}-{args.resolution}px-{channels}ch"
+        data = TrainData(TensorImageDataset(images, labels), channels, 10 if labels is not None else 0,
+                         FASHION_MNIST_CLASSES if labels is not None else None, key)  # fmt: skip
+    else:
+        if args.train_data_dir is not None:
+            images, labels, class_names, names = _image_folder(args.train_data_dir, args)
+            source = f"folder-{Path(args.train_data_dir).resolve().name}"
+        elif args.dataset_name:
+            images, labels, class_names, names = _hub_dataset(args)
+            source = f"{args.dataset_name.replace('/', '--')}-{args.dataset_split}"
+        else:
+            raise UserError("give --dataset_name or --train_data_dir")
+        if args.max_train_samples and not isinstance(images, _LazyColumn):
+            images = images[: args.max_train_samples]
+            labels = labels[: args.max_train_samples] if labels is not None else None
+        channels = args.num_channels
+        if channels is None:
+            first = images[0] if isinstance(images[0], Image.Image) else Image.open(images[0])
+            channels = 1 if first.mode in ("L", "1", "I", "I;16", "LA") else 3
+        num_classes = 0
+        if labels is not None:
+            num_classes = len(class_names) if class_names else int(max(labels)) + 1
+            if min(labels) < 0:
+                raise UserError(f"labels must be non-negative integers, found {min(labels)}")
+        dataset = DecodedImageDataset(images, labels, names, args.resolution, channels, args.center_crop)
+        key = f"{source}-{len(images)}-{args.resolution}px-{channels}ch"
+        data = TrainData(dataset, channels, num_classes, class_names, key)
+    if need_labels and data.num_classes == 0:
+        raise UserError(
+            "--class_conditional needs labels, but the data has none (pass --label_column, or a folder with one "
+            "subfolder per class)"
+        )
+    return data
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Yields batches of indices forever. Epoch e is a permutation seeded by (seed, e); rank r takes every
+    world_size-th index of it. Starting at `start_batch` skips exactly what an earlier run consumed."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0):  # fmt: skip
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.batches_per_epoch = (num_items // world_size) // batch_size
+        if self.batches_per_epoch == 0:
+            raise UserError(
+                f"{num_items} training images are fewer than one batch per process "
+                f"(train_batch_size {batch_size} x {world_size} processes); lower --train_batch_size"
+            )
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.num_items, generator=g)
+        per_rank = self.num_items // self.world_size
+        return perm[self.rank :: self.world_size][:per_rank]
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            indices = self.epoch_indices(epoch)
+            for b in range(offset, self.batches_per_epoch):
+                yield indices[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image of (B,C,H,W) horizontally with probability 1/2, drawn from `generator`."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

@@ -1,0 +1,83 @@
+"""From a preset name to a network, and from a saved directory back to (network, objective)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from modules.config import DDPMArguments, FlowArguments, ModelArguments, UserError
+from modules.dit import DIT_PRESETS, DiTModel
+from modules.unet import UNET_PRESETS, UNetModel
+
+MODEL_CLASSES = {"UNetModel": UNetModel, "DiTModel": DiTModel}
+OBJECTIVE_FILE = "objective.json"
+
+
+def build_model(args: ModelArguments, in_channels: int, resolution: int, num_classes: int = 0):
+    """The preset named by `args.model`, sized for the data; checks that the resolution fits its downsampling."""
+    common = dict(in_channels=in_channels, out_channels=in_channels, sample_size=resolution, num_classes=num_classes)
+    if args.dropout is not None:
+        common["dropout"] = args.dropout
+    if args.model in UNET_PRESETS:
+        if args.base_channels is not None:
+            common["base_channels"] = args.base_channels
+        model = UNET_PRESETS[args.model](**common)
+        unit = "the UNet's total downsampling"
+    elif args.model in DIT_PRESETS:
+        if args.patch_size not in (1, 2, 4, 8):
+            raise UserError(f"--patch_size must be 2, 4 or 8, got {args.patch_size}")
+        if resolution % args.patch_size:
+            raise UserError(f"--resolution {resolution} is not divisible by --patch_size {args.patch_size}")
+        model = DIT_PRESETS[args.model](
+            patch_size=args.patch_size, qk_norm=args.qk_norm, pos_embed=args.pos_embed, mlp=args.mlp, **common
+        )
+        unit = "the patch size"
+    else:
+        names = ", ".join([*UNET_PRESETS, *DIT_PRESETS])
+        raise UserError(f"unknown --model '{args.model}' (presets: {names})")
+    if resolution % model.downsample_factor:
+        raise UserError(
+            f"--resolution {resolution} is not divisible by {model.downsample_factor}, {unit} of {args.model}; "
+            f"use a multiple of {model.downsample_factor}"
+        )
+    return model
+
+
+def objective_from_config(config: dict):
+    """Rebuild the objective recorded next to a saved model."""
+    from modules.ddpm import DDPMObjective
+    from modules.flow import FlowObjective
+
+    kinds = {"flow": (FlowObjective, FlowArguments), "ddpm": (DDPMObjective, DDPMArguments)}
+    if config.get("objective") not in kinds:
+        raise UserError(f"unknown objective {config.get('objective')!r} in {OBJECTIVE_FILE}")
+    cls, args_cls = kinds[config["objective"]]
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return cls(args_cls(**{k: v for k, v in config["args"].items() if k in names}))
+
+
+def save_model(model, objective, directory: str | Path, extra: dict | None = None):
+    """`save_pretrained` (safetensors) plus objective.json, which says how the model was trained and samples."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    record = {"objective": objective.name, "args": dataclasses.asdict(objective.args), **(extra or {})}
+    tmp = directory / (OBJECTIVE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(directory / OBJECTIVE_FILE)
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model, objective, record) from a directory written by `save_model` (a run's output_dir)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model: '{path}' holds no saved model (no config.json); give a run's output_dir")
+    config = json.loads((path / "config.json").read_text())
+    cls = MODEL_CLASSES.get(config.get("_class_name"))
+    if cls is None:
+        raise UserError(f"{path / 'config.json'}: unknown model class {config.get('_class_name')!r}")
+    if not (path / OBJECTIVE_FILE).is_file():
+        raise UserError(f"--model: '{path}' has no {OBJECTIVE_FILE}, so it is unknown how it samples")
+    record = json.loads((path / OBJECTIVE_FILE).read_text())
+    model = cls.from_pretrained(path).to(device).eval()
+    return model, objective_from_config(record), record

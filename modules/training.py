@@ -1,0 +1,259 @@
+"""The training loop, shared by every training script: the script supplies an objective, this does the rest.
+
+An objective has `loss(model, x0, cond, generator) -> per-sample loss` and `sample(model, noise, cond, ...)`.
+Randomness in the loop comes from generators seeded by (seed, rank, step, micro-batch), and the data order from
+(seed, epoch, rank), so resuming from a checkpoint continues exactly where the run was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from modules.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from modules.conditioning import drop_labels
+from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, to_dict
+from modules.data import ResumableBatchSampler, collate_examples, load_train_data, random_flip
+from modules.ema import EMA
+from modules.models import build_model, save_model
+from modules.samplers import generate_images
+from modules.visualize import save_image_grid
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TRACKERS = ("none", "tensorboard", "wandb", "all")
+
+
+def validate(train: TrainingArguments, objective_args):
+    """Check values that would otherwise fail late or silently; each error names the flag and its value."""
+    positive = {"train_batch_size": train.train_batch_size, "max_train_steps": train.max_train_steps,
+                "gradient_accumulation_steps": train.gradient_accumulation_steps,
+                "learning_rate": train.learning_rate, "num_inference_steps": objective_args.num_inference_steps}  # fmt: skip
+    for name, value in positive.items():
+        if not value > 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    for name in ("lr_warmup_steps", "sample_steps", "checkpointing_steps", "logging_steps", "max_grad_norm",
+                 "fid_num_samples", "fid_reference_samples", "adam_weight_decay"):  # fmt: skip
+        if getattr(train, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(train, name)}")
+    if not 0.0 <= train.cond_drop_prob <= 1.0:
+        raise UserError(f"--cond_drop_prob must be in [0, 1], got {train.cond_drop_prob}")
+    if not 0.0 <= train.ema_max_decay < 1.0:
+        raise UserError(f"--ema_max_decay must be in [0, 1), got {train.ema_max_decay}")
+    if objective_args.guidance_scale < 0:
+        raise UserError(f"--guidance_scale must be >= 0, got {objective_args.guidance_scale}")
+    if train.lr_scheduler not in LR_SCHEDULERS:
+        raise UserError(f"--lr_scheduler '{train.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
+    if train.report_to not in TRACKERS:
+        raise UserError(f"--report_to '{train.report_to}' is not one of {', '.join(TRACKERS)}")
+    if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be >= 1, got {train.checkpoints_total_limit}")
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
+    """The generator for one micro-batch: a pure function of where the run is, so resume replays it exactly."""
+    return torch.Generator(device=device).manual_seed(hash((seed, rank, step, micro)) & ((1 << 63) - 1))
+
+
+def make_optimizer(model, train: TrainingArguments):
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)  # fmt: skip
+    if train.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(model.parameters(), **kwargs)
+    fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), fused=fused or None, **kwargs)
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir (always), plus the Accelerate trackers when --report_to asks for them."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator, self.path = accelerator, path
+
+    def log(self, step: int, values: dict):
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+
+def sample_grid(ema_model, objective, data, train: TrainingArguments, resolution: int, device, path: Path):
+    """A grid from the EMA model with fixed noise (seed `train.seed`); a column per class when conditional."""
+    n = train.num_sample_images
+    labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
+    shape = (data.num_channels, resolution, resolution)
+    images = generate_images(ema_model, objective, n, train.seed, shape, batch_size=64, class_labels=labels,
+                             device=device)  # fmt: skip
+    save_image_grid(images, path, nrow=data.num_classes if labels else None)
+
+
+def train(script: str, data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments,
+          objective, argv=None):  # fmt: skip
+    """Train `objective` on the data and model the arguments name; writes everything under train_args.output_dir."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    # Everything that can fail on bad input happens before the run directory is touched.
+    validate(train_args, objective.args)
+    out = Path(train_args.output_dir)
+    data = load_train_data(data_args, need_labels=model_args.class_conditional)
+    num_classes = data.num_classes if model_args.class_conditional else 0
+    torch.manual_seed(train_args.seed)  # same initial weights on every process
+    model = build_model(model_args, data.num_channels, data_args.resolution, num_classes)
+    resume = resolve_resume(train_args.resume_from_checkpoint, out)
+    if resume is not None:
+        check_compatible(resume, dict(model.config))
+
+    accelerator = Accelerator(
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if train_args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sampler = ResumableBatchSampler(len(data.dataset), train_args.train_batch_size, train_args.seed, rank, world)
+
+    if accelerator.is_main_process:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        record = {"script": script, "command": [script, *(sys.argv[1:] if argv is None else argv)],
+                  "config": to_dict(data_args, model_args, train_args, objective.args)}  # fmt: skip
+        (out / "run_config.json").write_text(json.dumps(record, indent=2))
+    if train_args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = make_optimizer(model.to(device), train_args)
+    lr_scheduler = get_scheduler(train_args.lr_scheduler, optimizer, num_warmup_steps=train_args.lr_warmup_steps,
+                                 num_training_steps=train_args.max_train_steps)  # fmt: skip
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, train_args.ema_max_decay, train_args.ema_power)
+
+    start_step, images_seen = 0, 0
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, ema)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        start_step, images_seen = state["step"], state["images_seen"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+    sampler.start_batch = start_step * train_args.gradient_accumulation_steps
+    loader = torch.utils.data.DataLoader(
+        data.dataset, batch_sampler=sampler, collate_fn=collate_examples,
+        num_workers=data_args.dataloader_num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=data_args.dataloader_num_workers > 0,
+    )  # fmt: skip
+    batches = iter(loader)
+
+    if train_args.report_to != "none":
+        accelerator.init_trackers(Path(script).stem, config=to_dict(data_args, model_args, objective.args))
+    metrics = MetricsLog(accelerator, out / "metrics.jsonl")
+    n_params = sum(p.numel() for p in unwrapped.parameters())
+    global_batch = train_args.train_batch_size * world * train_args.gradient_accumulation_steps
+    accelerator.print(
+        f"{model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
+        f"{world} process(es), global batch {global_batch} | steps {start_step} -> {train_args.max_train_steps}"
+    )
+
+    def checkpoint(step):
+        state = {"images_seen": images_seen, "lr_scheduler": lr_scheduler.state_dict(),
+                 "model_config": dict(unwrapped.config)}  # fmt: skip
+        save_checkpoint(accelerator, out, step, ema, state, train_args.checkpoints_total_limit)
+
+    progress = tqdm(total=train_args.max_train_steps, initial=start_step, disable=not accelerator.is_main_process,
+                    desc="training", dynamic_ncols=True)  # fmt: skip
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    grad_norm = None
+    model.train()
+    for step in range(start_step, train_args.max_train_steps):
+        for micro in range(train_args.gradient_accumulation_steps):
+            batch = next(batches)
+            x0 = batch["pixel_values"].to(device, non_blocking=True)
+            generator = step_generator(train_args.seed, rank, step, micro, device)
+            if data_args.random_flip:
+                x0 = random_flip(x0, generator)
+            cond = None
+            if num_classes:
+                cond = drop_labels(batch["labels"].to(device), train_args.cond_drop_prob, num_classes, generator)
+            with accelerator.accumulate(model):
+                loss = objective.loss(model, x0, cond, generator).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.detach() / train_args.gradient_accumulation_steps
+        lr_scheduler.step()
+        ema.update(unwrapped)
+        images_seen += global_batch
+        window_steps += 1
+        done = step + 1
+        progress.update(1)
+
+        if done % train_args.logging_steps == 0 or done == train_args.max_train_steps:
+            mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+            elapsed = time.perf_counter() - window_start
+            values = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_seen": images_seen,
+                      "img_per_s": window_steps * global_batch / elapsed}  # fmt: skip
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            if not math.isfinite(mean_loss):
+                raise RuntimeError(f"loss is {mean_loss} at step {done}; lower --learning_rate or check the data")
+            metrics.log(done, values)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{values['img_per_s']:.0f}")
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if train_args.checkpointing_steps and done % train_args.checkpointing_steps == 0:
+            checkpoint(done)
+        if train_args.sample_steps and done % train_args.sample_steps == 0 and done != train_args.max_train_steps:
+            if accelerator.is_main_process:
+                sample_grid(ema.model, objective, data, train_args, data_args.resolution, device,
+                            out / "samples" / f"step_{done:07d}.png")  # fmt: skip
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    final = train_args.max_train_steps
+    if not (train_args.checkpointing_steps and final % train_args.checkpointing_steps == 0) and start_step < final:
+        checkpoint(final)
+    if accelerator.is_main_process:
+        save_model(ema.model, objective, out, extra={"dataset_key": data.key, "class_names": data.class_names,
+                                                     "steps": final, "images_seen": images_seen})  # fmt: skip
+        sample_grid(ema.model, objective, data, train_args, data_args.resolution, device,
+                    out / "samples" / f"step_{final:07d}.png")  # fmt: skip
+        accelerator.print(f"saved the EMA model and samples to {out}")
+    accelerator.wait_for_everyone()
+    if train_args.fid_num_samples:
+        evaluate_fid(accelerator, ema.model, objective, data, train_args, data_args.resolution, metrics, final)
+    accelerator.end_training()
+    del model, optimizer, ema, unwrapped, loader, batches
+    return out
+
+
+def evaluate_fid(accelerator, ema_model, objective, data, train_args, resolution, metrics, step):
+    """Inception FID of EMA samples (uint8) against cached training-set statistics. Main process only."""
+    if not accelerator.is_main_process:
+        return
+    from modules.evaluation import compute_fid
+
+    n = train_args.fid_num_samples
+    labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
+    shape = (data.num_channels, resolution, resolution)
+    images = generate_images(ema_model, objective, n, train_args.seed + 1, shape, batch_size=64,
+                             class_labels=labels, device=accelerator.device, progress=True)  # fmt: skip
+    n_ref = train_args.fid_reference_samples or n
+    fid = compute_fid(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref))
+    metrics.log(step, {"fid": fid, "fid_num_samples": n, "fid_reference_samples": n_ref})
+    result = {"step": step, "fid": fid, "num_samples": n, "reference_samples": n_ref, "reference": data.key}
+    Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))
+    accelerator.print(f"FID ({n} samples vs {n_ref} training images): {fid:.2f}")
+
