@@ -265,8 +265,8 @@ def _hub_dataset(args: DataArguments):
         raise UserError(f"dataset '{args.dataset_name}': {e}") from None
     except ConnectionError as e:
         raise UserError(
-            f"dataset '{args.dataset_name}' could not be downloaded ({e}); offline, use a local path or a cached "
-            "copy with HF_HUB_OFFLINE=1"
+            f"unknown dataset '{args.dataset_name}': not a local path, and the Hub could not be reached ({e}); check "
+            "the name, or use a local path, or a cached copy with HF_HUB_OFFLINE=1"
         ) from None
     if args.max_train_samples:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))

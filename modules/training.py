@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,8 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
         check_compatible(resume, dict(model.config))
 
     accelerator = Accelerator(
+        # Launched as several processes without GPUs (e.g. `accelerate launch --multi_gpu` on CPUs): use gloo.
+        cpu=not torch.cuda.is_available() and "LOCAL_RANK" in os.environ,
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=None if train_args.report_to == "none" else train_args.report_to,
@@ -152,6 +155,7 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
         data.dataset, batch_sampler=sampler, collate_fn=collate_examples,
         num_workers=data_args.dataloader_num_workers, pin_memory=device.type == "cuda",
         persistent_workers=data_args.dataloader_num_workers > 0,
+        generator=torch.Generator().manual_seed(train_args.seed),  # keeps the global RNG (dropout) untouched
     )  # fmt: skip
     batches = iter(loader)
 

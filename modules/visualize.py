@@ -14,7 +14,8 @@ def image_grid(images_uint8: torch.Tensor, nrow: int | None = None, padding: int
     from torchvision.utils import make_grid
 
     nrow = nrow or math.ceil(math.sqrt(len(images_uint8)))
-    return make_grid(images_uint8, nrow=nrow, padding=padding, pad_value=255)
+    grid = make_grid(images_uint8, nrow=nrow, padding=padding, pad_value=255)
+    return grid[:1] if images_uint8.shape[1] == 1 else grid  # make_grid repeats grey to RGB; keep one channel
 
 
 def save_image(image_uint8: torch.Tensor, path: str | Path):
