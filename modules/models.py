@@ -22,7 +22,10 @@ def build_model(args: ModelArguments, in_channels: int, resolution: int, num_cla
     if args.model in UNET_PRESETS:
         if args.base_channels is not None:
             common["base_channels"] = args.base_channels
-        model = UNET_PRESETS[args.model](**common)
+        try:
+            model = UNET_PRESETS[args.model](**common)
+        except ValueError as e:  # the preset's own check of sample_size against its downsampling
+            raise UserError(f"--model {args.model} at --resolution {resolution}: {e}") from None
         unit = "the UNet's total downsampling"
     elif args.model in DIT_PRESETS:
         if args.patch_size not in (1, 2, 4, 8):
