@@ -70,15 +70,27 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, objective, record = load_model(args.model, device)
     if args.sampler and args.sampler not in objective.samplers:
-        raise UserError(f"--sampler '{args.sampler}': this {objective.name} model samples with "
-                        f"{', '.join(objective.samplers)}")  # fmt: skip
+        raise UserError(
+            f"--sampler '{args.sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
+        )
     num_classes = model.config.num_classes
     cycle = parse_class_labels(args.class_labels, num_classes, record.get("class_names"))
     labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, labels, device,
-                             progress=True, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-                             guidance_scale=args.guidance_scale)  # fmt: skip
+    images = generate_images(
+        model,
+        objective,
+        args.num_images,
+        args.seed,
+        shape,
+        args.batch_size,
+        labels,
+        device,
+        progress=True,
+        sampler=args.sampler,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+    )
     out = Path(args.output)
     if out.suffix.lower() == ".png":
         save_image_grid(images, out, nrow=args.nrow or (len(cycle) if cycle and len(cycle) <= 16 else None))

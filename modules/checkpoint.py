@@ -101,8 +101,9 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
 
     accelerator.load_state(str(path))
     state = read_state(path)
-    ema.load_state_dict(load_file(str(Path(path) / EMA_FILE), device=str(next(ema.model.parameters()).device)),
-                        state["ema_step"])  # fmt: skip
+    ema.load_state_dict(
+        load_file(str(Path(path) / EMA_FILE), device=str(next(ema.model.parameters()).device)), state["ema_step"]
+    )
     return state
 
 

@@ -42,8 +42,8 @@ def _help(text, **extra):
 @dataclass
 class DataArguments:
     dataset_name: str | None = _help(
-        "Dataset to train on: 'fashion_mnist' (read from the Debian package dataset-fashion-mnist when installed, else "
-        "from the Hub), or any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
+        "Dataset to train on: 'fashion_mnist' (the Debian package dataset-fashion-mnist when installed, else the "
+        "Hub copy), or any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
         default="fashion_mnist",
     )
     dataset_config_name: str | None = _help("Config name of the Hub dataset, if it has several.", default=None)
@@ -124,7 +124,9 @@ class TrainingArguments:
         "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint directory.", default=None
     )
     logging_steps: int = _help("Log loss, lr and throughput every N steps.", default=10)
-    report_to: str = _help("Trackers: tensorboard, wandb, all or none. metrics.jsonl is always written.", default="none")
+    report_to: str = _help(
+        "Trackers: tensorboard, wandb, all or none. metrics.jsonl is always written.", default="none"
+    )
     fid_num_samples: int = _help("Images generated for the FID at the end of training (0: skip).", default=0)
     fid_reference_samples: int = _help("Training images for the FID reference statistics.", default=0)
 

@@ -22,8 +22,17 @@ from modules.config import DataArguments, UserError
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -310,8 +319,13 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         if args.label_column == "none":
             labels = None
         key = f"fashion_mnist-{args.dataset_split}-{args.resolution}px-{channels}ch"
-        data = TrainData(TensorImageDataset(images, labels), channels, 10 if labels is not None else 0,
-                         FASHION_MNIST_CLASSES if labels is not None else None, key)  # fmt: skip
+        data = TrainData(
+            TensorImageDataset(images, labels),
+            channels,
+            10 if labels is not None else 0,
+            FASHION_MNIST_CLASSES if labels is not None else None,
+            key,
+        )
     else:
         if args.train_data_dir is not None:
             images, labels, class_names, names = _image_folder(args.train_data_dir, args)
@@ -348,8 +362,9 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields batches of indices forever. Epoch e is a permutation seeded by (seed, e); rank r takes every
     world_size-th index of it. Starting at `start_batch` skips exactly what an earlier run consumed."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0):  # fmt: skip
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    ):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
         self.batches_per_epoch = (num_items // world_size) // batch_size

@@ -12,8 +12,12 @@ from modules.config import DDPMArguments
 from modules.samplers import ddim_sample, guided_model, predict_x0_eps, scheduler_sample
 
 # Our names for diffusers' beta schedules.
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2",
-                  "sigmoid": "sigmoid"}  # fmt: skip
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+    "sigmoid": "sigmoid",
+}
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 
 
@@ -98,8 +102,18 @@ class DDPMObjective:
         alpha_bar = self.alphas_cumprod.to(x_t.device)[t_index].view(-1, *([1] * (x_t.ndim - 1)))
         return predict_x0_eps(x_t, output, alpha_bar.to(x_t.dtype), self.args.prediction_type)[0]
 
-    def sample(self, model, noise, cond=None, num_inference_steps=None, sampler=None, guidance_scale=None,
-               generators=None, null_cond=None, callback=None):  # fmt: skip
+    def sample(
+        self,
+        model,
+        noise,
+        cond=None,
+        num_inference_steps=None,
+        sampler=None,
+        guidance_scale=None,
+        generators=None,
+        null_cond=None,
+        callback=None,
+    ):
         """Run the reverse process from pure noise; returns x0. `generators`: one per sample."""
         a = self.args
         fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)

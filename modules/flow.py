@@ -1,8 +1,8 @@
 """Flow matching (CFM / rectified flow), one convention throughout:
 
-    x_t = (1 - t) * x0 + t * noise,    t in [0, 1],  t = 0 is data, t = 1 is noise,
-    the network predicts the velocity  v = dx_t/dt = noise - x0,
-    and sampling integrates dx/dt = v from t = 1 down to t = 0.
+x_t = (1 - t) * x0 + t * noise,    t in [0, 1],  t = 0 is data, t = 1 is noise,
+the network predicts the velocity  v = dx_t/dt = noise - x0,
+and sampling integrates dx/dt = v from t = 1 down to t = 0.
 """
 
 from __future__ import annotations
@@ -65,8 +65,18 @@ class FlowObjective:
         v = model(x_t, t, cond)
         return (v.float() - flow_velocity(x0, noise).float()).pow(2).flatten(1).mean(1)
 
-    def sample(self, model, noise, cond=None, num_inference_steps=None, sampler=None, guidance_scale=None,
-               generators=None, null_cond=None, callback=None):  # fmt: skip
+    def sample(
+        self,
+        model,
+        noise,
+        cond=None,
+        num_inference_steps=None,
+        sampler=None,
+        guidance_scale=None,
+        generators=None,
+        null_cond=None,
+        callback=None,
+    ):
         """Integrate from t = 1 (noise) to t = 0 and return x0. `generators`: one per sample (Euler-Maruyama)."""
         a = self.args
         fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)

@@ -170,8 +170,19 @@ def scheduler_sample(fn, noise, scheduler, steps, generators=None, callback=None
 
 
 @torch.no_grad()
-def generate_images(model, objective, num_images: int, seed: int, shape, batch_size: int = 64, class_labels=None,
-                    device="cpu", start: int = 0, progress: bool = False, **sample_kwargs) -> torch.Tensor:  # fmt: skip
+def generate_images(
+    model,
+    objective,
+    num_images: int,
+    seed: int,
+    shape,
+    batch_size: int = 64,
+    class_labels=None,
+    device="cpu",
+    start: int = 0,
+    progress: bool = False,
+    **sample_kwargs,
+) -> torch.Tensor:
     """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i)."""
     from tqdm.auto import tqdm
 

@@ -31,14 +31,26 @@ TRACKERS = ("none", "tensorboard", "wandb", "all")
 
 def validate(train: TrainingArguments, objective_args):
     """Check values that would otherwise fail late or silently; each error names the flag and its value."""
-    positive = {"train_batch_size": train.train_batch_size, "max_train_steps": train.max_train_steps,
-                "gradient_accumulation_steps": train.gradient_accumulation_steps,
-                "learning_rate": train.learning_rate, "num_inference_steps": objective_args.num_inference_steps}  # fmt: skip
+    positive = {
+        "train_batch_size": train.train_batch_size,
+        "max_train_steps": train.max_train_steps,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "learning_rate": train.learning_rate,
+        "num_inference_steps": objective_args.num_inference_steps,
+    }
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
-    for name in ("lr_warmup_steps", "sample_steps", "checkpointing_steps", "logging_steps", "max_grad_norm",
-                 "fid_num_samples", "fid_reference_samples", "adam_weight_decay"):  # fmt: skip
+    for name in (
+        "lr_warmup_steps",
+        "sample_steps",
+        "checkpointing_steps",
+        "logging_steps",
+        "max_grad_norm",
+        "fid_num_samples",
+        "fid_reference_samples",
+        "adam_weight_decay",
+    ):
         if getattr(train, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(train, name)}")
     if not 0.0 <= train.cond_drop_prob <= 1.0:
@@ -61,8 +73,12 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch
 
 
 def make_optimizer(model, train: TrainingArguments):
-    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)  # fmt: skip
+    kwargs = dict(
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
     if train.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -92,13 +108,20 @@ def sample_grid(ema_model, objective, data, train: TrainingArguments, resolution
     n = train.num_sample_images
     labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
     shape = (data.num_channels, resolution, resolution)
-    images = generate_images(ema_model, objective, n, train.seed, shape, batch_size=64, class_labels=labels,
-                             device=device)  # fmt: skip
+    images = generate_images(
+        ema_model, objective, n, train.seed, shape, batch_size=64, class_labels=labels, device=device
+    )
     save_image_grid(images, path, nrow=data.num_classes if labels else None)
 
 
-def train(script: str, data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments,
-          objective, argv=None):  # fmt: skip
+def train(
+    script: str,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainingArguments,
+    objective,
+    argv=None,
+):
     """Train `objective` on the data and model the arguments name; writes everything under train_args.output_dir."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -132,14 +155,21 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
 
     if accelerator.is_main_process:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        record = {"script": script, "command": [script, *(sys.argv[1:] if argv is None else argv)],
-                  "config": to_dict(data_args, model_args, train_args, objective.args)}  # fmt: skip
+        record = {
+            "script": script,
+            "command": [script, *(sys.argv[1:] if argv is None else argv)],
+            "config": to_dict(data_args, model_args, train_args, objective.args),
+        }
         (out / "run_config.json").write_text(json.dumps(record, indent=2))
     if train_args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = make_optimizer(model.to(device), train_args)
-    lr_scheduler = get_scheduler(train_args.lr_scheduler, optimizer, num_warmup_steps=train_args.lr_warmup_steps,
-                                 num_training_steps=train_args.max_train_steps)  # fmt: skip
+    lr_scheduler = get_scheduler(
+        train_args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train_args.lr_warmup_steps,
+        num_training_steps=train_args.max_train_steps,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, train_args.ema_max_decay, train_args.ema_power)
@@ -152,11 +182,14 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
         accelerator.print(f"resumed from {resume} at step {start_step}")
     sampler.start_batch = start_step * train_args.gradient_accumulation_steps
     loader = torch.utils.data.DataLoader(
-        data.dataset, batch_sampler=sampler, collate_fn=collate_examples,
-        num_workers=data_args.dataloader_num_workers, pin_memory=device.type == "cuda",
+        data.dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_examples,
+        num_workers=data_args.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
         persistent_workers=data_args.dataloader_num_workers > 0,
         generator=torch.Generator().manual_seed(train_args.seed),  # keeps the global RNG (dropout) untouched
-    )  # fmt: skip
+    )
     batches = iter(loader)
 
     if train_args.report_to != "none":
@@ -170,12 +203,20 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
     )
 
     def checkpoint(step):
-        state = {"images_seen": images_seen, "lr_scheduler": lr_scheduler.state_dict(),
-                 "model_config": dict(unwrapped.config)}  # fmt: skip
+        state = {
+            "images_seen": images_seen,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "model_config": dict(unwrapped.config),
+        }
         save_checkpoint(accelerator, out, step, ema, state, train_args.checkpoints_total_limit)
 
-    progress = tqdm(total=train_args.max_train_steps, initial=start_step, disable=not accelerator.is_main_process,
-                    desc="training", dynamic_ncols=True)  # fmt: skip
+    progress = tqdm(
+        total=train_args.max_train_steps,
+        initial=start_step,
+        disable=not accelerator.is_main_process,
+        desc="training",
+        dynamic_ncols=True,
+    )
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     grad_norm = None
     model.train()
@@ -207,8 +248,12 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
         if done % train_args.logging_steps == 0 or done == train_args.max_train_steps:
             mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
             elapsed = time.perf_counter() - window_start
-            values = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_seen": images_seen,
-                      "img_per_s": window_steps * global_batch / elapsed}  # fmt: skip
+            values = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "images_seen": images_seen,
+                "img_per_s": window_steps * global_batch / elapsed,
+            }
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
             if not math.isfinite(mean_loss):
@@ -221,8 +266,15 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
             checkpoint(done)
         if train_args.sample_steps and done % train_args.sample_steps == 0 and done != train_args.max_train_steps:
             if accelerator.is_main_process:
-                sample_grid(ema.model, objective, data, train_args, data_args.resolution, device,
-                            out / "samples" / f"step_{done:07d}.png")  # fmt: skip
+                sample_grid(
+                    ema.model,
+                    objective,
+                    data,
+                    train_args,
+                    data_args.resolution,
+                    device,
+                    out / "samples" / f"step_{done:07d}.png",
+                )
             accelerator.wait_for_everyone()
     progress.close()
 
@@ -230,16 +282,31 @@ def train(script: str, data_args: DataArguments, model_args: ModelArguments, tra
     if not (train_args.checkpointing_steps and final % train_args.checkpointing_steps == 0) and start_step < final:
         checkpoint(final)
     if accelerator.is_main_process:
-        save_model(ema.model, objective, out, extra={"dataset_key": data.key, "class_names": data.class_names,
-                                                     "steps": final, "images_seen": images_seen})  # fmt: skip
-        sample_grid(ema.model, objective, data, train_args, data_args.resolution, device,
-                    out / "samples" / f"step_{final:07d}.png")  # fmt: skip
+        save_model(
+            ema.model,
+            objective,
+            out,
+            extra={
+                "dataset_key": data.key,
+                "class_names": data.class_names,
+                "steps": final,
+                "images_seen": images_seen,
+            },
+        )
+        sample_grid(
+            ema.model,
+            objective,
+            data,
+            train_args,
+            data_args.resolution,
+            device,
+            out / "samples" / f"step_{final:07d}.png",
+        )
         accelerator.print(f"saved the EMA model and samples to {out}")
     accelerator.wait_for_everyone()
     if train_args.fid_num_samples:
         evaluate_fid(accelerator, ema.model, objective, data, train_args, data_args.resolution, metrics, final)
     accelerator.end_training()
-    del model, optimizer, ema, unwrapped, loader, batches
     return out
 
 
@@ -252,12 +319,20 @@ def evaluate_fid(accelerator, ema_model, objective, data, train_args, resolution
     n = train_args.fid_num_samples
     labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
     shape = (data.num_channels, resolution, resolution)
-    images = generate_images(ema_model, objective, n, train_args.seed + 1, shape, batch_size=64,
-                             class_labels=labels, device=accelerator.device, progress=True)  # fmt: skip
+    images = generate_images(
+        ema_model,
+        objective,
+        n,
+        train_args.seed + 1,
+        shape,
+        batch_size=64,
+        class_labels=labels,
+        device=accelerator.device,
+        progress=True,
+    )
     n_ref = train_args.fid_reference_samples or n
     fid = compute_fid(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref))
     metrics.log(step, {"fid": fid, "fid_num_samples": n, "fid_reference_samples": n_ref})
     result = {"step": step, "fid": fid, "num_samples": n, "reference_samples": n_ref, "reference": data.key}
     Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))
     accelerator.print(f"FID ({n} samples vs {n_ref} training images): {fid:.2f}")
-

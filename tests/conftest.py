@@ -13,8 +13,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny class-conditional UNet on 64 Fashion-MNIST images: seconds per run on two CPU cores.
-TINY = ["--max_train_samples", "64", "--train_batch_size", "8", "--base_channels", "8", "--num_sample_images", "4",
-        "--num_inference_steps", "2", "--logging_steps", "1", "--lr_warmup_steps", "2"]  # fmt: skip
+TINY = [
+    "--max_train_samples",
+    "64",
+    "--train_batch_size",
+    "8",
+    "--base_channels",
+    "8",
+    "--num_sample_images",
+    "4",
+    "--num_inference_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--fid_num_samples",
+    "0",
+    "--lr_warmup_steps",
+    "2",
+]
 
 
 def free_port() -> int:
@@ -28,7 +44,9 @@ def run(args, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -37,9 +55,22 @@ def script(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def accelerate_launch(name: str, *args, num_processes=2, **kwargs) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-              str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port())]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     return run([*launch, str(ROOT / name), *map(str, args)], **kwargs)
 
 
@@ -47,6 +78,19 @@ def accelerate_launch(name: str, *args, num_processes=2, **kwargs) -> subprocess
 def tiny_cfm_run(tmp_path_factory):
     """A finished 6-step class-conditional flow run with checkpoints at steps 3 and 6."""
     out = tmp_path_factory.mktemp("cfm") / "run"
-    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--checkpointing_steps", 3, "--dropout",
-           0.1, "--random_flip", "--cond_drop_prob", 0.3, *TINY)  # fmt: skip
+    script(
+        "train_cfm.py",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        6,
+        "--checkpointing_steps",
+        3,
+        "--dropout",
+        0.1,
+        "--random_flip",
+        "--cond_drop_prob",
+        0.3,
+        *TINY,
+    )
     return out

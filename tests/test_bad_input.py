@@ -4,11 +4,11 @@ import shutil
 
 import datasets
 import pytest
+from conftest import TINY
 from PIL import Image
 
 import train_cfm
 import train_ddpm
-from conftest import TINY
 
 
 def _fails(capsys, argv, *needles, main=train_cfm.main):
@@ -43,31 +43,75 @@ def parquet_dataset(tmp_path_factory):
 
 
 def test_unknown_dataset_name(capsys, out):
-    _fails(capsys, ["--dataset_name", "no_such_user/no_such_dataset", "--output_dir", str(out)],
-           "unknown dataset 'no_such_user/no_such_dataset'")  # fmt: skip
+    _fails(
+        capsys,
+        ["--dataset_name", "no_such_user/no_such_dataset", "--output_dir", str(out)],
+        "unknown dataset 'no_such_user/no_such_dataset'",
+    )
 
 
 def test_missing_image_column_lists_the_columns(capsys, out, parquet_dataset):
-    _fails(capsys, ["--dataset_name", str(parquet_dataset), "--output_dir", str(out)],
-           "no image column 'image'", "columns: img, category")  # fmt: skip
+    _fails(
+        capsys,
+        ["--dataset_name", str(parquet_dataset), "--output_dir", str(out)],
+        "no image column 'image'",
+        "columns: img, category",
+    )
 
 
 def test_missing_label_column_lists_the_columns(capsys, out, parquet_dataset):
-    _fails(capsys, ["--dataset_name", str(parquet_dataset), "--image_column", "img", "--label_column", "label",
-                    "--output_dir", str(out)], "no label column 'label'", "columns: img, category")  # fmt: skip
+    _fails(
+        capsys,
+        [
+            "--dataset_name",
+            str(parquet_dataset),
+            "--image_column",
+            "img",
+            "--label_column",
+            "label",
+            "--output_dir",
+            str(out),
+        ],
+        "no label column 'label'",
+        "columns: img, category",
+    )
 
 
 def test_class_conditional_without_labels(capsys, out, parquet_dataset):
-    _fails(capsys, ["--dataset_name", str(parquet_dataset), "--image_column", "img", "--output_dir", str(out)],
-           "--class_conditional needs labels")  # fmt: skip
+    _fails(
+        capsys,
+        ["--dataset_name", str(parquet_dataset), "--image_column", "img", "--output_dir", str(out)],
+        "--class_conditional needs labels",
+    )
 
 
 def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_path):
     """The same dataset with the right column names gets past every check (and trains: a control for the above)."""
     run = tmp_path / "ok"
-    train_cfm.main(["--dataset_name", str(parquet_dataset), "--image_column", "img", "--label_column", "category",
-                    "--resolution", "16", "--output_dir", str(run), "--max_train_steps", "1", "--train_batch_size",
-                    "2", "--base_channels", "8", "--num_sample_images", "3", "--num_inference_steps", "1"])  # fmt: skip
+    train_cfm.main(
+        [
+            "--dataset_name",
+            str(parquet_dataset),
+            "--image_column",
+            "img",
+            "--label_column",
+            "category",
+            "--resolution",
+            "16",
+            "--output_dir",
+            str(run),
+            "--max_train_steps",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--base_channels",
+            "8",
+            "--num_sample_images",
+            "3",
+            "--num_inference_steps",
+            "1",
+        ]
+    )
     assert (run / "diffusion_pytorch_model.safetensors").is_file()
 
 
@@ -116,17 +160,28 @@ def test_unreadable_image_is_named(capsys, out, tmp_path):
         for i in range(4):
             Image.new("RGB", (40, 36), (i * 50, 90, 10)).save(folder / cls / f"{i}.png")
     (folder / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    _fails(capsys, ["--train_data_dir", str(folder), "--output_dir", str(out)], "cannot read image",
-           str(folder / "dogs" / "broken.png"))  # fmt: skip
+    _fails(
+        capsys,
+        ["--train_data_dir", str(folder), "--output_dir", str(out)],
+        "cannot read image",
+        str(folder / "dogs" / "broken.png"),
+    )
 
 
 def test_resume_from_a_different_model_names_the_keys(capsys, out, tiny_cfm_run, tmp_path):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(tiny_cfm_run / "checkpoints" / "checkpoint-3", checkpoint)
-    _fails(capsys, [*TINY[:-2], "--base_channels", "16", "--output_dir", str(out), "--resume_from_checkpoint",
-                    str(checkpoint)], "different model", "base_channels: checkpoint 8 vs now 16")  # fmt: skip
+    _fails(
+        capsys,
+        [*TINY, "--base_channels", "16", "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint)],
+        "different model",
+        "base_channels: checkpoint 8 vs now 16",
+    )
 
 
 def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):
-    _fails(capsys, [*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path / "nope")],
-           "is not a complete checkpoint")  # fmt: skip
+    _fails(
+        capsys,
+        [*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path / "nope")],
+        "is not a complete checkpoint",
+    )

@@ -146,7 +146,9 @@ def test_ddpm_samplers_reach_a_single_data_point(sampler, prediction_type):
     x0 = torch.rand(1, 1, 4, 4) - 0.5
     model = DeltaEpsilon(x0, objective.alphas_cumprod, args.num_train_timesteps, prediction_type)
     noise = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    out = objective.sample(model, noise, num_inference_steps=20, sampler=sampler, generators=sample_generators(0, 0, 2))
+    out = objective.sample(
+        model, noise, num_inference_steps=20, sampler=sampler, generators=sample_generators(0, 0, 2)
+    )
     torch.testing.assert_close(out.float(), x0.expand(2, -1, -1, -1), atol=2e-3, rtol=0)
 
 

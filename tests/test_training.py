@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-
 import torch
 from conftest import TINY, accelerate_launch, script
 from PIL import Image
@@ -55,8 +54,18 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
 def test_resume_is_exact(tiny_cfm_run, tmp_path):
     """6 steps in one run == 3 steps, then a second process resuming from checkpoint-3 for 3 more."""
     out = tmp_path / "resumed"
-    common = ["--output_dir", out, "--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip",
-              "--cond_drop_prob", 0.3, *TINY]  # fmt: skip
+    common = [
+        "--output_dir",
+        out,
+        "--checkpointing_steps",
+        3,
+        "--dropout",
+        0.1,
+        "--random_flip",
+        "--cond_drop_prob",
+        0.3,
+        *TINY,
+    ]
     script("train_cfm.py", "--max_train_steps", 3, *common)
     proc = script("train_cfm.py", "--max_train_steps", 6, "--resume_from_checkpoint", "latest", *common)
     assert "resumed from" in proc.stdout + proc.stderr
@@ -72,9 +81,22 @@ def test_sample_is_independent_of_batch_size(tiny_cfm_run, tmp_path):
     import sample
 
     for bs in (1, 8):
-        sample.main(["--model", str(tiny_cfm_run), "--num_images", "8", "--batch_size", str(bs),
-                     "--output", str(tmp_path / f"bs{bs}"), "--sampler", "euler_maruyama",
-                     "--guidance_scale", "2.0"])  # fmt: skip
+        sample.main(
+            [
+                "--model",
+                str(tiny_cfm_run),
+                "--num_images",
+                "8",
+                "--batch_size",
+                str(bs),
+                "--output",
+                str(tmp_path / f"bs{bs}"),
+                "--sampler",
+                "euler_maruyama",
+                "--guidance_scale",
+                "2.0",
+            ]
+        )
     files = sorted(p.name for p in (tmp_path / "bs1").iterdir())
     assert files == [f"{i:06d}.png" for i in range(8)]
     for name in files:
@@ -95,15 +117,28 @@ def _assert_clean_multiprocess_run(proc, out, steps):
 
 def test_two_process_cfm(tmp_path):
     out = tmp_path / "cfm2"
-    proc = accelerate_launch("train_cfm.py", "--output_dir", out, "--max_train_steps", 3, "--checkpointing_steps", 2,
-                             "--ot_coupling", *TINY)  # fmt: skip
+    proc = accelerate_launch(
+        "train_cfm.py", "--output_dir", out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--ot_coupling", *TINY
+    )
     _assert_clean_multiprocess_run(proc, out, 3)
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
 
 
 def test_two_process_ddpm(tmp_path):
     out = tmp_path / "ddpm2"
-    proc = accelerate_launch("train_ddpm.py", "--output_dir", out, "--max_train_steps", 3, "--checkpointing_steps",
-                             3, "--prediction_type", "v_prediction", "--snr_gamma", 5, *TINY)  # fmt: skip
+    proc = accelerate_launch(
+        "train_ddpm.py",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        3,
+        "--checkpointing_steps",
+        3,
+        "--prediction_type",
+        "v_prediction",
+        "--snr_gamma",
+        5,
+        *TINY,
+    )
     _assert_clean_multiprocess_run(proc, out, 3)
     assert json.loads((out / "objective.json").read_text())["objective"] == "ddpm"

@@ -1,0 +1,235 @@
+"""Models: preset sizes, shapes, init, gradients, save/load, gradient checkpointing, conditioning helpers."""
+
+import itertools
+
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+
+from modules.conditioning import drop_labels, timestep_embedding
+from modules.dit import DIT_PRESETS, DiTModel, apply_rope, rope_2d_angles
+from modules.unet import UNET_PRESETS, UNetModel
+
+# UNets at in_channels=3, sample_size=32, unconditional (CIFAR-10 shape). unet_l is the DDPM CIFAR-10 network:
+# 35.7M in the paper, plus 2,560,896 for the scale half of the scale-shift conditioning.
+UNET_PARAMS = {"unet_s": 1_034_515, "unet_m": 9_925_059, "unet_l": 38_307_203}
+# DiTs at in_channels=4, sample_size=32, patch_size=2, num_classes=1000 (ImageNet-256 latents), out_channels=4.
+# The paper's DiT-XL/2 (675,129,632) learns sigma (out_channels=8, +18,448) and counts its frozen position
+# embedding as a parameter (+294,912): 674,816,272 + 18,448 + 294,912 = 675,129,632.
+DIT_PARAMS = {
+    "dit_tiny": 4_357_648,
+    "dit_s": 32_858_896,
+    "dit_b": 130_303_504,
+    "dit_l": 457_824_272,
+    "dit_xl": 674_816_272,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and with a busy second core each op would wait for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tiny_unet(**overrides) -> UNetModel:
+    torch.manual_seed(0)  # same weights on every call, so two builds can be compared
+    config = dict(
+        in_channels=2,
+        sample_size=16,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_head_channels=8,
+    )
+    return UNetModel(**{**config, **overrides})
+
+
+def tiny_dit(**overrides) -> DiTModel:
+    torch.manual_seed(0)  # same weights on every call, so two builds can be compared
+    config = dict(in_channels=2, sample_size=16, patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    return DiTModel(**{**config, **overrides})
+
+
+MODEL_FACTORIES = {"unet": tiny_unet, "dit": lambda **kw: tiny_dit(qk_norm=True, pos_embed="rope", mlp="swiglu", **kw)}
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter so zero-initialised layers no longer hide the rest of the network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(batch: int = 3, channels: int = 2, size: int = 16, num_classes: int = 0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    t = torch.rand(batch, generator=g)
+    cond = torch.randint(0, num_classes + 1, (batch,), generator=g) if num_classes else None
+    return x, t, cond
+
+
+@pytest.mark.parametrize("name", UNET_PARAMS)
+def test_unet_preset_param_count(name):
+    with torch.device("meta"):
+        model = UNET_PRESETS[name](in_channels=3, sample_size=32, num_classes=0)
+    assert num_params(model) == UNET_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", DIT_PARAMS)
+def test_dit_preset_param_count(name):
+    with torch.device("meta"):
+        model = DIT_PRESETS[name](in_channels=4, sample_size=32, patch_size=2, num_classes=1000)
+    assert num_params(model) == DIT_PARAMS[name]
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_unet_forward_shapes(num_classes):
+    model = perturb_(tiny_unet(out_channels=3, num_classes=num_classes))
+    x, t, cond = inputs(num_classes=num_classes)
+    assert model(x, t, cond).shape == (3, 3, 16, 16)
+    assert model(x, 0.5, cond).shape == (3, 3, 16, 16)
+    assert model(torch.randn(2, 2, 8, 24), torch.tensor(0.1)).shape == (2, 3, 8, 24)
+    assert model.downsample_factor == 2
+    with torch.device("meta"):
+        assert UNET_PRESETS["unet_m"](sample_size=32).downsample_factor == 8
+
+
+@pytest.mark.parametrize(
+    "patch_size, pos_embed, qk_norm, mlp",
+    list(itertools.product([2, 4, 8], ["absolute", "rope"], [False, True], ["gelu", "swiglu"])),
+)
+def test_dit_forward_shapes(patch_size, pos_embed, qk_norm, mlp):
+    for num_classes in (0, 5):
+        model = tiny_dit(
+            patch_size=patch_size,
+            pos_embed=pos_embed,
+            qk_norm=qk_norm,
+            mlp=mlp,
+            num_classes=num_classes,
+            out_channels=3,
+        )
+        perturb_(model)
+        x, t, cond = inputs(num_classes=num_classes)
+        assert model(x, t, cond).shape == (3, 3, 16, 16)
+        assert model(x, 0.5, cond).shape == (3, 3, 16, 16)
+        # Another grid than sample_size / patch_size: position embedding or RoPE angles are computed on the fly.
+        assert model(torch.randn(2, 2, 8, 24), 0.5).shape == (2, 3, 8, 24)
+        assert model.downsample_factor == patch_size
+
+
+@pytest.mark.parametrize("kind", MODEL_FACTORIES)
+def test_scalar_t_and_null_label_match_explicit_forms(kind):
+    model = perturb_(MODEL_FACTORIES[kind](num_classes=5))
+    x, _, cond = inputs(num_classes=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, 0.3, cond), model(x, torch.full((3,), 0.3), cond))
+        torch.testing.assert_close(model(x, 0.3), model(x, 0.3, torch.full((3,), 5)))
+
+
+def test_input_errors_name_the_problem():
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny_unet()(torch.randn(1, 2, 15, 16), 0.5)
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny_dit(patch_size=4)(torch.randn(1, 2, 16, 18), 0.5)
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny_dit()(torch.randn(1, 2, 16, 16), 0.5, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("kind", MODEL_FACTORIES)
+def test_output_is_zero_at_init(kind):
+    model = MODEL_FACTORIES[kind](num_classes=5)
+    x, t, cond = inputs(num_classes=5)
+    assert torch.equal(model(x, t, cond), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "kind, num_classes, with_labels",
+    [(k, 0, False) for k in MODEL_FACTORIES] + [(k, 5, w) for k in MODEL_FACTORIES for w in (False, True)],
+)
+def test_every_parameter_gets_a_gradient(kind, num_classes, with_labels):
+    x, t, cond = inputs(num_classes=num_classes)
+    cond = cond if with_labels else None
+    # At init (what DDP without find_unused_parameters sees): every parameter is in the graph.
+    model = MODEL_FACTORIES[kind](num_classes=num_classes)
+    model(x, t, cond).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # Away from the zero init, every parameter actually influences the output.
+    model = perturb_(MODEL_FACTORIES[kind](num_classes=num_classes))
+    model(x, t, cond).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+@pytest.mark.parametrize("kind", MODEL_FACTORIES)
+def test_save_pretrained_round_trip(kind, tmp_path):
+    model = perturb_(MODEL_FACTORIES[kind](num_classes=5)).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    public = lambda config: {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k[0] != "_"}
+    assert public(loaded.config) == public(model.config)
+    x, t, cond = inputs(num_classes=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, cond), model(x, t, cond))
+
+
+@pytest.mark.parametrize("kind", MODEL_FACTORIES)
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    x, t, cond = inputs(num_classes=5)
+    grads = []
+    for checkpointing in (False, True):
+        model = perturb_(MODEL_FACTORIES[kind](num_classes=5))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            assert model.is_gradient_checkpointing
+        model(x, t, cond).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_timestep_embedding_matches_diffusers_at_integer_steps():
+    steps = torch.tensor([0, 1, 17, 500, 999])
+    ours = timestep_embedding(steps / 1000, 64)
+    # diffusers' convention [cos, sin] with frequencies max_period^(-i / half) is flip_sin_to_cos, shift 0.
+    ref = get_timestep_embedding(steps, 64, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    assert timestep_embedding(0.5, 33).shape == (33,)
+    assert timestep_embedding(torch.rand(4), 32).shape == (4, 32)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 16, generator=g).unbind(0)  # (1, 1, d) each
+    angles = rope_2d_angles(16, 6, 6)  # (36, d / 2), row-major grid
+
+    def score(i: int, j: int) -> torch.Tensor:
+        rq = apply_rope(q[:, :, None].expand(1, 1, 36, 16), angles.cos(), angles.sin())[0, 0, i]
+        rk = apply_rope(k[:, :, None].expand(1, 1, 36, 16), angles.cos(), angles.sin())[0, 0, j]
+        return rq @ rk
+
+    # Tokens (row 1, col 2) and (row 3, col 0) vs. the same offset shifted by (+2, +3).
+    torch.testing.assert_close(score(1 * 6 + 2, 3 * 6 + 0), score(3 * 6 + 5, 5 * 6 + 3))
+    assert not torch.allclose(score(1 * 6 + 2, 3 * 6 + 0), score(1 * 6 + 2, 3 * 6 + 1))
+
+
+def test_drop_labels_is_reproducible_and_drops_at_the_given_rate():
+    labels = torch.randint(0, 10, (20_000,), generator=torch.Generator().manual_seed(1))
+    a = drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0))
+    b = drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0))
+    c = drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    dropped = a == 10
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # binomial std is 0.002
+    assert torch.equal(a[~dropped], labels[~dropped])
+    assert torch.equal(drop_labels(labels, 0.0, 10, torch.Generator()), labels)
+    assert (drop_labels(labels, 1.0, 10, torch.Generator()) == 10).all()
