@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN_DIR ?= runs/fashion_mnist_unet_cfm
+# accelerate launch gives each process one CPU thread unless told otherwise.
+NPROC := $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: setup train test lint clean
 
@@ -29,6 +31,7 @@ $(FASHION_MNIST):
 
 train: setup
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(NPROC) \
 		train_cfm.py --config configs/fashion_mnist_unet_cfm.yaml --output_dir $(RUN_DIR)
 
 test: setup

@@ -7,6 +7,7 @@ The data order is a pure function of (seed, epoch, rank), so a resumed run reads
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -190,6 +191,11 @@ class TrainData:
     key: str  # names the data for caches (e.g. FID reference statistics)
 
 
+def _digest(text: str) -> str:
+    """A short content digest, so caches keyed by it (e.g. FID statistics) never mix two datasets."""
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def _image_folder(data_dir: str, args: DataArguments):
     root = Path(data_dir)
     if not root.is_dir():
@@ -329,10 +335,13 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
     else:
         if args.train_data_dir is not None:
             images, labels, class_names, names = _image_folder(args.train_data_dir, args)
-            source = f"folder-{Path(args.train_data_dir).resolve().name}"
+            root = Path(args.train_data_dir).resolve()
+            listing = "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in images)
+            source = f"folder-{root.name}-{_digest(listing)}"
         elif args.dataset_name:
             images, labels, class_names, names = _hub_dataset(args)
-            source = f"{args.dataset_name.replace('/', '--')}-{args.dataset_split}"
+            name = Path(args.dataset_name).name if Path(args.dataset_name).exists() else args.dataset_name
+            source = f"{name.replace('/', '--')}-{args.dataset_split}-{_digest(images.ds._fingerprint)}"
         else:
             raise UserError("give --dataset_name or --train_data_dir")
         if args.max_train_samples and not isinstance(images, _LazyColumn):

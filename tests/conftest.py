@@ -4,12 +4,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets/huggingface_hub are imported: no test may reach the network
 os.environ.setdefault("WANDB_MODE", "offline")
+# FID weights and reference statistics go to a cache of this session's own, not the user's.
+os.environ["DIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="diffusion-test-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny class-conditional UNet on 64 Fashion-MNIST images: seconds per run on two CPU cores.
@@ -54,23 +57,14 @@ def script(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, str(ROOT / name), *map(str, args)], **kwargs)
 
 
-def accelerate_launch(name: str, *args, num_processes=2, **kwargs) -> subprocess.CompletedProcess:
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+def accelerate_launch(name: str, *args, config_file=None, **kwargs) -> subprocess.CompletedProcess:
+    """`accelerate launch` two processes, from `config_file` or from flags."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
+    if config_file:
+        launch += ["--config_file", str(ROOT / config_file)]
+    else:
+        launch += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no"]  # fmt: skip
     return run([*launch, str(ROOT / name), *map(str, args)], **kwargs)
 
 

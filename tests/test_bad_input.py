@@ -1,5 +1,6 @@
 """Each bad input is a one-line error that names the culprit, raised before anything is written."""
 
+import json
 import shutil
 
 import datasets
@@ -86,33 +87,16 @@ def test_class_conditional_without_labels(capsys, out, parquet_dataset):
 
 
 def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_path):
-    """The same dataset with the right column names gets past every check (and trains: a control for the above)."""
+    """The same dataset with the right column names gets past every check and trains (a control for the above),
+    through to the end-of-run FID against its own images."""
     run = tmp_path / "ok"
-    train_cfm.main(
-        [
-            "--dataset_name",
-            str(parquet_dataset),
-            "--image_column",
-            "img",
-            "--label_column",
-            "category",
-            "--resolution",
-            "16",
-            "--output_dir",
-            str(run),
-            "--max_train_steps",
-            "1",
-            "--train_batch_size",
-            "2",
-            "--base_channels",
-            "8",
-            "--num_sample_images",
-            "3",
-            "--num_inference_steps",
-            "1",
-        ]
-    )
+    train_cfm.main(["--dataset_name", str(parquet_dataset), "--image_column", "img", "--label_column", "category",
+                    "--resolution", "16", "--output_dir", str(run), "--max_train_steps", "1", "--train_batch_size",
+                    "2", "--base_channels", "8", "--num_sample_images", "3", "--num_inference_steps", "1",
+                    "--fid_num_samples", "4", "--fid_reference_samples", "6"])  # fmt: skip
     assert (run / "diffusion_pytorch_model.safetensors").is_file()
+    fid = json.loads((run / "fid.json").read_text())
+    assert fid["num_samples"] == 4 and fid["reference_samples"] == 6 and fid["fid"] > 0
 
 
 @pytest.mark.parametrize(

@@ -124,21 +124,20 @@ def test_two_process_cfm(tmp_path):
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
 
 
-def test_two_process_ddpm(tmp_path):
+def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
+    import sample
+
     out = tmp_path / "ddpm2"
     proc = accelerate_launch(
-        "train_ddpm.py",
-        "--output_dir",
-        out,
-        "--max_train_steps",
-        3,
-        "--checkpointing_steps",
-        3,
-        "--prediction_type",
-        "v_prediction",
-        "--snr_gamma",
-        5,
-        *TINY,
-    )
+        "train_ddpm.py", "--output_dir", out, "--max_train_steps", 3, "--checkpointing_steps", 3,
+        "--prediction_type", "v_prediction", "--snr_gamma", 5, *TINY, config_file="accelerate_configs/cpu_2proc.yaml",
+    )  # fmt: skip
     _assert_clean_multiprocess_run(proc, out, 3)
     assert json.loads((out / "objective.json").read_text())["objective"] == "ddpm"
+    # ancestral sampling draws fresh noise every step: still per image, whatever the batch size
+    grids = []
+    for bs in (1, 3):
+        sample.main(["--model", str(out), "--num_images", "3", "--batch_size", str(bs), "--sampler", "ddpm",
+                     "--num_inference_steps", "4", "--output", str(tmp_path / f"bs{bs}.png")])  # fmt: skip
+        grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
+    assert np.array_equal(*grids)
