@@ -7,35 +7,23 @@
 Every flag: python train_cfm.py --help. Convention (modules/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0.
 """
 
-from modules.config import DataArguments, FlowArguments, ModelArguments, TrainingArguments, cli_entry, parse_args
+from modules.config import (
+    SCRIPT_DEFAULTS,
+    DataArguments,
+    FlowArguments,
+    ModelArguments,
+    TrainingArguments,
+    cli_entry,
+    parse_args,
+)
 from modules.flow import FlowObjective
 from modules.training import train
 
 # The main job: Fashion-MNIST at 32x32, measured in configs/fashion_mnist_unet_cfm.yaml.
 DEFAULTS = dict(
-    dataset_name="fashion_mnist",
-    resolution=32,
-    model="unet_s",
-    class_conditional=True,
-    output_dir="runs/fashion_mnist_unet_cfm",
-    train_batch_size=64,
-    max_train_steps=500,
-    learning_rate=2e-3,
-    lr_scheduler="constant_with_warmup",
-    lr_warmup_steps=100,
-    ema_max_decay=0.999,
-    ema_power=0.75,
-    sample_steps=250,
-    checkpointing_steps=250,
-    checkpoints_total_limit=2,
-    time_sampling="logit_normal",
-    sampler="heun",
-    num_inference_steps=20,
-    guidance_scale=1.5,
-    num_sample_images=100,
-    fid_num_samples=200,
-    fid_reference_samples=200,
-)
+    SCRIPT_DEFAULTS, output_dir="runs/fashion_mnist_unet_cfm", learning_rate=2e-3, time_sampling="logit_normal",
+    sampler="heun", num_inference_steps=20, fid_num_samples=200, fid_reference_samples=200,
+)  # fmt: skip
 
 
 @cli_entry

@@ -7,31 +7,22 @@
 Every flag: python train_ddpm.py --help.
 """
 
-from modules.config import DataArguments, DDPMArguments, ModelArguments, TrainingArguments, cli_entry, parse_args
+from modules.config import (
+    SCRIPT_DEFAULTS,
+    DataArguments,
+    DDPMArguments,
+    ModelArguments,
+    TrainingArguments,
+    cli_entry,
+    parse_args,
+)
 from modules.ddpm import DDPMObjective
 from modules.training import train
 
 DEFAULTS = dict(
-    dataset_name="fashion_mnist",
-    resolution=32,
-    model="unet_s",
-    class_conditional=True,
-    output_dir="runs/fashion_mnist_unet_ddpm",
-    train_batch_size=64,
-    max_train_steps=500,
-    learning_rate=1e-3,
-    lr_scheduler="constant_with_warmup",
-    lr_warmup_steps=100,
-    ema_max_decay=0.999,
-    ema_power=0.75,
-    sample_steps=250,
-    checkpointing_steps=250,
-    checkpoints_total_limit=2,
-    sampler="ddim",
+    SCRIPT_DEFAULTS, output_dir="runs/fashion_mnist_unet_ddpm", learning_rate=1e-3, sampler="ddim",
     num_inference_steps=50,
-    guidance_scale=1.5,
-    num_sample_images=100,
-)
+)  # fmt: skip
 
 
 @cli_entry

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from modules.config import DDPMArguments
-from modules.samplers import ddim_sample, guided_model, predict_x0_eps, scheduler_sample
+from modules.samplers import GuidedSampling, ddim_sample, scheduler_sample
 
 # Our names for diffusers' beta schedules.
 BETA_SCHEDULES = {
@@ -70,7 +70,7 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) 
     return clipped
 
 
-class DDPMObjective:
+class DDPMObjective(GuidedSampling):
     """DDPM noise-prediction loss (eps / x0 / v) and its samplers (DDPM ancestral, DDIM, DPM-Solver++)."""
 
     name = "ddpm"
@@ -98,31 +98,8 @@ class DDPMObjective:
             loss = loss * min_snr_weight(alpha_bar, a.snr_gamma, a.prediction_type)
         return loss
 
-    def predict_x0(self, x_t, output, t_index):
-        alpha_bar = self.alphas_cumprod.to(x_t.device)[t_index].view(-1, *([1] * (x_t.ndim - 1)))
-        return predict_x0_eps(x_t, output, alpha_bar.to(x_t.dtype), self.args.prediction_type)[0]
-
-    def sample(
-        self,
-        model,
-        noise,
-        cond=None,
-        num_inference_steps=None,
-        sampler=None,
-        guidance_scale=None,
-        generators=None,
-        null_cond=None,
-        callback=None,
-    ):
-        """Run the reverse process from pure noise; returns x0. `generators`: one per sample."""
-        a = self.args
-        fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
-        sampler = sampler or a.sampler
-        steps = num_inference_steps or a.num_inference_steps
+    def run_sampler(self, sampler, fn, noise, steps, generators, callback):
+        """The reverse process from t = T to 0."""
         if sampler == "ddim":
-            return ddim_sample(fn, noise, self.scheduler, steps, a.ddim_eta, generators, callback)
-        if sampler == "ddpm":
-            return scheduler_sample(fn, noise, make_scheduler(a), steps, generators, callback)
-        if sampler == "dpm_solver":
-            return scheduler_sample(fn, noise, make_scheduler(a, "dpm_solver"), steps, generators, callback)
-        raise ValueError(f"DDPM models sample with {', '.join(DDPM_SAMPLERS)}, not '{sampler}'")
+            return ddim_sample(fn, noise, self.scheduler, steps, self.args.ddim_eta, generators, callback)
+        return scheduler_sample(fn, noise, make_scheduler(self.args, sampler), steps, generators, callback)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from modules.config import FlowArguments
-from modules.samplers import FLOW_SAMPLERS, guided_model
+from modules.samplers import FLOW_SAMPLERS, GuidedSampling
 
 
 def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def ot_pair(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise[torch.as_tensor(cols, device=noise.device)]
 
 
-class FlowObjective:
+class FlowObjective(GuidedSampling):
     """Conditional flow matching loss and its samplers."""
 
     name = "flow"
@@ -65,23 +65,6 @@ class FlowObjective:
         v = model(x_t, t, cond)
         return (v.float() - flow_velocity(x0, noise).float()).pow(2).flatten(1).mean(1)
 
-    def sample(
-        self,
-        model,
-        noise,
-        cond=None,
-        num_inference_steps=None,
-        sampler=None,
-        guidance_scale=None,
-        generators=None,
-        null_cond=None,
-        callback=None,
-    ):
-        """Integrate from t = 1 (noise) to t = 0 and return x0. `generators`: one per sample (Euler-Maruyama)."""
-        a = self.args
-        fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
-        sampler = sampler or a.sampler
-        if sampler not in FLOW_SAMPLERS:
-            raise ValueError(f"flow models sample with {', '.join(FLOW_SAMPLERS)}, not '{sampler}'")
-        steps = num_inference_steps or a.num_inference_steps
+    def run_sampler(self, sampler, fn, noise, steps, generators, callback):
+        """Integrate from t = 1 (noise) to t = 0."""
         return FLOW_SAMPLERS[sampler](fn, noise, steps, generators=generators, callback=callback)

@@ -37,6 +37,23 @@ def guided_model(model, cond, guidance_scale: float = 1.0, null_cond=None):
     return fn
 
 
+class GuidedSampling:
+    """What both objectives' `sample` shares: defaults from the objective's args, classifier-free guidance and the
+    check of the sampler's name. Subclasses set `samplers` and implement `run_sampler`."""
+
+    samplers: tuple[str, ...] = ()
+
+    def sample(self, model, noise, cond=None, num_inference_steps=None, sampler=None, guidance_scale=None,
+               generators=None, null_cond=None, callback=None):  # fmt: skip
+        """From pure noise to x0. `generators`: one per sample, for samplers that draw noise on the way."""
+        a = self.args
+        fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
+        sampler = sampler or a.sampler
+        if sampler not in self.samplers:
+            raise ValueError(f"{self.name} models sample with {', '.join(self.samplers)}, not '{sampler}'")
+        return self.run_sampler(sampler, fn, noise, num_inference_steps or a.num_inference_steps, generators, callback)
+
+
 # --- Flow matching: integrate dx/dt = v from t = 1 to t = 0 -------------------------------------------------------
 
 

@@ -210,6 +210,10 @@ def train(
         }
         save_checkpoint(accelerator, out, step, ema, state, train_args.checkpoints_total_limit)
 
+    def write_grid(step):
+        path = out / "samples" / f"step_{step:07d}.png"
+        sample_grid(ema.model, objective, data, train_args, data_args.resolution, device, path)
+
     progress = tqdm(
         total=train_args.max_train_steps,
         initial=start_step,
@@ -266,15 +270,7 @@ def train(
             checkpoint(done)
         if train_args.sample_steps and done % train_args.sample_steps == 0 and done != train_args.max_train_steps:
             if accelerator.is_main_process:
-                sample_grid(
-                    ema.model,
-                    objective,
-                    data,
-                    train_args,
-                    data_args.resolution,
-                    device,
-                    out / "samples" / f"step_{done:07d}.png",
-                )
+                write_grid(done)
             accelerator.wait_for_everyone()
     progress.close()
 
@@ -293,15 +289,7 @@ def train(
                 "images_seen": images_seen,
             },
         )
-        sample_grid(
-            ema.model,
-            objective,
-            data,
-            train_args,
-            data_args.resolution,
-            device,
-            out / "samples" / f"step_{final:07d}.png",
-        )
+        write_grid(final)
         accelerator.print(f"saved the EMA model and samples to {out}")
     accelerator.wait_for_everyone()
     if train_args.fid_num_samples:

@@ -35,6 +35,9 @@ TINY = [
     "2",
 ]
 
+# Everything that draws random numbers during training, so that exact resume is tested on all of it.
+RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--cond_drop_prob", 0.3, *TINY]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -72,19 +75,5 @@ def accelerate_launch(name: str, *args, config_file=None, **kwargs) -> subproces
 def tiny_cfm_run(tmp_path_factory):
     """A finished 6-step class-conditional flow run with checkpoints at steps 3 and 6."""
     out = tmp_path_factory.mktemp("cfm") / "run"
-    script(
-        "train_cfm.py",
-        "--output_dir",
-        out,
-        "--max_train_steps",
-        6,
-        "--checkpointing_steps",
-        3,
-        "--dropout",
-        0.1,
-        "--random_flip",
-        "--cond_drop_prob",
-        0.3,
-        *TINY,
-    )
+    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, *RESUMABLE)
     return out

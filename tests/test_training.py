@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import TINY, accelerate_launch, script
+from conftest import RESUMABLE, TINY, accelerate_launch, script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -54,18 +54,7 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
 def test_resume_is_exact(tiny_cfm_run, tmp_path):
     """6 steps in one run == 3 steps, then a second process resuming from checkpoint-3 for 3 more."""
     out = tmp_path / "resumed"
-    common = [
-        "--output_dir",
-        out,
-        "--checkpointing_steps",
-        3,
-        "--dropout",
-        0.1,
-        "--random_flip",
-        "--cond_drop_prob",
-        0.3,
-        *TINY,
-    ]
+    common = ["--output_dir", out, *RESUMABLE]
     script("train_cfm.py", "--max_train_steps", 3, *common)
     proc = script("train_cfm.py", "--max_train_steps", 6, "--resume_from_checkpoint", "latest", *common)
     assert "resumed from" in proc.stdout + proc.stderr
