@@ -1,4 +1,5 @@
-"""Sampling loops. Every loop takes `fn(x, t) -> network output`, with t a float in [0, 1] of shape (B,).
+"""Sampling loops. Every loop takes `fn(x, t) -> network output`, with t a float in [0, 1] of shape (B,), and an
+optional `callback(step_index, t, x_t, x0_pred)` called before each update with the model's current estimate of x0.
 
 Randomness comes from one torch.Generator per sample, so image i is the same whatever the batch size.
 Flow samplers follow flow.py's convention (t = 1 noise -> t = 0 data, the network predicts noise - x0).
@@ -67,9 +68,9 @@ def euler_sample(fn, noise, steps, generators=None, callback=None):
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         v = fn(x, t.to(x.dtype))
-        x = x + (t_next - t).to(x.dtype) * v
         if callback:
-            callback(i, t_next, x)
+            callback(i, float(t), x, x - t.to(x.dtype) * v)
+        x = x + (t_next - t).to(x.dtype) * v
     return x
 
 
@@ -80,14 +81,14 @@ def heun_sample(fn, noise, steps, generators=None, callback=None):
         t, t_next = ts[i], ts[i + 1]
         h = (t_next - t).to(x.dtype)
         v = fn(x, t.to(x.dtype))
+        if callback:
+            callback(i, float(t), x, x - t.to(x.dtype) * v)
         x_euler = x + h * v
         if t_next > 0:
             v_next = fn(x_euler, t_next.to(x.dtype))
             x = x + h * 0.5 * (v + v_next)
         else:
             x = x_euler
-        if callback:
-            callback(i, t_next, x)
     return x
 
 
@@ -104,14 +105,14 @@ def euler_maruyama_sample(fn, noise, steps, generators=None, callback=None, nois
         h = (t - t_next).to(x.dtype)
         tt = t.to(x.dtype)
         v = fn(x, tt)
+        if callback:
+            callback(i, float(t), x, x - tt * v)
         if t_next > 0:
             eps_hat = x + (1 - tt) * v
             z = per_sample_randn(generators, x.shape[1:], x.device, x.dtype)
             x = x - h * (v + noise_scale * eps_hat) + torch.sqrt(2 * noise_scale * tt * h) * z
         else:
             x = x - h * v
-        if callback:
-            callback(i, t_next, x)
     return x
 
 
@@ -163,10 +164,11 @@ def ddim_sample(fn, noise, scheduler, steps, eta=0.0, generators=None, callback=
         prev = t - num_train // steps
         a_t, a_prev = alphas[t], alphas[prev] if prev >= 0 else final
         out = fn(x, torch.tensor(t / num_train, device=x.device, dtype=x.dtype))
+        if callback:
+            x0 = predict_x0_eps(x, out, a_t.to(x.dtype), ddim.config.prediction_type)[0]
+            callback(i, t / num_train, x, x0)
         z = per_sample_randn(generators, x.shape[1:], x.device, x.dtype) if eta > 0 else None
         x = ddim_step(x, out, a_t.to(x.dtype), a_prev.to(x.dtype), ddim.config.prediction_type, eta, z)
-        if callback:
-            callback(i, prev, x)
     return x
 
 
@@ -177,9 +179,10 @@ def scheduler_sample(fn, noise, scheduler, steps, generators=None, callback=None
     x = noise
     for i, t in enumerate(scheduler.timesteps):
         out = fn(x, (t.float() / num_train).to(x.dtype))
-        x = scheduler.step(out, t, x, generator=generators).prev_sample
         if callback:
-            callback(i, t, x)
+            alpha_bar = scheduler.alphas_cumprod[int(t)].to(x.device, x.dtype)
+            callback(i, int(t) / num_train, x, predict_x0_eps(x, out, alpha_bar, scheduler.config.prediction_type)[0])
+        x = scheduler.step(out, t, x, generator=generators).prev_sample
     return x
 
 

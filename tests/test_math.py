@@ -175,3 +175,24 @@ def test_per_sample_noise_does_not_depend_on_batch_split():
 def test_zero_terminal_snr_schedule():
     scheduler = make_scheduler(DDPMArguments(rescale_betas_zero_snr=True))
     assert scheduler.alphas_cumprod[-1] < 1e-6
+
+
+@pytest.mark.parametrize(
+    "objective,sampler", [("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim"), ("ddpm", "dpm_solver")]
+)
+def test_sampler_callback_sees_the_x0_estimate(objective, sampler):
+    """With the exact model the x0 estimate is x0 at every step; times run from noise to data."""
+    x0 = torch.rand(1, 1, 4, 4) - 0.5
+    if objective == "flow":
+        obj, model = FlowObjective(FlowArguments()), DeltaFlowVelocity(x0)
+    else:
+        obj = DDPMObjective(DDPMArguments())
+        model = DeltaEpsilon(x0, obj.alphas_cumprod, 1000, "epsilon")
+    frames = []
+    obj.sample(model, torch.randn(2, 1, 4, 4, dtype=torch.float64), num_inference_steps=5, sampler=sampler,
+               callback=lambda i, t, x, x0_pred: frames.append((i, t, x0_pred)))  # fmt: skip
+    assert [f[0] for f in frames] == list(range(5))
+    times = [f[1] for f in frames]
+    assert times == sorted(times, reverse=True) and 0 <= times[-1] < times[0] <= 1
+    for _, _, x0_pred in frames:
+        torch.testing.assert_close(x0_pred.float(), x0.expand(2, -1, -1, -1), atol=2e-3, rtol=0)
