@@ -67,6 +67,12 @@ class DataArguments:
     )
     max_train_samples: int | None = _help("Use only the first N images (for quick runs and debugging).", default=None)
     dataloader_num_workers: int = _help("DataLoader worker processes (0: load in the main process).", default=0)
+    validation_split: str | None = _help(
+        "Held-out split for the validation loss: 'auto' (Fashion-MNIST's or a Hub dataset's 'test'/'validation' "
+        "split; none for folders), a split name, or 'none'.",
+        default="auto",
+    )
+    validation_samples: int = _help("Held-out images used for the validation loss.", default=200)
 
 
 @dataclass
@@ -127,6 +133,15 @@ class TrainingArguments:
     report_to: str = _help(
         "Trackers: tensorboard, wandb, all or none. metrics.jsonl is always written.", default="none"
     )
+    validation_steps: int = _help(
+        "Every N steps (and at the end), the EMA model's loss on held-out images at fixed noise and t (0: never).",
+        default=0,
+    )
+    validation_t_bins: int = _help("The validation loss is reported for this many equal bins of t.", default=10)
+    peak_tflops: float | None = _help(
+        "Peak TFLOP/s of one accelerator, for MFU; default: looked up for common GPUs by name.", default=None
+    )
+    eval_fid_steps: int = _help("Compute FID every N steps as well as at the end (0: only at the end).", default=0)
     fid_num_samples: int = _help("Images generated for the FID at the end of training (0: skip).", default=0)
     fid_reference_samples: int = _help("Training images for the FID reference statistics.", default=0)
 
@@ -162,7 +177,7 @@ class DDPMArguments:
 SCRIPT_DEFAULTS = dict(
     class_conditional=True, train_batch_size=64, max_train_steps=500, lr_scheduler="constant_with_warmup",
     lr_warmup_steps=100, ema_max_decay=0.999, ema_power=0.75, sample_steps=250, checkpointing_steps=250,
-    checkpoints_total_limit=2, guidance_scale=1.5, num_sample_images=100,
+    checkpoints_total_limit=2, guidance_scale=1.5, num_sample_images=100, validation_steps=250,
 )  # fmt: skip
 
 

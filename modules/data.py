@@ -367,6 +367,33 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
     return data
 
 
+def load_validation_data(args: DataArguments) -> TrainData | None:
+    """The held-out images for the validation loss, or None when there is no held-out split."""
+    import dataclasses
+
+    split = args.validation_split
+    if split in (None, "none") or args.validation_samples <= 0:
+        return None
+    if split == "auto":
+        if args.train_data_dir is not None:
+            return None
+        if args.dataset_name == "fashion_mnist":
+            split = "test"
+        else:
+            import datasets
+
+            try:
+                names = datasets.get_dataset_split_names(args.dataset_name, args.dataset_config_name)
+            except Exception:  # noqa: BLE001 - no split listing (offline, unusual builder): no validation
+                return None
+            split = next((s for s in ("test", "validation") if s in names and s != args.dataset_split), None)
+            if split is None:
+                return None
+    held_out = dataclasses.replace(args, dataset_split=split, max_train_samples=args.validation_samples,
+                                   validation_split="none")  # fmt: skip
+    return load_train_data(held_out)
+
+
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields batches of indices forever. Epoch e is a permutation seeded by (seed, e); rank r takes every
     world_size-th index of it. Starting at `start_batch` skips exactly what an earlier run consumed."""

@@ -85,13 +85,18 @@ class DDPMObjective(GuidedSampling):
 
     def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         """Per-sample (optionally Min-SNR weighted) MSE to the target, in fp32."""
-        a = self.args
         device = generator.device
-        t = torch.randint(0, a.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+        t = torch.randint(0, self.args.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device).to(x0)
-        alpha_bar = self.alphas_cumprod.to(x0.device)[t.to(x0.device)]
+        return self.loss_at(model, x0, cond, noise, t.to(x0.device).float() / self.args.num_train_timesteps)
+
+    def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
+        """The loss for given noise and times t in [0, 1) (B,), i.e. integer steps round(t T)."""
+        a = self.args
+        steps = (t * a.num_train_timesteps).round().long().clamp(0, a.num_train_timesteps - 1)
+        alpha_bar = self.alphas_cumprod.to(x0.device)[steps]
         x_t = add_noise(x0, noise, alpha_bar.to(x0.dtype))
-        out = model(x_t, t.to(x0.device).float() / a.num_train_timesteps, cond)
+        out = model(x_t, steps.float() / a.num_train_timesteps, cond)
         target = training_target(x0.float(), noise.float(), alpha_bar, a.prediction_type)
         loss = (out.float() - target).pow(2).flatten(1).mean(1)
         if a.snr_gamma is not None:

@@ -309,3 +309,28 @@ def compute_fid(
     mu_ref, sigma_ref = reference_statistics(reference_key, reference_images_fn, cache_dir, features)
     mu_gen, sigma_gen = fid_statistics(features(generated))
     return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
+
+
+@torch.no_grad()
+def validation_loss(model, objective, images: torch.Tensor, labels, seed: int, num_bins: int = 10,
+                    batch_size: int = 256) -> dict:  # fmt: skip
+    """The objective's loss on held-out images at fixed times and fixed noise, so values compare across steps.
+
+    Every image is evaluated at the centre of each of `num_bins` equal t-bins, t_j = (j + 1/2) / num_bins, with noise
+    seeded by (seed, bin). Returns {"val_loss": mean, "val_loss_bins": [mean per bin], "val_t": [t_j]}.
+    """
+    device = next(model.parameters()).device
+    t_grid = [(j + 0.5) / num_bins for j in range(num_bins)]
+    per_bin = torch.zeros(num_bins, dtype=torch.float64)
+    for j, t in enumerate(t_grid):
+        all_noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + j))
+        for first in range(0, len(images), batch_size):
+            x0 = images[first : first + batch_size].to(device)
+            noise = all_noise[first : first + len(x0)].to(device)
+            cond = None
+            if labels is not None and model.config.num_classes:
+                cond = labels[first : first + len(x0)].to(device)
+            t_batch = torch.full((len(x0),), t, device=device)
+            per_bin[j] += objective.loss_at(model, x0, cond, noise, t_batch).double().sum().cpu()
+    per_bin /= len(images)
+    return {"val_loss": per_bin.mean().item(), "val_loss_bins": per_bin.tolist(), "val_t": t_grid}

@@ -61,8 +61,11 @@ class FlowObjective(GuidedSampling):
         t = sample_time(x0.shape[0], generator, a.time_sampling, a.logit_mean, a.logit_std).to(x0)
         if a.ot_coupling:
             noise = ot_pair(x0, noise)
-        x_t = flow_interpolate(x0, noise, t)
-        v = model(x_t, t, cond)
+        return self.loss_at(model, x0, cond, noise, t)
+
+    def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
+        """The loss for given noise and times t in [0, 1] (B,): what validation evaluates on a fixed grid."""
+        v = model(flow_interpolate(x0, noise, t), t, cond)
         return (v.float() - flow_velocity(x0, noise).float()).pow(2).flatten(1).mean(1)
 
     def run_sampler(self, sampler, fn, noise, steps, generators, callback):

@@ -19,8 +19,16 @@ import torch
 from modules.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from modules.conditioning import drop_labels
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, to_dict
-from modules.data import ResumableBatchSampler, collate_examples, load_train_data, random_flip
+from modules.data import (
+    ResumableBatchSampler,
+    collate_examples,
+    load_train_data,
+    load_validation_data,
+    random_flip,
+    to_model_range,
+)
 from modules.ema import EMA
+from modules.flops import peak_tflops, training_flops_per_image
 from modules.models import build_model, save_model
 from modules.samplers import generate_images
 from modules.visualize import save_image_grid
@@ -103,6 +111,28 @@ class MetricsLog:
         self.accelerator.log(values, step=step)
 
 
+def measure_flops(model, objective, data, num_classes: int, device) -> float:
+    """Training FLOPs per image, counted once on two real images (their cost does not depend on the values)."""
+    batch = collate_examples(data.dataset.__getitems__([0, 1]) if hasattr(data.dataset, "__getitems__")
+                             else [data.dataset[0], data.dataset[1 % len(data.dataset)]])  # fmt: skip
+    cond = batch["labels"].to(device) if num_classes else None
+    generator = torch.Generator(device=device).manual_seed(0)
+    return training_flops_per_image(model, objective, batch["pixel_values"].to(device), cond, generator)
+
+
+def validate_ema(ema_model, objective, held_out, train: TrainingArguments) -> dict:
+    """Validation loss of the EMA model, overall and per t-bin (as val_loss_t<centre> for trackers)."""
+    from modules.evaluation import validation_loss
+
+    n = len(held_out.dataset)
+    images = to_model_range(held_out.dataset.uint8_images(n))
+    labels = held_out.dataset.labels
+    labels = torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None
+    result = validation_loss(ema_model, objective, images, labels, train.seed, train.validation_t_bins)
+    bins = {f"val_loss_t{t:.2f}": v for t, v in zip(result["val_t"], result["val_loss_bins"], strict=True)}
+    return {"val_loss": result["val_loss"], **bins}
+
+
 def sample_grid(ema_model, objective, data, train: TrainingArguments, resolution: int, device, path: Path):
     """A grid from the EMA model with fixed noise (seed `train.seed`); a column per class when conditional."""
     n = train.num_sample_images
@@ -132,6 +162,7 @@ def train(
     validate(train_args, objective.args)
     out = Path(train_args.output_dir)
     data = load_train_data(data_args, need_labels=model_args.class_conditional)
+    held_out = load_validation_data(data_args) if train_args.validation_steps else None
     num_classes = data.num_classes if model_args.class_conditional else 0
     torch.manual_seed(train_args.seed)  # same initial weights on every process
     model = build_model(model_args, data.num_channels, data_args.resolution, num_classes)
@@ -163,7 +194,9 @@ def train(
         (out / "run_config.json").write_text(json.dumps(record, indent=2))
     if train_args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = make_optimizer(model.to(device), train_args)
+    flops_per_image = measure_flops(model.to(device), objective, data, num_classes, device)
+    peak = train_args.peak_tflops or peak_tflops(device, accelerator.mixed_precision)
+    optimizer = make_optimizer(model, train_args)
     lr_scheduler = get_scheduler(
         train_args.lr_scheduler,
         optimizer,
@@ -260,6 +293,9 @@ def train(
             }
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
+            values["tflops"] = flops_per_image * values["img_per_s"] / 1e12
+            if peak:
+                values["mfu"] = values["tflops"] / (peak * world)
             if not math.isfinite(mean_loss):
                 raise RuntimeError(f"loss is {mean_loss} at step {done}; lower --learning_rate or check the data")
             metrics.log(done, values)
@@ -268,6 +304,14 @@ def train(
             window_steps, window_start = 0, time.perf_counter()
         if train_args.checkpointing_steps and done % train_args.checkpointing_steps == 0:
             checkpoint(done)
+        last = done == train_args.max_train_steps
+        if held_out is not None and (done % train_args.validation_steps == 0 or last):
+            if accelerator.is_main_process:
+                metrics.log(done, validate_ema(ema.model, objective, held_out, train_args))
+            accelerator.wait_for_everyone()
+        if train_args.eval_fid_steps and done % train_args.eval_fid_steps == 0 and not last:
+            evaluate_fid(accelerator, ema.model, objective, data, train_args, data_args.resolution, metrics, done)
+            accelerator.wait_for_everyone()
         if train_args.sample_steps and done % train_args.sample_steps == 0 and done != train_args.max_train_steps:
             if accelerator.is_main_process:
                 write_grid(done)

@@ -41,8 +41,14 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
     grid = Image.open(out / "samples" / "step_0000006.png")
     assert grid.mode == "L" and grid.size[0] > 32
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert all(r["loss"] > 0 and r["img_per_s"] > 0 for r in rows)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert all(r["loss"] > 0 and r["img_per_s"] > 0 and r["tflops"] > 0 for r in train_rows)
+    # validation at the end: overall and per t-bin, on Fashion-MNIST's test split
+    (val,) = [r for r in rows if "val_loss" in r]
+    bins = [k for k in val if k.startswith("val_loss_t")]
+    assert val["step"] == 6 and len(bins) == 10 and "val_loss_t0.05" in bins
+    assert abs(val["val_loss"] - sum(val[k] for k in bins) / 10) < 1e-6
     # the saved model is the EMA, not the raw weights
     ema = load_file(str(out / "checkpoints" / "checkpoint-6" / "ema.safetensors"))
     saved = load_file(str(out / "diffusion_pytorch_model.safetensors"))

@@ -1,0 +1,45 @@
+"""FLOPs per training image, and model FLOPs utilisation (MFU) against the accelerator's peak.
+
+FLOPs are counted once, on a real forward and backward of the objective's loss, by PyTorch's own
+`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention; elementwise work is not counted).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Dense peak TFLOP/s per GPU for (bf16/fp16 tensor cores, fp32 without TF32), from the vendors' data sheets.
+# Matched by substring of torch.cuda.get_device_name(); the first match wins, so specific names come first.
+PEAK_TFLOPS = (
+    ("H200", 989.4, 66.9),
+    ("H100 PCIe", 756.0, 51.2),
+    ("H100", 989.4, 66.9),
+    ("A100", 312.0, 19.5),
+    ("L40S", 362.1, 91.6),
+    ("L4", 121.0, 30.3),
+    ("RTX 4090", 165.2, 82.6),
+    ("RTX 3090", 71.0, 35.6),
+    ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+)
+
+
+def peak_tflops(device: torch.device, mixed_precision: str | None) -> float | None:
+    """The device's peak TFLOP/s for this precision, or None when unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, fp32 in PEAK_TFLOPS:
+        if key in name:
+            return half if mixed_precision in ("bf16", "fp16") else fp32
+    return None
+
+
+def training_flops_per_image(model, objective, x0: torch.Tensor, cond, generator: torch.Generator) -> float:
+    """FLOPs of one forward + backward of the loss, per image of the batch `x0`. Leaves no gradients behind."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        objective.loss(model, x0, cond, generator).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x0.shape[0]
