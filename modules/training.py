@@ -31,7 +31,7 @@ from modules.ema import EMA
 from modules.flops import peak_tflops, training_flops_per_image
 from modules.models import build_model, save_model
 from modules.samplers import generate_images
-from modules.visualize import save_image_grid
+from modules.visualize import DenoisingRecorder, save_image_grid, write_denoising_figures
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TRACKERS = ("none", "tensorboard", "wandb", "all")
@@ -134,14 +134,18 @@ def validate_ema(ema_model, objective, held_out, train: TrainingArguments) -> di
 
 
 def sample_grid(ema_model, objective, data, train: TrainingArguments, resolution: int, device, path: Path):
-    """A grid from the EMA model with fixed noise (seed `train.seed`); a column per class when conditional."""
+    """A grid from the EMA model with fixed noise (seed `train.seed`), a column per class when conditional, and
+    the denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
     n = train.num_sample_images
     labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
     shape = (data.num_channels, resolution, resolution)
+    recorder = DenoisingRecorder(max_samples=min(n, data.num_classes or 8))
     images = generate_images(
-        ema_model, objective, n, train.seed, shape, batch_size=64, class_labels=labels, device=device
-    )
+        ema_model, objective, n, train.seed, shape, batch_size=64, class_labels=labels, device=device,
+        callback=recorder,
+    )  # fmt: skip
     save_image_grid(images, path, nrow=data.num_classes if labels else None)
+    write_denoising_figures(recorder, path.parent, path.stem)
 
 
 def train(

@@ -75,5 +75,5 @@ def accelerate_launch(name: str, *args, config_file=None, **kwargs) -> subproces
 def tiny_cfm_run(tmp_path_factory):
     """A finished 6-step class-conditional flow run with checkpoints at steps 3 and 6."""
     out = tmp_path_factory.mktemp("cfm") / "run"
-    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, *RESUMABLE)
+    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard", *RESUMABLE)
     return out

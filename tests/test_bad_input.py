@@ -5,6 +5,7 @@ import shutil
 
 import datasets
 import pytest
+import torch
 from conftest import TINY
 from PIL import Image
 
@@ -93,10 +94,31 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
     train_cfm.main(["--dataset_name", str(parquet_dataset), "--image_column", "img", "--label_column", "category",
                     "--resolution", "16", "--output_dir", str(run), "--max_train_steps", "1", "--train_batch_size",
                     "2", "--base_channels", "8", "--num_sample_images", "3", "--num_inference_steps", "1",
-                    "--fid_num_samples", "4", "--fid_reference_samples", "6"])  # fmt: skip
+                    "--fid_num_samples", "4", "--fid_reference_samples", "6", "--lr_warmup_steps", "0"])  # fmt: skip
     assert (run / "diffusion_pytorch_model.safetensors").is_file()
     fid = json.loads((run / "fid.json").read_text())
     assert fid["num_samples"] == 4 and fid["reference_samples"] == 6 and fid["fid"] > 0
+    # The logged FID is the EMA model's: recomputed from the saved EMA weights it matches, from the raw ones not.
+    from safetensors.torch import load_file
+
+    from modules.evaluation import compute_fid
+    from modules.models import load_model
+    from modules.samplers import generate_images
+
+    model, objective, record = load_model(run)
+    config = json.loads((run / "run_config.json").read_text())["config"]
+    key = f"{record['dataset_key']}-first6"
+    no_images = lambda: pytest.fail("the reference statistics should be cached")  # noqa: E731
+
+    def fid_of(m):
+        images = generate_images(m, objective, 4, config["seed"] + 1, (3, 16, 16), class_labels=[0, 1, 2, 0])
+        return compute_fid(images, key, no_images)
+
+    assert abs(fid_of(model) - fid["fid"]) < 1e-6 * fid["fid"]
+    raw = load_file(str(run / "checkpoints" / "checkpoint-1" / "model.safetensors"))
+    assert any(not torch.equal(raw[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(raw)
+    assert abs(fid_of(model) - fid["fid"]) > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,8 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "objective.json", "run_config.json"):
         assert (out / name).is_file(), name
+    for figure in ("denoising.png", "trajectories.png", "denoising.gif"):
+        assert (out / "samples" / f"step_0000006_{figure}").is_file(), figure
     grid = Image.open(out / "samples" / "step_0000006.png")
     assert grid.mode == "L" and grid.size[0] > 32
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -49,6 +51,7 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
     bins = [k for k in val if k.startswith("val_loss_t")]
     assert val["step"] == 6 and len(bins) == 10 and "val_loss_t0.05" in bins
     assert abs(val["val_loss"] - sum(val[k] for k in bins) / 10) < 1e-6
+    assert list(out.rglob("events.out.tfevents.*")), "--report_to tensorboard wrote no event file"
     # the saved model is the EMA, not the raw weights
     ema = load_file(str(out / "checkpoints" / "checkpoint-6" / "ema.safetensors"))
     saved = load_file(str(out / "diffusion_pytorch_model.safetensors"))
