@@ -34,8 +34,28 @@ class SampleArguments:
         default=None,
         metadata={"help": "Comma-separated class ids (or names) cycled over the images. Default: all classes."},
     )
+    denoising_path: bool = field(
+        default=False,
+        metadata={"help": "Also write the first images' denoising path: <output>_denoising.png/.gif, "
+                  "<output>_trajectories.png (PCA of x_t)."},
+    )  # fmt: skip
     nrow: int | None = field(default=None, metadata={"help": "Images per grid row. Default: one per class."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... Default: cuda when available."})
+    compute_fid: bool = field(
+        default=False,
+        metadata={"help": "FID (Inception) of the images against the model's training data (from run_config.json)."},
+    )
+    fid_reference_samples: int | None = field(
+        default=None, metadata={"help": "Training images for the reference statistics. Default: --num_images."}
+    )
+    nfe_sweep: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated step counts, e.g. 5,10,20,50: FID per sampler and steps, written to "
+                  "<output>.md and <output>.json (implies --compute_fid)."},
+    )  # fmt: skip
+    samplers: str | None = field(
+        default=None, metadata={"help": "Comma-separated samplers for --nfe_sweep. Default: --sampler or as trained."}
+    )
 
 
 def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[int] | None:
@@ -60,7 +80,7 @@ def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[
 def main(argv=None):
     from modules.models import load_model
     from modules.samplers import generate_images
-    from modules.visualize import save_image, save_image_grid
+    from modules.visualize import DenoisingRecorder, save_image, save_image_grid, write_denoising_figures
 
     (args,) = parse_args((SampleArguments,), argv, description=__doc__)
     if args.num_images <= 0 or args.batch_size <= 0:
@@ -77,6 +97,9 @@ def main(argv=None):
     cycle = parse_class_labels(args.class_labels, num_classes, record.get("class_names"))
     labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    if args.nfe_sweep:
+        return nfe_sweep(args, model, objective, shape, labels, device, Path(args.output))
+    recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
     images = generate_images(
         model,
         objective,
@@ -90,8 +113,12 @@ def main(argv=None):
         sampler=args.sampler,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
+        callback=recorder,
     )
     out = Path(args.output)
+    if recorder is not None:
+        written = write_denoising_figures(recorder, out.parent, out.stem)
+        print("denoising path:", ", ".join(str(p) for p in written.values()))
     if out.suffix.lower() == ".png":
         save_image_grid(images, out, nrow=args.nrow or (len(cycle) if cycle and len(cycle) <= 16 else None))
     else:
@@ -99,6 +126,63 @@ def main(argv=None):
         for i, image in enumerate(images):
             save_image(image, out / f"{i:06d}.png")
     print(f"wrote {len(images)} images to {out}")
+    if args.compute_fid:
+        fid = fid_against_training_data(args, images)
+        print(f"FID ({len(images)} images vs {args.fid_reference_samples or len(images)} training images): {fid:.2f}")
+
+
+def fid_against_training_data(args, images) -> float:
+    """FID against the first training images of the run that made the model (statistics cached on disk)."""
+    import dataclasses
+    import json
+
+    from modules.config import DataArguments
+    from modules.data import load_train_data
+    from modules.evaluation import compute_fid
+
+    run_config = Path(args.model) / "run_config.json"
+    if not run_config.is_file():
+        raise UserError(f"--compute_fid needs {run_config} to know the training data")
+    config = json.loads(run_config.read_text())["config"]
+    data_args = DataArguments(
+        **{f.name: config[f.name] for f in dataclasses.fields(DataArguments) if f.name in config}
+    )
+    n_ref = args.fid_reference_samples or len(images)
+    data = load_train_data(dataclasses.replace(data_args, max_train_samples=n_ref))
+    return compute_fid(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref))
+
+
+def nfe_sweep(args, model, objective, shape, labels, device, out: Path):
+    """FID for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
+    import json
+
+    from modules.samplers import generate_images
+
+    samplers = (args.samplers or args.sampler or objective.args.sampler).split(",")
+    for name in samplers:
+        if name not in objective.samplers:
+            raise UserError(f"--samplers: '{name}' is not one of {', '.join(objective.samplers)}")
+    rows = []
+    for sampler in samplers:
+        for steps in (int(s) for s in args.nfe_sweep.split(",")):
+            images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, labels,
+                                     device, progress=True, sampler=sampler, num_inference_steps=steps,
+                                     guidance_scale=args.guidance_scale)  # fmt: skip
+            nfe = 2 * steps - 1 if sampler == "heun" else steps
+            rows.append(
+                {"sampler": sampler, "steps": steps, "nfe": nfe, "fid": fid_against_training_data(args, images)}
+            )
+            print(f"{sampler} {steps} steps (NFE {nfe}): FID {rows[-1]['fid']:.2f}")
+    guidance = objective.args.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    n_ref = args.fid_reference_samples or args.num_images
+    table = [f"FID of {args.num_images} samples vs {n_ref} training images, guidance {guidance} "
+             "(NFE counts one conditional + unconditional pass as one).", "",
+             "| sampler | steps | NFE | FID |", "|---|---|---|---|"]  # fmt: skip
+    table += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"guidance_scale": guidance, "rows": rows}, indent=2))
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,11 @@ class TrainingArguments:
         "Peak TFLOP/s of one accelerator, for MFU; default: looked up for common GPUs by name.", default=None
     )
     eval_fid_steps: int = _help("Compute FID every N steps as well as at the end (0: only at the end).", default=0)
+    eval_metrics: str = _help(
+        "Comma-separated metrics of generated images: fid, kid (Inception), classifier (Fashion-MNIST only: Frechet "
+        "distance in a small classifier's features and, for class-conditional models, class accuracy).",
+        default="fid",
+    )
     fid_num_samples: int = _help("Images generated for the FID at the end of training (0: skip).", default=0)
     fid_reference_samples: int = _help("Training images for the FID reference statistics.", default=0)
 

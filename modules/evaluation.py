@@ -274,24 +274,69 @@ def reference_statistics(
     "cifar10-train-32px-50000". `images_fn()` returns uint8 images (N, C, H, W) or an iterable of such batches;
     it is called only when the cache has no entry for `key`.
     """
+    reference = _reference(key, images_fn, cache_dir, features, need_features=False)
+    return reference["mu"], reference["sigma"]
+
+
+def _reference(key, images_fn, cache_dir, features, need_features: bool) -> dict:
+    """The cached reference entry: mu, sigma and (for KID) the features themselves, as float32."""
     path = reference_statistics_path(key, cache_dir)
     if path.is_file():
         with np.load(path, allow_pickle=False) as cached:
-            mu, sigma = cached["mu"], cached["sigma"]
+            entry = {name: cached[name] for name in ("mu", "sigma", "features") if name in cached.files}
+        mu, sigma = entry["mu"], entry["sigma"]
         if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
             raise ValueError(
                 f"{path} holds statistics of shape mu {mu.shape}, sigma {sigma.shape}, not of Inception pool3 "
                 f"({FEATURE_DIM}); delete it to recompute"
             )
-        return mu, sigma
+        if "features" in entry or not need_features:
+            return entry
     features = features or InceptionFeatures(cache_dir=cache_dir)
     reference_features = features(images_fn())
     mu, sigma = fid_statistics(reference_features)
+    stored = reference_features.astype(np.float32)
     _write_atomically(
         path,
-        lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=len(reference_features), key=np.array(key)),
+        lambda f: np.savez(f, mu=mu, sigma=sigma, features=stored, num_images=len(stored), key=np.array(key)),
     )
-    return mu, sigma
+    return {"mu": mu, "sigma": sigma, "features": stored}
+
+
+def kernel_inception_distance(generated_features, reference_features, subsets: int = 100, subset_size: int = 1000):
+    """KID (mean, std over random subsets) by torch-fidelity, with the subset size capped by the sample counts."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(subset_size, len(generated_features), len(reference_features))
+    metric = kid_features_to_metric(torch.as_tensor(np.asarray(generated_features, dtype=np.float64)),
+                                    torch.as_tensor(np.asarray(reference_features, dtype=np.float64)),
+                                    kid_subsets=subsets, kid_subset_size=size, verbose=False)  # fmt: skip
+    return float(metric[KEY_METRIC_KID_MEAN]), float(metric[KEY_METRIC_KID_STD])
+
+
+def image_metrics(
+    generated: torch.Tensor | np.ndarray | Iterable[torch.Tensor],
+    reference_key: str,
+    reference_images_fn: Callable[[], torch.Tensor | np.ndarray | Iterable[torch.Tensor]],
+    metrics=("fid",),
+    cache_dir: str | os.PathLike | None = None,
+    features: InceptionFeatures | None = None,
+) -> dict[str, float]:
+    """Inception metrics of generated uint8 images against the cached reference named `reference_key`:
+    {"fid": ...} and, when "kid" is asked for, {"kid": mean, "kid_std": std}."""
+    unknown = set(metrics) - {"fid", "kid"}
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from fid, kid")
+    features = features or InceptionFeatures(cache_dir=cache_dir)
+    reference = _reference(reference_key, reference_images_fn, cache_dir, features, need_features="kid" in metrics)
+    generated_features = features(generated)
+    out = {}
+    if "fid" in metrics:
+        mu, sigma = fid_statistics(generated_features)
+        out["fid"] = frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+    if "kid" in metrics:
+        out["kid"], out["kid_std"] = kernel_inception_distance(generated_features, reference["features"])
+    return out
 
 
 def compute_fid(
@@ -305,10 +350,7 @@ def compute_fid(
 
     Pass a prebuilt `features` to avoid reloading the network on each evaluation.
     """
-    features = features or InceptionFeatures(cache_dir=cache_dir)
-    mu_ref, sigma_ref = reference_statistics(reference_key, reference_images_fn, cache_dir, features)
-    mu_gen, sigma_gen = fid_statistics(features(generated))
-    return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
+    return image_metrics(generated, reference_key, reference_images_fn, ("fid",), cache_dir, features)["fid"]
 
 
 @torch.no_grad()

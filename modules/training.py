@@ -71,6 +71,9 @@ def validate(train: TrainingArguments, objective_args):
         raise UserError(f"--lr_scheduler '{train.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
     if train.report_to not in TRACKERS:
         raise UserError(f"--report_to '{train.report_to}' is not one of {', '.join(TRACKERS)}")
+    unknown = set(train.eval_metrics.split(",")) - {"fid", "kid", "classifier"}
+    if unknown:
+        raise UserError(f"--eval_metrics: unknown {', '.join(sorted(unknown))} (choose from fid, kid, classifier)")
     if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {train.checkpoints_total_limit}")
 
@@ -167,6 +170,16 @@ def train(
     out = Path(train_args.output_dir)
     data = load_train_data(data_args, need_labels=model_args.class_conditional)
     held_out = load_validation_data(data_args) if train_args.validation_steps else None
+    n_ref = train_args.fid_reference_samples or train_args.fid_num_samples
+    if train_args.fid_num_samples and n_ref > len(data.dataset):
+        raise UserError(
+            f"--fid_reference_samples {n_ref} is more than the {len(data.dataset)} training images; lower it "
+            "(or --fid_num_samples, which it defaults to)"
+        )
+    if train_args.fid_num_samples == 1:
+        raise UserError("--fid_num_samples 1: a covariance needs at least 2 images")
+    if "classifier" in train_args.eval_metrics.split(",") and not data.key.startswith("fashion_mnist"):
+        raise UserError("--eval_metrics classifier is trained on Fashion-MNIST and only measures Fashion-MNIST runs")
     num_classes = data.num_classes if model_args.class_conditional else 0
     torch.manual_seed(train_args.seed)  # same initial weights on every process
     model = build_model(model_args, data.num_channels, data_args.resolution, num_classes)
@@ -347,28 +360,29 @@ def train(
 
 
 def evaluate_fid(accelerator, ema_model, objective, data, train_args, resolution, metrics, step):
-    """Inception FID of EMA samples (uint8) against cached training-set statistics. Main process only."""
+    """--eval_metrics of EMA samples (uint8) against the training set: Inception FID/KID with reference
+    statistics cached on disk, and the Fashion-MNIST classifier's metrics. Main process only; writes fid.json."""
     if not accelerator.is_main_process:
         return
-    from modules.evaluation import compute_fid
+    from modules.evaluation import image_metrics
 
+    wanted = train_args.eval_metrics.split(",")
     n = train_args.fid_num_samples
     labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
     shape = (data.num_channels, resolution, resolution)
-    images = generate_images(
-        ema_model,
-        objective,
-        n,
-        train_args.seed + 1,
-        shape,
-        batch_size=64,
-        class_labels=labels,
-        device=accelerator.device,
-        progress=True,
-    )
+    images = generate_images(ema_model, objective, n, train_args.seed + 1, shape, batch_size=64, class_labels=labels,
+                             device=accelerator.device, progress=True)  # fmt: skip
     n_ref = train_args.fid_reference_samples or n
-    fid = compute_fid(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref))
-    metrics.log(step, {"fid": fid, "fid_num_samples": n, "fid_reference_samples": n_ref})
-    result = {"step": step, "fid": fid, "num_samples": n, "reference_samples": n_ref, "reference": data.key}
+    inception = [m for m in ("fid", "kid") if m in wanted]
+    values = image_metrics(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref), inception)
+    if "classifier" in wanted:
+        from modules.classifier import class_accuracy, classifier_frechet_distance, load_or_train_classifier
+
+        classifier = load_or_train_classifier()
+        values["fd_classifier"] = classifier_frechet_distance(images, data.dataset.uint8_images(n_ref), classifier)
+        if labels is not None:
+            values["class_accuracy"] = class_accuracy(images, labels, classifier)
+    metrics.log(step, {**values, "fid_num_samples": n, "fid_reference_samples": n_ref})
+    result = {"step": step, **values, "num_samples": n, "reference_samples": n_ref, "reference": data.key}
     Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))
-    accelerator.print(f"FID ({n} samples vs {n_ref} training images): {fid:.2f}")
+    accelerator.print(", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f" ({n} samples vs {n_ref} images)")

@@ -154,7 +154,7 @@ def denoising_path_grid(recorder: DenoisingRecorder, num_columns: int = 8, with_
 
     columns = path_columns(recorder.num_steps, num_columns)
     rows = [recorder.x_t[columns], recorder.x0_pred[columns]] if with_x_t else [recorder.x0_pred[columns]]
-    cells = torch.stack(rows, dim=2).transpose(0, 1)  # (N, R, K, C, H, W): sample, row kind, column
+    cells = torch.stack(rows).permute(2, 0, 1, 3, 4, 5)  # (R, K, N, C, H, W) -> (N, R, K, ...): sample, kind, column
     cells = _enlarge(to_uint8(cells.flatten(0, 2)))  # (N * R * K, C, H', W'), row-major
     grid = image_grid(cells, nrow=len(columns))
     height, width = cells.shape[-2:]  # make_grid puts cell k of a row at padding + k * (width + padding)

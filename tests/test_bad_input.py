@@ -133,6 +133,8 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
         (["--learning_rat", "1e-4"], ["unknown key 'learning_rat'", "did you mean 'learning_rate'"]),
         (["--dataset_split", "validation"], ["fashion_mnist has splits 'train' and 'test'"]),
         (["--train_batch_size", "128"], ["64 training images are fewer than one batch"]),
+        (["--fid_num_samples", "8", "--fid_reference_samples", "100"], ["--fid_reference_samples 100 is more than"]),
+        (["--eval_metrics", "fid,is"], ["--eval_metrics: unknown is"]),
     ],
 )
 def test_bad_flags(capsys, out, flags, needles):

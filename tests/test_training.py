@@ -101,7 +101,9 @@ def test_sample_is_independent_of_batch_size(tiny_cfm_run, tmp_path):
         a = torch.tensor(np.array(Image.open(tmp_path / "bs1" / name)))
         b = torch.tensor(np.array(Image.open(tmp_path / "bs8" / name)))
         assert torch.equal(a, b), name
-    sample.main(["--model", str(tiny_cfm_run), "--num_images", "10", "--output", str(tmp_path / "grid.png")])
+    sample.main(["--model", str(tiny_cfm_run), "--num_images", "10", "--output", str(tmp_path / "grid.png"),
+                 "--denoising_path"])  # fmt: skip
+    assert (tmp_path / "grid_denoising.png").is_file() and (tmp_path / "grid_trajectories.png").is_file()
     assert Image.open(tmp_path / "grid.png").size[0] > 10 * 32
 
 
@@ -139,3 +141,33 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
                      "--num_inference_steps", "4", "--output", str(tmp_path / f"bs{bs}.png")])  # fmt: skip
         grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
     assert np.array_equal(*grids)
+
+
+def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path):
+    import sample
+
+    prefix = tmp_path / "sweep"
+    sample.main(["--model", str(tiny_cfm_run), "--num_images", "4", "--nfe_sweep", "1,2", "--samplers",
+                 "euler,heun", "--output", str(prefix)])  # fmt: skip
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 2, 2),
+                                                                     ("heun", 1, 1), ("heun", 2, 3)]  # fmt: skip
+    assert all(r["fid"] > 0 for r in rows)
+    assert "| heun | 2 | 3 |" in prefix.with_suffix(".md").read_text()
+
+
+def test_in_training_metrics_kid_and_classifier(monkeypatch, tmp_path):
+    """--eval_metrics fid,kid,classifier at the end of a run, with a briefly trained classifier standing in."""
+    import modules.classifier as classifier
+    import train_cfm
+    from modules.data import load_fashion_mnist, resize_uint8
+
+    images, labels = load_fashion_mnist("train")
+    quick = classifier.train_classifier(resize_uint8(images[:1000, None], 32), labels[:1000], epochs=1, progress=False)
+    monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick)
+    out = tmp_path / "metrics"
+    train_cfm.main([*map(str, TINY), "--output_dir", str(out), "--max_train_steps", "2", "--fid_num_samples", "8",
+                    "--fid_reference_samples", "8", "--eval_metrics", "fid,kid,classifier"])  # fmt: skip
+    result = json.loads((out / "fid.json").read_text())
+    assert set(result) >= {"fid", "kid", "kid_std", "fd_classifier", "class_accuracy"}
+    assert result["fid"] > 0 and result["fd_classifier"] > 0 and 0 <= result["class_accuracy"] <= 1

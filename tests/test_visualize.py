@@ -73,6 +73,14 @@ def test_grid_ends_on_the_final_images(channels, with_x_t):
         assert torch.equal(cell(grid, x0_row, columns - 1, width, len(x0) * rows_per_sample, columns), final[i])
         if with_x_t:  # the row above holds x_t, pure noise at the first column
             assert torch.equal(cell(grid, x0_row - 1, 0, width, len(x0) * rows_per_sample, columns), first[i])
+    # every cell: x_t and x0_pred of its own sample at its own column's step
+    enlarge = lambda x: to_uint8(x).repeat_interleave(scale, -2).repeat_interleave(scale, -1)  # noqa: E731
+    for i in range(len(x0)):
+        for k, step in enumerate(path_columns(STEPS, columns)):
+            at = lambda r, k=k: cell(grid, r, k, width, len(x0) * rows_per_sample, columns)  # noqa: E731
+            assert torch.equal(at(i * rows_per_sample + rows_per_sample - 1), enlarge(recorder.x0_pred[step, i]))
+            if with_x_t:
+                assert torch.equal(at(i * rows_per_sample), enlarge(recorder.x_t[step, i]))
     top = grid.shape[1] - len(x0) * rows_per_sample * (width + PADDING) - PADDING
     left = grid.shape[2] - columns * (width + PADDING) - PADDING
     assert top > 0 and left > 0
