@@ -7,6 +7,7 @@ Randomness in the loop comes from generators seeded by (seed, rank, step, micro-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -374,12 +375,13 @@ def evaluate_fid(accelerator, ema_model, objective, data, train_args, resolution
                              device=accelerator.device, progress=True)  # fmt: skip
     n_ref = train_args.fid_reference_samples or n
     inception = [m for m in ("fid", "kid") if m in wanted]
-    values = image_metrics(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref), inception)
+    reference_images = functools.cache(lambda: data.dataset.uint8_images(n_ref))  # decoded at most once
+    values = image_metrics(images, f"{data.key}-first{n_ref}", reference_images, inception)
     if "classifier" in wanted:
         from modules.classifier import class_accuracy, classifier_frechet_distance, load_or_train_classifier
 
         classifier = load_or_train_classifier()
-        values["fd_classifier"] = classifier_frechet_distance(images, data.dataset.uint8_images(n_ref), classifier)
+        values["fd_classifier"] = classifier_frechet_distance(images, reference_images(), classifier)
         if labels is not None:
             values["class_accuracy"] = class_accuracy(images, labels, classifier)
     metrics.log(step, {**values, "fid_num_samples": n, "fid_reference_samples": n_ref})
