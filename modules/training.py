@@ -7,7 +7,6 @@ Randomness in the loop comes from generators seeded by (seed, rank, step, micro-
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -72,11 +71,60 @@ def validate(train: TrainingArguments, objective_args):
         raise UserError(f"--lr_scheduler '{train.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
     if train.report_to not in TRACKERS:
         raise UserError(f"--report_to '{train.report_to}' is not one of {', '.join(TRACKERS)}")
-    unknown = set(train.eval_metrics.split(",")) - {"fid", "kid", "classifier"}
-    if unknown:
-        raise UserError(f"--eval_metrics: unknown {', '.join(sorted(unknown))} (choose from fid, kid, classifier)")
+    from modules.evaluation import check_inception_weights, parse_eval_metrics
+
+    try:
+        wanted = parse_eval_metrics(train.eval_metrics)
+    except ValueError as e:
+        raise UserError(f"--eval_metrics: {e}") from None
+    if train.fid_weights and (train.fid_num_samples or train.eval_fid_steps) and {"fid", "kid"} & set(wanted):
+        try:
+            check_inception_weights(train.fid_weights)
+        except ValueError as e:
+            raise UserError(f"--fid_weights: {e}") from None
     if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {train.checkpoints_total_limit}")
+
+
+def wandb_login_state() -> str:
+    """'offline' when WANDB_MODE says so, 'key' when an API key is at hand (env or `wandb login`'s netrc entry),
+    else 'none'. Only files and the environment are read: no network."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return "offline"
+    if os.environ.get("WANDB_API_KEY"):
+        return "key"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return "key" if netrc.netrc(os.environ.get("NETRC")).authenticators(host) else "none"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return "none"
+
+
+def resolve_trackers(report_to: str, out: Path) -> list[str]:
+    """The Accelerate trackers for --report_to, warning (and carrying on) when one cannot work as asked:
+    wandb not installed is dropped; wandb without a login logs offline into the run dir, to `wandb sync` later."""
+    import importlib.util
+    import warnings
+
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    trackers = []
+    for name in wanted:
+        if importlib.util.find_spec(name) is None:
+            warnings.warn(f"--report_to {report_to}: {name} is not installed (pip install {name}); "
+                          "not logging to it (metrics.jsonl is still written)", stacklevel=2)  # fmt: skip
+            continue
+        if name == "wandb" and wandb_login_state() == "none":
+            warnings.warn(
+                "--report_to wandb: not logged in (no WANDB_API_KEY, no `wandb login`); logging offline to "
+                f"{out / 'wandb'}; upload later with `wandb sync {out / 'wandb'}/offline-run-*`",
+                stacklevel=2,
+            )
+            os.environ["WANDB_MODE"] = "offline"
+        trackers.append(name)
+    return trackers
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
@@ -179,7 +227,7 @@ def train(
         )
     if train_args.fid_num_samples == 1:
         raise UserError("--fid_num_samples 1: a covariance needs at least 2 images")
-    if "classifier" in train_args.eval_metrics.split(",") and not data.key.startswith("fashion_mnist"):
+    if "classifier" in train_args.eval_metrics and not data.key.startswith("fashion_mnist"):
         raise UserError("--eval_metrics classifier is trained on Fashion-MNIST and only measures Fashion-MNIST runs")
     num_classes = data.num_classes if model_args.class_conditional else 0
     torch.manual_seed(train_args.seed)  # same initial weights on every process
@@ -188,12 +236,13 @@ def train(
     if resume is not None:
         check_compatible(resume, dict(model.config))
 
+    trackers = resolve_trackers(train_args.report_to, out)
     accelerator = Accelerator(
         # Launched as several processes without GPUs (e.g. `accelerate launch --multi_gpu` on CPUs): use gloo.
         cpu=not torch.cuda.is_available() and "LOCAL_RANK" in os.environ,
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -243,8 +292,12 @@ def train(
     )
     batches = iter(loader)
 
-    if train_args.report_to != "none":
-        accelerator.init_trackers(Path(script).stem, config=to_dict(data_args, model_args, objective.args))
+    if trackers:
+        accelerator.init_trackers(
+            Path(script).stem,
+            config=to_dict(data_args, model_args, objective.args),
+            init_kwargs={"wandb": {"dir": str(out)}} if "wandb" in trackers else {},
+        )
     metrics = MetricsLog(accelerator, out / "metrics.jsonl")
     n_params = sum(p.numel() for p in unwrapped.parameters())
     global_batch = train_args.train_batch_size * world * train_args.gradient_accumulation_steps
@@ -365,25 +418,16 @@ def evaluate_fid(accelerator, ema_model, objective, data, train_args, resolution
     statistics cached on disk, and the Fashion-MNIST classifier's metrics. Main process only; writes fid.json."""
     if not accelerator.is_main_process:
         return
-    from modules.evaluation import image_metrics
+    from modules.evaluation import evaluate_generated, parse_eval_metrics
 
-    wanted = train_args.eval_metrics.split(",")
     n = train_args.fid_num_samples
     labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
     shape = (data.num_channels, resolution, resolution)
     images = generate_images(ema_model, objective, n, train_args.seed + 1, shape, batch_size=64, class_labels=labels,
                              device=accelerator.device, progress=True)  # fmt: skip
     n_ref = train_args.fid_reference_samples or n
-    inception = [m for m in ("fid", "kid") if m in wanted]
-    reference_images = functools.cache(lambda: data.dataset.uint8_images(n_ref))  # decoded at most once
-    values = image_metrics(images, f"{data.key}-first{n_ref}", reference_images, inception)
-    if "classifier" in wanted:
-        from modules.classifier import class_accuracy, classifier_frechet_distance, load_or_train_classifier
-
-        classifier = load_or_train_classifier()
-        values["fd_classifier"] = classifier_frechet_distance(images, reference_images(), classifier)
-        if labels is not None:
-            values["class_accuracy"] = class_accuracy(images, labels, classifier)
+    values = evaluate_generated(images, labels, data, n_ref, parse_eval_metrics(train_args.eval_metrics),
+                                weights_path=train_args.fid_weights)  # fmt: skip
     metrics.log(step, {**values, "fid_num_samples": n, "fid_reference_samples": n_ref})
     result = {"step": step, **values, "num_samples": n, "reference_samples": n_ref, "reference": data.key}
     Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))

@@ -193,3 +193,36 @@ def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):
         [*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path / "nope")],
         "is not a complete checkpoint",
     )
+
+
+def test_unreadable_fid_weights_file(capsys, out, tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_text("not weights")
+    _fails(capsys, [*TINY, "--output_dir", str(out), "--fid_num_samples", "4", "--fid_weights", str(weights)],
+           "--fid_weights", "inception.pth': not a readable tensor file")  # fmt: skip
+
+
+def test_empty_held_out_split_warns_and_training_goes_on(parquet_dataset, tmp_path):
+    """A dataset whose test split is empty: a warning, no validation loss, the run completes."""
+    root = tmp_path / "with_empty_test"
+    shutil.copytree(parquet_dataset, root)
+    empty = datasets.Dataset.from_dict({"img": [], "category": []}, features=datasets.Features(
+        {"img": datasets.Image(), "category": datasets.Value("int64")}))  # fmt: skip
+    empty.to_parquet(str(root / "test.parquet"))
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"held-out data .*\[test\] is empty: no validation loss"):
+        train_cfm.main(["--dataset_name", str(root), "--image_column", "img", "--label_column", "category",
+                        "--resolution", "16", "--output_dir", str(run), "--max_train_steps", "1",
+                        "--train_batch_size", "2", "--base_channels", "8", "--num_sample_images", "3",
+                        "--num_inference_steps", "1", "--fid_num_samples", "0", "--lr_warmup_steps", "0",
+                        "--validation_steps", "1"])  # fmt: skip
+    assert (run / "diffusion_pytorch_model.safetensors").is_file()
+    assert not any("val_loss" in line for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_image_folder_has_no_named_splits(capsys, out, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    argv = ["--train_data_dir", str(folder), "--validation_split", "test", "--output_dir", str(out)]
+    _fails(capsys, [*argv, "--class_conditional", "false"], "--validation_split 'test': an image folder has no splits")

@@ -157,3 +157,41 @@ def test_frechet_distance_rejects_mismatched_statistics():
 def test_cache_dir_follows_diffusion_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFUSION_CACHE", str(tmp_path))
     assert reference_statistics_path("cifar10-train-32px-50000").parent == tmp_path / "fid"
+
+
+@needs_fid_helper
+def test_other_weights_get_their_own_reference_statistics(features, cache_dir, tmp_path):
+    """--fid_weights: the same network under another path works, and its statistics never mix with the default's."""
+    import shutil
+
+    copy = tmp_path / "my-inception.pth"
+    shutil.copy(features.weights_path, copy)
+    other = InceptionFeatures(device="cpu", batch_size=4, weights_path=str(copy))
+    assert features.weights_tag == "" and other.weights_tag.startswith("-inception-")
+    images = smooth_images(2, size=32, seed=6)
+    reference_statistics("weights-test", lambda: images, cache_dir, features)
+    reference_statistics("weights-test", lambda: images, cache_dir, other)
+    assert reference_statistics_path("weights-test", cache_dir).is_file()
+    assert reference_statistics_path("weights-test" + other.weights_tag, cache_dir).is_file()
+
+
+@needs_fid_helper
+def test_bad_weights_files_are_named(features, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth': not a readable tensor file"):
+        evaluation.check_inception_weights(garbage)
+    with pytest.raises(ValueError, match="no such file"):
+        evaluation.check_inception_weights(tmp_path / "missing.pth")
+    partial = tmp_path / "partial.pth"
+    state_dict = torch.load(features.weights_path, weights_only=True)
+    torch.save({k: v for k, v in state_dict.items() if not k.startswith("Mixed_7c")}, partial)
+    with pytest.raises(ValueError, match="partial.pth': .* keys missing, e.g. 'Mixed_7c"):
+        evaluation.check_inception_weights(partial)
+
+
+@needs_fid_helper
+def test_empty_reference_is_a_clear_error(features, cache_dir):
+    empty = torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no reference images for 'empty-split'"):
+        compute_fid(smooth_images(2, size=32), "empty-split", lambda: empty, cache_dir, features)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import RESUMABLE, TINY, accelerate_launch, script
 from PIL import Image
@@ -143,31 +144,65 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
     assert np.array_equal(*grids)
 
 
-def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path):
-    import sample
-
-    prefix = tmp_path / "sweep"
-    sample.main(["--model", str(tiny_cfm_run), "--num_images", "4", "--nfe_sweep", "1,2", "--samplers",
-                 "euler,heun", "--output", str(prefix)])  # fmt: skip
-    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
-    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 2, 2),
-                                                                     ("heun", 1, 1), ("heun", 2, 3)]  # fmt: skip
-    assert all(r["fid"] > 0 for r in rows)
-    assert "| heun | 2 | 3 |" in prefix.with_suffix(".md").read_text()
-
-
-def test_in_training_metrics_kid_and_classifier(monkeypatch, tmp_path):
-    """--eval_metrics fid,kid,classifier at the end of a run, with a briefly trained classifier standing in."""
+@pytest.fixture(scope="module")
+def quick_classifier():
+    """A briefly trained Fashion-MNIST classifier standing in for the cached one (minutes to train)."""
     import modules.classifier as classifier
-    import train_cfm
     from modules.data import load_fashion_mnist, resize_uint8
 
     images, labels = load_fashion_mnist("train")
-    quick = classifier.train_classifier(resize_uint8(images[:1000, None], 32), labels[:1000], epochs=1, progress=False)
-    monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick)
+    return classifier.train_classifier(resize_uint8(images[:1000, None], 32), labels[:1000], epochs=1, progress=False)
+
+
+def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path, monkeypatch, quick_classifier):
+    import modules.classifier as classifier
+    import sample
+
+    monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick_classifier)
+    prefix = tmp_path / "sweep"
+    sample.main(["--model", str(tiny_cfm_run), "--num_images", "4", "--nfe_sweep", "1,2", "--samplers",
+                 "euler,heun", "--eval_metrics", "fid,kid,classifier", "--output", str(prefix)])  # fmt: skip
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 2, 2),
+                                                                     ("heun", 1, 1), ("heun", 2, 3)]  # fmt: skip
+    assert all(r["fid"] > 0 and r["kid_std"] >= 0 and r["fd_classifier"] > 0 for r in rows)
+    assert all(0 <= r["class_accuracy"] <= 1 for r in rows)
+    table = prefix.with_suffix(".md").read_text()
+    assert "| sampler | steps | NFE | FID | KID (x1e3) | FD classifier | class acc. |" in table
+    assert "| heun | 2 | 3 |" in table
+
+
+def test_in_training_metrics_kid_and_classifier(monkeypatch, tmp_path, quick_classifier):
+    """--eval_metrics fid,kid,classifier at the end of a run."""
+    import modules.classifier as classifier
+    import train_cfm
+
+    monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick_classifier)
     out = tmp_path / "metrics"
     train_cfm.main([*map(str, TINY), "--output_dir", str(out), "--max_train_steps", "2", "--fid_num_samples", "8",
                     "--fid_reference_samples", "8", "--eval_metrics", "fid,kid,classifier"])  # fmt: skip
     result = json.loads((out / "fid.json").read_text())
     assert set(result) >= {"fid", "kid", "kid_std", "fd_classifier", "class_accuracy"}
     assert result["fid"] > 0 and result["fd_classifier"] > 0 and 0 <= result["class_accuracy"] <= 1
+
+
+def test_wandb_without_a_login_logs_offline_into_the_run_dir(tmp_path):
+    out = tmp_path / "wandb_run"
+    env = {"WANDB_MODE": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "no_netrc")}
+    proc = script("train_cfm.py", "--output_dir", out, "--max_train_steps", 2, "--report_to", "wandb", *TINY, env=env)
+    assert "not logged in" in proc.stderr and f"wandb sync {out / 'wandb'}" in proc.stderr
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    assert (out / "metrics.jsonl").is_file()
+
+
+def test_missing_tracker_package_is_dropped_with_a_warning(monkeypatch, tmp_path):
+    import importlib.util
+
+    from modules import training
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.warns(UserWarning, match=r"wandb is not installed \(pip install wandb\)"):
+        assert training.resolve_trackers("all", tmp_path) == ["tensorboard"]
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        assert training.resolve_trackers("wandb", tmp_path) == []
