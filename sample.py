@@ -96,9 +96,19 @@ def main(argv=None):
         raise UserError(f"--num_images and --batch_size must be positive, got {args.num_images}, {args.batch_size}")
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
-    evaluator = Evaluator(args) if args.compute_fid or args.nfe_sweep else None  # checks its inputs up front
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, objective, record = load_model(args.model, device)
+    evaluator = Evaluator(args, record) if args.compute_fid or args.nfe_sweep else None  # checks its inputs up front
+    if not objective.samplers:
+        raise UserError(
+            f"--model '{args.model}' is a {objective.name} model, which does not generate; use it as "
+            "encode_latents.py --vae"
+        )
+    decode = None
+    if "latent" in record:  # trained on a latent dataset: decode through the VAE that encoded it
+        from modules.vae import latent_decoder
+
+        decode = latent_decoder(record["latent"], device)
     if args.sampler and args.sampler not in objective.samplers:
         raise UserError(
             f"--sampler '{args.sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
@@ -108,7 +118,7 @@ def main(argv=None):
     labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     if args.nfe_sweep:
-        return nfe_sweep(args, evaluator, model, objective, shape, labels, device, Path(args.output))
+        return nfe_sweep(args, evaluator, model, objective, shape, labels, device, Path(args.output), decode)
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
     images = generate_images(
         model,
@@ -124,10 +134,11 @@ def main(argv=None):
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         callback=recorder,
+        decode=decode,
     )
     out = Path(args.output)
     if recorder is not None:
-        written = write_denoising_figures(recorder, out.parent, out.stem)
+        written = write_denoising_figures(recorder.decode(decode) if decode else recorder, out.parent, out.stem)
         print("denoising path:", ", ".join(str(p) for p in written.values()))
     if out.suffix.lower() == ".png":
         save_image_grid(images, out, nrow=args.nrow or (len(cycle) if cycle and len(cycle) <= 16 else None))
@@ -147,7 +158,7 @@ class Evaluator:
     Everything that can be wrong (metric names, weights file, run record, the data) is checked on construction;
     the Inception network is loaded once, the reference statistics are cached on disk."""
 
-    def __init__(self, args):
+    def __init__(self, args, record: dict):
         import dataclasses
         import json
 
@@ -167,6 +178,8 @@ class Evaluator:
         if not run_config.is_file():
             raise UserError(f"--compute_fid needs {run_config} to know the training data")
         config = json.loads(run_config.read_text())["config"]
+        if "latent" in record:  # the images the latent dataset was encoded from
+            config = record["latent"]["source_data_args"]
         data_args = DataArguments(
             **{f.name: config[f.name] for f in dataclasses.fields(DataArguments) if f.name in config}
         )
@@ -192,7 +205,7 @@ class Evaluator:
         return f"{num_images} samples vs {self.num_reference} training images"
 
 
-def nfe_sweep(args, evaluator, model, objective, shape, labels, device, out: Path):
+def nfe_sweep(args, evaluator, model, objective, shape, labels, device, out: Path, decode=None):
     """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
     import json
 
@@ -213,7 +226,7 @@ def nfe_sweep(args, evaluator, model, objective, shape, labels, device, out: Pat
         for steps in step_counts:
             images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, labels,
                                      device, progress=True, sampler=sampler, num_inference_steps=steps,
-                                     guidance_scale=args.guidance_scale)  # fmt: skip
+                                     guidance_scale=args.guidance_scale, decode=decode)  # fmt: skip
             nfe = 2 * steps - 1 if sampler == "heun" else steps
             rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, labels)})
             print(f"{sampler} {steps} steps (NFE {nfe}): " + ", ".join(

@@ -9,8 +9,9 @@ from pathlib import Path
 from modules.config import DDPMArguments, FlowArguments, ModelArguments, UserError
 from modules.dit import DIT_PRESETS, DiTModel
 from modules.unet import UNET_PRESETS, UNetModel
+from modules.vae import KLVAE, VAEArguments
 
-MODEL_CLASSES = {"UNetModel": UNetModel, "DiTModel": DiTModel}
+MODEL_CLASSES = {"UNetModel": UNetModel, "DiTModel": DiTModel, "KLVAE": KLVAE}
 OBJECTIVE_FILE = "objective.json"
 
 
@@ -51,8 +52,13 @@ def objective_from_config(config: dict):
     """Rebuild the objective recorded next to a saved model."""
     from modules.ddpm import DDPMObjective
     from modules.flow import FlowObjective
+    from modules.vae import VAEObjective
 
-    kinds = {"flow": (FlowObjective, FlowArguments), "ddpm": (DDPMObjective, DDPMArguments)}
+    kinds = {
+        "flow": (FlowObjective, FlowArguments),
+        "ddpm": (DDPMObjective, DDPMArguments),
+        "vae": (VAEObjective, VAEArguments),
+    }
     if config.get("objective") not in kinds:
         raise UserError(f"unknown objective {config.get('objective')!r} in {OBJECTIVE_FILE}")
     cls, args_cls = kinds[config["objective"]]

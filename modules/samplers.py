@@ -54,6 +54,26 @@ class GuidedSampling:
             raise ValueError(f"{self.name} models sample with {', '.join(self.samplers)}, not '{sampler}'")
         return self.run_sampler(sampler, fn, noise, num_inference_steps or a.num_inference_steps, generators, callback)
 
+    # What the training loop asks of every objective besides `loss` (see modules/training.py).
+
+    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int) -> dict:
+        """Loss on held-out x0 at fixed noise and a fixed grid of t: overall, and per t-bin as val_loss_t<centre>."""
+        from modules.evaluation import validation_loss
+
+        result = validation_loss(model, self, x0, cond, seed, num_bins)
+        bins = {f"val_loss_t{t:.2f}": v for t, v in zip(result["val_t"], result["val_loss_bins"], strict=True)}
+        return {"val_loss": result["val_loss"], **bins}
+
+    def preview(self, model, num_images: int, seed: int, shape, labels, device, data=None, decode=None,
+                callback=None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+        """What grids and FID look at: `num_images` samples from noise, uint8 (N, C, H, W)."""
+        return generate_images(model, self, num_images, seed, shape, 64, labels, device, progress=progress,
+                               decode=decode, callback=callback)  # fmt: skip
+
+    def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int | None]:
+        """A column per class for class-conditional previews."""
+        return images, data.num_classes or None
+
 
 # --- Flow matching: integrate dx/dt = v from t = 1 to t = 0 -------------------------------------------------------
 
@@ -201,9 +221,12 @@ def generate_images(
     device="cpu",
     start: int = 0,
     progress: bool = False,
+    decode=None,
     **sample_kwargs,
 ) -> torch.Tensor:
-    """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i)."""
+    """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i).
+
+    `decode` maps what the model generates to images in [-1, 1] (a VAE's decoder for latent models)."""
     from tqdm.auto import tqdm
 
     from modules.data import to_uint8
@@ -218,5 +241,5 @@ def generate_images(
         if class_labels is not None:
             cond = torch.as_tensor(class_labels[first - start : first - start + n], dtype=torch.long, device=device)
         x0 = objective.sample(model, noise, cond, generators=generators, **sample_kwargs)
-        out.append(to_uint8(x0).cpu())
+        out.append(to_uint8(decode(x0) if decode is not None else x0).cpu())
     return torch.cat(out)

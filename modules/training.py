@@ -7,6 +7,7 @@ Randomness in the loop comes from generators seeded by (seed, rank, step, micro-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,7 +31,6 @@ from modules.data import (
 from modules.ema import EMA
 from modules.flops import peak_tflops, training_flops_per_image
 from modules.models import build_model, save_model
-from modules.samplers import generate_images
 from modules.visualize import DenoisingRecorder, save_image_grid, write_denoising_figures
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -44,8 +44,9 @@ def validate(train: TrainingArguments, objective_args):
         "max_train_steps": train.max_train_steps,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "learning_rate": train.learning_rate,
-        "num_inference_steps": objective_args.num_inference_steps,
     }
+    if hasattr(objective_args, "num_inference_steps"):  # objectives that sample
+        positive["num_inference_steps"] = objective_args.num_inference_steps
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
@@ -65,7 +66,7 @@ def validate(train: TrainingArguments, objective_args):
         raise UserError(f"--cond_drop_prob must be in [0, 1], got {train.cond_drop_prob}")
     if not 0.0 <= train.ema_max_decay < 1.0:
         raise UserError(f"--ema_max_decay must be in [0, 1), got {train.ema_max_decay}")
-    if objective_args.guidance_scale < 0:
+    if getattr(objective_args, "guidance_scale", 0) < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {objective_args.guidance_scale}")
     if train.lr_scheduler not in LR_SCHEDULERS:
         raise UserError(f"--lr_scheduler '{train.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
@@ -163,41 +164,87 @@ class MetricsLog:
         self.accelerator.log(values, step=step)
 
 
+def model_input(batch: dict, data, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """The x0 the objective trains on: the batch's images, or for a latent dataset a latent drawn from each stored
+    posterior and normalised by the dataset's channel statistics. `flip`: random horizontal flips."""
+    if "latent_mean" in batch:
+        from modules.latents import sample_latents
+
+        return sample_latents(batch, generator, data, flip)
+    x0 = batch["pixel_values"]
+    return random_flip(x0, generator) if flip else x0
+
+
 def measure_flops(model, objective, data, num_classes: int, device) -> float:
     """Training FLOPs per image, counted once on two real images (their cost does not depend on the values)."""
     batch = collate_examples(data.dataset.__getitems__([0, 1]) if hasattr(data.dataset, "__getitems__")
                              else [data.dataset[0], data.dataset[1 % len(data.dataset)]])  # fmt: skip
-    cond = batch["labels"].to(device) if num_classes else None
+    batch = {k: v.to(device) for k, v in batch.items()}
+    cond = batch["labels"] if num_classes else None
     generator = torch.Generator(device=device).manual_seed(0)
-    return training_flops_per_image(model, objective, batch["pixel_values"].to(device), cond, generator)
+    return training_flops_per_image(model, objective, model_input(batch, data, generator, False), cond, generator)
 
 
-def validate_ema(ema_model, objective, held_out, train: TrainingArguments) -> dict:
-    """Validation loss of the EMA model, overall and per t-bin (as val_loss_t<centre> for trackers)."""
-    from modules.evaluation import validation_loss
-
+def held_out_tensors(held_out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All held-out images in [-1, 1] and their labels, decoded once for every validation of the run."""
     n = len(held_out.dataset)
     images = to_model_range(held_out.dataset.uint8_images(n))
     labels = held_out.dataset.labels
-    labels = torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None
-    result = validation_loss(ema_model, objective, images, labels, train.seed, train.validation_t_bins)
-    bins = {f"val_loss_t{t:.2f}": v for t, v in zip(result["val_t"], result["val_loss_bins"], strict=True)}
-    return {"val_loss": result["val_loss"], **bins}
+    return images, torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None
 
 
-def sample_grid(ema_model, objective, data, train: TrainingArguments, resolution: int, device, path: Path):
+def sample_grid(ema_model, objective, data, train: TrainingArguments, shape, device, path: Path, decode=None):
     """A grid from the EMA model with fixed noise (seed `train.seed`), a column per class when conditional, and
     the denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
     n = train.num_sample_images
-    labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
-    shape = (data.num_channels, resolution, resolution)
+    labels = [i % data.num_classes for i in range(n)] if getattr(ema_model.config, "num_classes", 0) else None
     recorder = DenoisingRecorder(max_samples=min(n, data.num_classes or 8))
-    images = generate_images(
-        ema_model, objective, n, train.seed, shape, batch_size=64, class_labels=labels, device=device,
-        callback=recorder,
-    )  # fmt: skip
-    save_image_grid(images, path, nrow=data.num_classes if labels else None)
-    write_denoising_figures(recorder, path.parent, path.stem)
+    images = objective.preview(ema_model, n, train.seed, shape, labels, device, data, decode, callback=recorder)
+    images, nrow = objective.grid_layout(images, data)
+    save_image_grid(images, path, nrow=nrow)
+    if recorder.num_steps:  # objectives that sample record their path; an autoencoder has none
+        write_denoising_figures(recorder.decode(decode) if decode else recorder, path.parent, path.stem)
+
+
+def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments):
+    """(training data, held-out data or None, FID reference data or None, latent record or None).
+
+    For a latent dataset the FID reference is the image dataset it was encoded from (recorded in it), and the
+    latent record (VAE, channel statistics) is what decodes the model's samples; it has no held-out split."""
+    need_labels = model_args.class_conditional
+    fid = train_args.fid_num_samples or train_args.eval_fid_steps
+    if not data_args.latent_dataset:
+        data = load_train_data(data_args, need_labels=need_labels)
+        held_out = load_validation_data(data_args) if train_args.validation_steps else None
+        return data, held_out, data if fid else None, None
+    import dataclasses
+
+    from modules.latents import load_latent_data
+
+    data = load_latent_data(data_args.latent_dataset, data_args.max_train_samples, need_labels=need_labels)
+    if data_args.random_flip and "flip_mean" not in data.metadata["columns"]:
+        raise UserError(
+            f"--random_flip: the latent dataset '{data_args.latent_dataset}' holds no flipped latents; encode it with "
+            "encode_latents.py --random_flip, or train without --random_flip"
+        )
+    vae = dict(data.vae)
+    if Path(vae["source"]).exists():  # a local VAE: found again from any working directory
+        vae["source"] = str(Path(vae["source"]).resolve())
+    known = {f.name for f in dataclasses.fields(DataArguments)}
+    source = {k: v for k, v in (data.metadata.get("data_args") or {}).items() if k in known and k != "latent_dataset"}
+    latent = {"dataset": data_args.latent_dataset, "vae": vae, "channel_mean": data.channel_mean.tolist(),
+              "channel_std": data.channel_std.tolist(), "image_resolution": data.image_resolution,
+              "source_data_args": source}  # fmt: skip
+    reference = None
+    if fid:
+        try:
+            reference = load_train_data(DataArguments(**source))
+        except UserError as e:
+            raise UserError(
+                f"FID of latent dataset '{data_args.latent_dataset}' needs the images it was encoded from, which "
+                f"failed to open ({e}); pass --fid_num_samples 0"
+            ) from None
+    return data, None, reference, latent
 
 
 def train(
@@ -217,21 +264,21 @@ def train(
     # Everything that can fail on bad input happens before the run directory is touched.
     validate(train_args, objective.args)
     out = Path(train_args.output_dir)
-    data = load_train_data(data_args, need_labels=model_args.class_conditional)
-    held_out = load_validation_data(data_args) if train_args.validation_steps else None
+    data, held_out, reference, latent = open_data(data_args, model_args, train_args)
+    resolution = data.resolution if latent else data_args.resolution
     n_ref = train_args.fid_reference_samples or train_args.fid_num_samples
-    if train_args.fid_num_samples and n_ref > len(data.dataset):
+    if reference is not None and n_ref > len(reference.dataset):
         raise UserError(
-            f"--fid_reference_samples {n_ref} is more than the {len(data.dataset)} training images; lower it "
+            f"--fid_reference_samples {n_ref} is more than the {len(reference.dataset)} training images; lower it "
             "(or --fid_num_samples, which it defaults to)"
         )
     if train_args.fid_num_samples == 1:
         raise UserError("--fid_num_samples 1: a covariance needs at least 2 images")
-    if "classifier" in train_args.eval_metrics and not data.key.startswith("fashion_mnist"):
+    if "classifier" in train_args.eval_metrics and not (reference or data).key.startswith("fashion_mnist"):
         raise UserError("--eval_metrics classifier is trained on Fashion-MNIST and only measures Fashion-MNIST runs")
     num_classes = data.num_classes if model_args.class_conditional else 0
     torch.manual_seed(train_args.seed)  # same initial weights on every process
-    model = build_model(model_args, data.num_channels, data_args.resolution, num_classes)
+    model = getattr(objective, "build_model", build_model)(model_args, data.num_channels, resolution, num_classes)
     resume = resolve_resume(train_args.resume_from_checkpoint, out)
     if resume is not None:
         check_compatible(resume, dict(model.config))
@@ -314,9 +361,20 @@ def train(
         }
         save_checkpoint(accelerator, out, step, ema, state, train_args.checkpoints_total_limit)
 
+    decode = None
+    if latent is not None and accelerator.is_main_process:
+        from modules.vae import latent_decoder
+
+        decode = latent_decoder(latent, device)
+    shape = (data.num_channels, resolution, resolution)
+    validation_set = functools.cache(lambda: held_out_tensors(held_out))
+
     def write_grid(step):
         path = out / "samples" / f"step_{step:07d}.png"
-        sample_grid(ema.model, objective, data, train_args, data_args.resolution, device, path)
+        sample_grid(ema.model, objective, data, train_args, shape, device, path, decode)
+
+    def evaluate(step):
+        evaluate_fid(accelerator, ema.model, objective, data, reference, train_args, shape, metrics, step, decode)
 
     progress = tqdm(
         total=train_args.max_train_steps,
@@ -330,14 +388,12 @@ def train(
     model.train()
     for step in range(start_step, train_args.max_train_steps):
         for micro in range(train_args.gradient_accumulation_steps):
-            batch = next(batches)
-            x0 = batch["pixel_values"].to(device, non_blocking=True)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             generator = step_generator(train_args.seed, rank, step, micro, device)
-            if data_args.random_flip:
-                x0 = random_flip(x0, generator)
+            x0 = model_input(batch, data, generator, data_args.random_flip)
             cond = None
             if num_classes:
-                cond = drop_labels(batch["labels"].to(device), train_args.cond_drop_prob, num_classes, generator)
+                cond = drop_labels(batch["labels"], train_args.cond_drop_prob, num_classes, generator)
             with accelerator.accumulate(model):
                 loss = objective.loss(model, x0, cond, generator).mean()
                 accelerator.backward(loss)
@@ -378,10 +434,12 @@ def train(
         last = done == train_args.max_train_steps
         if held_out is not None and (done % train_args.validation_steps == 0 or last):
             if accelerator.is_main_process:
-                metrics.log(done, validate_ema(ema.model, objective, held_out, train_args))
+                images, labels = validation_set()
+                values = objective.validation(ema.model, images, labels, train_args.seed, train_args.validation_t_bins)
+                metrics.log(done, values)
             accelerator.wait_for_everyone()
         if train_args.eval_fid_steps and done % train_args.eval_fid_steps == 0 and not last:
-            evaluate_fid(accelerator, ema.model, objective, data, train_args, data_args.resolution, metrics, done)
+            evaluate(done)
             accelerator.wait_for_everyone()
         if train_args.sample_steps and done % train_args.sample_steps == 0 and done != train_args.max_train_steps:
             if accelerator.is_main_process:
@@ -400,6 +458,7 @@ def train(
             extra={
                 "dataset_key": data.key,
                 "class_names": data.class_names,
+                **({"latent": latent} if latent else {}),
                 "steps": final,
                 "images_seen": images_seen,
             },
@@ -408,27 +467,27 @@ def train(
         accelerator.print(f"saved the EMA model and samples to {out}")
     accelerator.wait_for_everyone()
     if train_args.fid_num_samples:
-        evaluate_fid(accelerator, ema.model, objective, data, train_args, data_args.resolution, metrics, final)
+        evaluate(final)
     accelerator.end_training()
     return out
 
 
-def evaluate_fid(accelerator, ema_model, objective, data, train_args, resolution, metrics, step):
-    """--eval_metrics of EMA samples (uint8) against the training set: Inception FID/KID with reference
-    statistics cached on disk, and the Fashion-MNIST classifier's metrics. Main process only; writes fid.json."""
+def evaluate_fid(accelerator, ema_model, objective, data, reference, train_args, shape, metrics, step, decode=None):
+    """--eval_metrics of the EMA model's images (uint8, decoded when latent) against the reference images: Inception
+    FID/KID with reference statistics cached on disk, and the Fashion-MNIST classifier's metrics. Main process only;
+    writes fid.json."""
     if not accelerator.is_main_process:
         return
     from modules.evaluation import evaluate_generated, parse_eval_metrics
 
     n = train_args.fid_num_samples
-    labels = [i % data.num_classes for i in range(n)] if ema_model.config.num_classes else None
-    shape = (data.num_channels, resolution, resolution)
-    images = generate_images(ema_model, objective, n, train_args.seed + 1, shape, batch_size=64, class_labels=labels,
-                             device=accelerator.device, progress=True)  # fmt: skip
+    labels = [i % data.num_classes for i in range(n)] if getattr(ema_model.config, "num_classes", 0) else None
+    images = objective.preview(ema_model, n, train_args.seed + 1, shape, labels, accelerator.device, data, decode,
+                               progress=True)  # fmt: skip
     n_ref = train_args.fid_reference_samples or n
-    values = evaluate_generated(images, labels, data, n_ref, parse_eval_metrics(train_args.eval_metrics),
+    values = evaluate_generated(images, labels, reference, n_ref, parse_eval_metrics(train_args.eval_metrics),
                                 weights_path=train_args.fid_weights)  # fmt: skip
     metrics.log(step, {**values, "fid_num_samples": n, "fid_reference_samples": n_ref})
-    result = {"step": step, **values, "num_samples": n, "reference_samples": n_ref, "reference": data.key}
+    result = {"step": step, **values, "num_samples": n, "reference_samples": n_ref, "reference": reference.key}
     Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))
     accelerator.print(", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f" ({n} samples vs {n_ref} images)")

@@ -84,6 +84,13 @@ class DenoisingRecorder:
         sampler here lands its final step on its x0 estimate (up to a scheduler's own clipping)."""
         return torch.stack(self._check()._x0_pred)
 
+    def decode(self, decode) -> DenoisingRecorder:
+        """Map every recorded x_t and x0_pred through `decode` (e.g. a VAE's decoder for latent models), in place."""
+        with torch.no_grad():
+            self._x_t = [decode(x).float().cpu() for x in self._x_t]
+            self._x0_pred = [decode(x).float().cpu() for x in self._x0_pred]
+        return self
+
     def _check(self) -> DenoisingRecorder:
         if not self.steps:
             raise ValueError("the DenoisingRecorder holds no steps: pass it as `callback=recorder` to a sampler first")

@@ -1,0 +1,463 @@
+"""Autoencoders for latent diffusion: our own small KL-VAE, its training objective, and one interface over it and
+diffusers' `AutoencoderKL`.
+
+KL-VAE (Kingma & Welling 2014, as used by latent diffusion, Rombach et al. 2022): the encoder gives a diagonal
+Gaussian posterior N(mean, exp(logvar)) per latent element, the decoder maps a latent back to an image in [-1, 1].
+
+Layout of `KLVAE` for block_out_channels = (32, 64, 128), layers_per_block = 1, at 32x32 (f4):
+
+    encoder: conv_in -> [Res, Down] 32 -> [Res, Down] 16 -> [Res] 8 -> mid (Res, Attn, Res) 8 -> out (mean, logvar)
+    decoder: conv_in -> mid (Res, Attn, Res) 8 -> [Res x 2, Up] 8 -> [Res x 2, Up] 16 -> [Res x 2] 32 -> out
+
+where out is GroupNorm-SiLU-conv. The decoder's output is not clamped; `VAE.decode` clamps to [-1, 1].
+
+Pretrained autoencoders that `load_vae` takes by Hub id (all `AutoencoderKL`, f8):
+    stabilityai/sd-vae-ft-ema          4 latent channels, scaling_factor 0.18215 (SD 1.x/2.x)
+    madebyollin/sdxl-vae-fp16-fix      4 latent channels, scaling_factor 0.13025, safe in fp16 (SDXL)
+    black-forest-labs/FLUX.1-dev       16 latent channels, a pipeline: its VAE is in subfolder vae (gated)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from modules.config import UserError, _help
+from modules.unet import AttentionBlock, Downsample, Upsample
+
+LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution: keeps exp(logvar) finite in fp32
+
+
+class VAEResBlock(nn.Module):
+    """out = skip(x) + conv2(SiLU(GN(conv1(SiLU(GN(x)))))), with a 1x1 conv as skip when the channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class CheckpointedSequential(nn.Sequential):
+    """Stages run in order; with gradient checkpointing on, each stage's activations are recomputed in backward."""
+
+    def __init__(self, *stages: nn.Module):
+        super().__init__(*stages)
+        self.gradient_checkpointing = False  # ModelMixin.enable_gradient_checkpointing finds and sets this
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(stage, x)
+            else:
+                x = stage(x)
+        return x
+
+
+def mid_block(channels: int, groups: int, attention: bool) -> nn.Sequential:
+    """Res, single-head attention over the H*W latent positions (cheap at latent size), Res."""
+    attn = [AttentionBlock(channels, num_head_channels=channels)] if attention else []
+    return nn.Sequential(VAEResBlock(channels, channels, groups), *attn, VAEResBlock(channels, channels, groups))
+
+
+class KLVAE(ModelMixin, ConfigMixin):
+    """Small SD-style KL autoencoder: (B, in_channels, H, W) <-> (B, latent_channels, H / f, W / f).
+
+    f = `downsample_factor` = 2^(len(block_out_channels) - 1). Each encoder level has `layers_per_block` ResBlocks,
+    each decoder level one more (as in SD's VAE). `sample_size` is the training resolution, recorded for reference.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        block_out_channels: tuple[int, ...] = (32, 64, 128),
+        layers_per_block: int = 1,
+        norm_num_groups: int = 8,
+        sample_size: int = 32,
+        mid_attention: bool = True,
+    ):
+        super().__init__()
+        chans, g = list(block_out_channels), norm_num_groups
+        if any(c % g for c in chans):
+            raise ValueError(f"block_out_channels {tuple(chans)} must all be multiples of norm_num_groups ({g}).")
+        if sample_size % 2 ** (len(chans) - 1):
+            raise ValueError(f"sample_size ({sample_size}) must be divisible by {2 ** (len(chans) - 1)}.")
+
+        levels, ch = [], chans[0]
+        for level, out in enumerate(chans):
+            blocks = []
+            for _ in range(layers_per_block):
+                blocks.append(VAEResBlock(ch, out, g))
+                ch = out
+            if level != len(chans) - 1:
+                blocks.append(Downsample(ch))
+            levels.append(nn.Sequential(*blocks))
+        self.encoder = nn.ModuleDict(
+            dict(
+                conv_in=nn.Conv2d(in_channels, chans[0], 3, padding=1),
+                blocks=CheckpointedSequential(*levels, mid_block(ch, g, mid_attention)),
+                norm_out=nn.GroupNorm(g, ch),
+                conv_out=nn.Conv2d(ch, 2 * latent_channels, 3, padding=1),  # mean and logvar
+            )
+        )
+
+        levels = []
+        for level, out in reversed(list(enumerate(chans))):
+            blocks = []
+            for _ in range(layers_per_block + 1):
+                blocks.append(VAEResBlock(ch, out, g))
+                ch = out
+            if level != 0:
+                blocks.append(Upsample(ch))
+            levels.append(nn.Sequential(*blocks))
+        self.decoder = nn.ModuleDict(
+            dict(
+                conv_in=nn.Conv2d(latent_channels, chans[-1], 3, padding=1),
+                blocks=CheckpointedSequential(mid_block(chans[-1], g, mid_attention), *levels),
+                norm_out=nn.GroupNorm(g, ch),
+                conv_out=nn.Conv2d(ch, in_channels, 3, padding=1),
+            )
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image height and width must be multiples of this; the latent is this much smaller per side."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, latent_channels, H / f, W / f)."""
+        f = self.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"Input size {tuple(x.shape[-2:])} is not divisible by the VAE's downsample factor {f}.")
+        e = self.encoder
+        h = e.conv_out(F.silu(e.norm_out(e.blocks(e.conv_in(x)))))
+        mean, logvar = h.chunk(2, dim=1)  # 2 x (B, latent_channels, H / f, W / f)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, latent_channels, h, w) -> image (B, in_channels, h * f, w * f), not clamped."""
+        d = self.decoder
+        return d.conv_out(F.silu(d.norm_out(d.blocks(d.conv_in(z)))))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """(reconstruction, mean, logvar) decoding z = mean + exp(logvar / 2) * eps, eps from `generator`;
+        with no generator, z = mean."""
+        mean, logvar = self.encode(x)
+        z = mean
+        if generator is not None:
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        return self.decode(z), mean, logvar
+
+
+def vae_f4(**overrides) -> KLVAE:
+    """4x downsampling: 32x32 images to 8x8 latents; 3 levels of 32/64/128 channels."""
+    config = dict(in_channels=3, sample_size=32, latent_channels=4, block_out_channels=(32, 64, 128))
+    return KLVAE(**{**config, **overrides})
+
+
+def vae_f8(**overrides) -> KLVAE:
+    """8x downsampling, SD's factor: 64x64 images to 8x8 latents; 4 levels of 32/64/128/128 channels."""
+    config = dict(in_channels=3, sample_size=64, latent_channels=4, block_out_channels=(32, 64, 128, 128))
+    return KLVAE(**{**config, **overrides})
+
+
+VAE_PRESETS = {"vae_f4": vae_f4, "vae_f8": vae_f8}
+
+
+@dataclass
+class VAEArguments:
+    vae_model: str = _help("KL-VAE preset: vae_f4 (4x downsampling) or vae_f8 (8x).", default="vae_f4")
+    latent_channels: int = _help("Channels of the latent.", default=4)
+    vae_base_channels: int | None = _help(
+        "Channels of the first level (the others scale with it as in the preset). Default: the preset's 32.",
+        default=None,
+    )
+    reconstruction_loss: Literal["l1", "mse"] = _help(
+        "Pixel reconstruction loss: l1 (sharper; SD's VAE uses L1 plus LPIPS) or mse.", default="l1"
+    )
+    kl_weight: float = _help(
+        "Weight of the KL term, on SD's scale (1e-6): small, so latents carry detail and need scaling later.",
+        default=1e-6,
+    )
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) = 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar), summed per sample: (B,)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1]: 10 log10(2^2 / MSE), data range 2. (N, ...) -> (N,)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse)
+
+
+class VAEObjective:
+    """KL-VAE training loss; no samplers (an autoencoder reconstructs, it does not generate)."""
+
+    name = "vae"
+    samplers = ()
+
+    def __init__(self, args: VAEArguments):
+        self.args = args
+
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss (B,) in fp32: mean over pixel values of |x_rec - x0| (or its square) + kl_weight * KL / D.
+
+        KL is summed over latent elements and D is the number of pixel values C*H*W: SD's loss (sums over pixels and
+        latents) divided by D, so kl_weight means the same as there. `cond` is ignored.
+        """
+        rec, mean, logvar = model(x0, generator=generator)
+        err = rec.float() - x0.float()
+        err = err.abs() if self.args.reconstruction_loss == "l1" else err.pow(2)
+        kl = kl_divergence(mean.float(), logvar.float()) / x0[0].numel()
+        return err.flatten(1).mean(1) + self.args.kl_weight * kl
+
+    @torch.no_grad()
+    def reconstruct(self, model, x0: torch.Tensor) -> torch.Tensor:
+        """Decoding of the posterior mean, clamped to [-1, 1]."""
+        return model(x0)[0].float().clamp(-1, 1)
+
+    # What the training loop asks of every objective besides `loss` (see modules/training.py).
+
+    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0) -> KLVAE:
+        """The `--vae_model` preset for the data; labels are not used."""
+        from modules.config import UserError
+
+        a = self.args
+        if a.vae_model not in VAE_PRESETS:
+            raise UserError(f"unknown --vae_model '{a.vae_model}' (presets: {', '.join(VAE_PRESETS)})")
+        if a.latent_channels < 1:
+            raise UserError(f"--latent_channels must be positive, got {a.latent_channels}")
+        overrides = dict(in_channels=in_channels, sample_size=resolution, latent_channels=a.latent_channels)
+        if a.vae_base_channels is not None:
+            preset = VAE_PRESETS[a.vae_model]().config.block_out_channels
+            overrides["block_out_channels"] = tuple(c * a.vae_base_channels // preset[0] for c in preset)
+        try:
+            return VAE_PRESETS[a.vae_model](**overrides)
+        except ValueError as e:
+            raise UserError(f"--vae_model {a.vae_model} at --resolution {resolution}: {e}") from None
+
+    @torch.no_grad()
+    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int, batch_size: int = 256) -> dict:
+        """Held-out loss with the posterior mean as the latent (no sampling noise), and reconstruction PSNR (dB)."""
+        device = next(model.parameters()).device
+        loss, db = [], []
+        for batch in x0.split(batch_size):
+            batch = batch.to(device)
+            rec, mean, logvar = model(batch)
+            err = rec.float() - batch.float()
+            err = err.abs() if self.args.reconstruction_loss == "l1" else err.pow(2)
+            kl = kl_divergence(mean.float(), logvar.float()) / batch[0].numel()
+            loss.append((err.flatten(1).mean(1) + self.args.kl_weight * kl).cpu())
+            db.append(psnr(rec.clamp(-1, 1), batch).cpu())
+        return {"val_loss": torch.cat(loss).mean().item(), "val_psnr": torch.cat(db).mean().item()}
+
+    def preview(self, model, num_images: int, seed: int, shape, labels, device, data=None, decode=None,
+                callback=None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+        """Reconstructions of the first `num_images` images of `data`, uint8 (N, C, H, W): what the grid shows
+        (under the originals) and what the FID measures (rFID)."""
+        from modules.data import to_model_range, to_uint8
+
+        images = data.dataset.uint8_images(num_images)
+        out = [to_uint8(self.reconstruct(model, to_model_range(b).to(device))).cpu() for b in images.split(64)]
+        return torch.cat(out)
+
+    def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int]:
+        """Rows of 8 originals, each followed by the row of their reconstructions."""
+        originals = data.dataset.uint8_images(len(images))
+        rows = [(originals[i : i + 8], images[i : i + 8]) for i in range(0, len(images), 8)]
+        return torch.cat([t for pair in rows for t in pair]), 8
+
+
+AUTOENCODER_CLASSES = ("AutoencoderKL", "KLVAE")
+
+
+class VAE:
+    """One interface over diffusers' `AutoencoderKL` and our `KLVAE`: images in [-1, 1] <-> raw latents.
+
+    Runs the model as given, in its device and dtype, under no_grad (`load_vae` also puts it in eval mode).
+
+    Latents are raw (what the encoder's mean is in); a diffusion model usually trains on
+    (latents - shift_factor) * scaling_factor, with the factors recorded here (1 and 0 for a KLVAE).
+    """
+
+    def __init__(self, model: nn.Module, source: str, revision: str | None = None):
+        from diffusers import AutoencoderKL
+
+        if not isinstance(model, AutoencoderKL | KLVAE):
+            raise TypeError(f"expected an AutoencoderKL or KLVAE, got {type(model).__name__}")
+        self.model, self.source, self.revision = model, source, revision
+        self.kind = type(model).__name__
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        c = model.config
+        self.in_channels, self.latent_channels = c.in_channels, c.latent_channels
+        self.downsample_factor = 2 ** (len(c.block_out_channels) - 1)
+        if self.kind == "AutoencoderKL":
+            self.scaling_factor = float(c.scaling_factor)
+            self.shift_factor = float(getattr(c, "shift_factor", None) or 0.0)
+        else:
+            self.scaling_factor, self.shift_factor = 1.0, 0.0
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, H, W) in [-1, 1] -> posterior (mean, std), float32, raw, on the images' device.
+
+        1-channel images go into a 3-channel VAE as gray RGB."""
+        if images.ndim != 4:
+            raise UserError(f"VAE '{self.source}' encodes (N, C, H, W) images, got shape {tuple(images.shape)}")
+        C, H, W = images.shape[1:]
+        if C == 1 and self.in_channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        elif C != self.in_channels:
+            raise UserError(f"images have {C} channels but the VAE '{self.source}' takes {self.in_channels}")
+        f = self.downsample_factor
+        if H % f or W % f:
+            raise UserError(
+                f"image shape {tuple(images.shape)}: height and width must be multiples of {f}, the downsample "
+                f"factor of the VAE '{self.source}'; change the resolution"
+            )
+        x = self._to_model(images)
+        if self.kind == "AutoencoderKL":
+            dist = self.model.encode(x).latent_dist
+            mean, std = dist.mean, dist.std
+        else:
+            mean, logvar = self.model.encode(x)
+            std = torch.exp(0.5 * logvar)
+        return tuple(t.to(images.device, torch.float32).contiguous() for t in (mean, std))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents (N, latent_channels, h, w) -> images float32 (N, C, h * f, w * f) in [-1, 1]."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise UserError(
+                f"latents of shape {tuple(latents.shape)} do not fit the VAE '{self.source}', which takes "
+                f"(N, {self.latent_channels}, h, w)"
+            )
+        z = self._to_model(latents)
+        x = self.model.decode(z).sample if self.kind == "AutoencoderKL" else self.model.decode(z)
+        return x.to(latents.device, torch.float32).clamp(-1, 1).contiguous()
+
+    def config_record(self) -> dict:
+        """What a latent dataset stores, to find its VAE again and check that it is the same one."""
+        return dict(
+            source=self.source,
+            revision=self.revision,
+            kind=self.kind,
+            in_channels=self.in_channels,
+            latent_channels=self.latent_channels,
+            downsample_factor=self.downsample_factor,
+            scaling_factor=self.scaling_factor,
+            shift_factor=self.shift_factor,
+        )
+
+
+def _not_loadable(name: str, error: Exception) -> UserError:
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return UserError(
+        f"VAE '{name}' is not a local directory and could not be loaded from the Hub ({type(error).__name__}: "
+        f"{reason}); give a directory written by save_pretrained or a Hub id such as stabilityai/sd-vae-ft-ema"
+    )
+
+
+def _hub_config(repo_id: str, revision: str | None) -> tuple[dict, str | None]:
+    """(config, subfolder) of a Hub autoencoder: the repo's own config.json, else a pipeline's vae/config.json."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    missing = None
+    for subfolder in (None, "vae"):
+        try:
+            path = hf_hub_download(repo_id, "config.json", subfolder=subfolder, revision=revision)
+            return json.loads(Path(path).read_text()), subfolder
+        except EntryNotFoundError as e:  # also raised offline for a file not in the cache
+            missing = missing or e
+        except Exception as e:  # noqa: BLE001 - bad id, no such repo, gated, no network: all the user's to fix
+            raise _not_loadable(repo_id, e) from None
+    raise _not_loadable(repo_id, missing) from None
+
+
+def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, revision: str | None = None) -> VAE:
+    """A VAE from a local directory (an autoencoder's save_pretrained, or a diffusers pipeline with vae/) or a Hub
+    id (a repo holding an AutoencoderKL, or a pipeline whose vae/ does). Weights are read from safetensors only."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            path = path / "vae"
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"VAE '{name_or_path}' holds no config.json (nor vae/config.json); give a directory written by "
+                "save_pretrained or a diffusers pipeline"
+            )
+        config, location, subfolder = json.loads((path / "config.json").read_text()), str(path), None
+    elif path.exists():
+        raise UserError(f"VAE '{name_or_path}' is a file; give a directory written by save_pretrained or a Hub id")
+    else:
+        config, subfolder = _hub_config(name_or_path, revision)
+        location = name_or_path
+
+    class_name = config.get("_class_name")
+    if class_name not in AUTOENCODER_CLASSES:
+        raise UserError(f"'{name_or_path}' is a {class_name}, not an autoencoder ({' or '.join(AUTOENCODER_CLASSES)})")
+    cls = AutoencoderKL if class_name == "AutoencoderKL" else KLVAE
+    try:
+        model = cls.from_pretrained(location, subfolder=subfolder, revision=revision, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"VAE '{name_or_path}': could not load its safetensors weights ({reason})") from None
+    if dtype == torch.float16 and config.get("force_upcast"):
+        warnings.warn(
+            f"VAE '{name_or_path}' is marked force_upcast (it may overflow in fp16); use bf16, fp32 or an fp16-safe "
+            "VAE such as madebyollin/sdxl-vae-fp16-fix",
+            stacklevel=2,
+        )
+    model = model.to(device, dtype).eval().requires_grad_(False)
+    if model.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return VAE(model, name_or_path, revision)
+
+
+def latent_decoder(record: dict, device="cpu"):
+    """`decode(z)` for a model trained on a latent dataset: normalised latents -> images in [-1, 1].
+
+    `record` is what training stores with such a model: {"vae": config_record, "channel_mean", "channel_std"}. The VAE
+    is loaded from its recorded source and must still be the one that encoded the data."""
+    from modules.config import UserError
+    from modules.latents import denormalize_latents
+
+    recorded = record["vae"]
+    vae = load_vae(recorded["source"], device, revision=recorded.get("revision"))
+    for key in ("kind", "latent_channels", "downsample_factor", "scaling_factor", "shift_factor"):
+        if key in recorded and recorded[key] != getattr(vae, key):
+            raise UserError(
+                f"VAE '{recorded['source']}' has {key} {getattr(vae, key)}, but the latents were encoded by one with "
+                f"{recorded[key]}: it is not the same VAE"
+            )
+    return lambda z: vae.decode(denormalize_latents(z, record))
