@@ -34,6 +34,12 @@ class SampleArguments:
         default=None,
         metadata={"help": "Comma-separated class ids (or names) cycled over the images. Default: all classes."},
     )
+    prompt: list[str] | None = field(
+        default=None,
+        metadata={"help": "Text models: one or more prompts (--prompt 'a' --prompt 'b'), cycled over the images. "
+                  "Default: the captions recorded at training."},
+    )  # fmt: skip
+    prompt_file: str | None = field(default=None, metadata={"help": "Text models: a file of prompts, one per line."})
     denoising_path: bool = field(
         default=False,
         metadata={"help": "Also write the first images' denoising path: <output>_denoising.png/.gif, "
@@ -85,6 +91,35 @@ def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[
     return labels
 
 
+def prompt_labels(prompts: list[str], class_names) -> list[int] | None:
+    """The class each prompt names (the longest class name it contains, case-insensitive), or None unless every
+    prompt names one: lets the classifier metrics score a text model prompted with class names."""
+    if not class_names:
+        return None
+    names = sorted(((n.lower(), i) for i, n in enumerate(class_names)), key=lambda p: -len(p[0]))
+    labels = [next((i for n, i in names if n in p.lower()), None) for p in prompts]
+    return None if None in labels else labels
+
+
+def parse_prompts(args, record: dict) -> list[str] | None:
+    """The prompts of a text model: --prompt, else --prompt_file, else those recorded at training."""
+    if "text_encoder" not in record:
+        if args.prompt or args.prompt_file:
+            raise UserError("--prompt given, but the model is not text-conditional")
+        return None
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt_file: no such file '{path}'")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompt_file '{path}' holds no prompts")
+        return prompts
+    return record.get("sample_prompts") or [""]
+
+
 @cli_entry
 def main(argv=None):
     from modules.models import load_model
@@ -116,9 +151,19 @@ def main(argv=None):
     num_classes = model.config.num_classes
     cycle = parse_class_labels(args.class_labels, num_classes, record.get("class_names"))
     labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
+    cond, prompts, null_cond = labels, parse_prompts(args, record), None
+    if prompts is not None:
+        from modules.text import TextConditioner, text_encoder_from_record
+
+        text = TextConditioner(text_encoder_from_record(record["text_encoder"], device=device))
+        cycle = [prompts[i % len(prompts)] for i in range(args.num_images)]
+        cond, null_cond = text(cycle, "cpu"), text.null(device)
+        labels = prompt_labels(cycle, record.get("class_names"))  # for the classifier's class accuracy
+        cycle = prompts
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     if args.nfe_sweep:
-        return nfe_sweep(args, evaluator, model, objective, shape, labels, device, Path(args.output), decode)
+        return nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, Path(args.output), decode,
+                         null_cond)  # fmt: skip
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
     images = generate_images(
         model,
@@ -127,7 +172,7 @@ def main(argv=None):
         args.seed,
         shape,
         args.batch_size,
-        labels,
+        cond,
         device,
         progress=True,
         sampler=args.sampler,
@@ -135,6 +180,7 @@ def main(argv=None):
         guidance_scale=args.guidance_scale,
         callback=recorder,
         decode=decode,
+        null_cond=null_cond,
     )
     out = Path(args.output)
     if recorder is not None:
@@ -205,7 +251,8 @@ class Evaluator:
         return f"{num_images} samples vs {self.num_reference} training images"
 
 
-def nfe_sweep(args, evaluator, model, objective, shape, labels, device, out: Path, decode=None):
+def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, out: Path, decode=None,
+              null_cond=None):  # fmt: skip
     """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
     import json
 
@@ -224,9 +271,10 @@ def nfe_sweep(args, evaluator, model, objective, shape, labels, device, out: Pat
     rows = []
     for sampler in samplers:
         for steps in step_counts:
-            images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, labels,
+            images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, cond,
                                      device, progress=True, sampler=sampler, num_inference_steps=steps,
-                                     guidance_scale=args.guidance_scale, decode=decode)  # fmt: skip
+                                     guidance_scale=args.guidance_scale, decode=decode,
+                                     null_cond=null_cond)  # fmt: skip
             nfe = 2 * steps - 1 if sampler == "heun" else steps
             rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, labels)})
             print(f"{sampler} {steps} steps (NFE {nfe}): " + ", ".join(

@@ -96,6 +96,23 @@ class ModelArguments:
     mlp: Literal["gelu", "swiglu"] = _help("DiT MLP type.", default="gelu")
     base_channels: int | None = _help("UNet: override the preset's base channel count.", default=None)
     dropout: float | None = _help("Override the preset's dropout.", default=None)
+    vae: str | None = _help(
+        "With --latent_dataset: the VAE that decodes samples (Hub id or directory), e.g. when the recorded one has "
+        "moved. It must match the one that encoded the latents (kind, channels, scaling). Default: the recorded one.",
+        default=None,
+    )
+    text_encoder: str | None = _help(
+        "Condition on the dataset's captions (--caption_column) through this text encoder: 'minilm' (offline, "
+        "384-d), a CLIP model's Hub id or folder (e.g. openai/clip-vit-large-patch14), or 'own' (a small CLIP-style "
+        "transformer trained with the denoiser; 'own:width=256,layers=4,heads=4,max_length=32'). Default: none.",
+        default=None,
+    )
+    text_conditioning: Literal["pooled", "cross_attn"] = _help(
+        "How the text enters: the pooled embedding added to the time embedding, or that plus cross-attention to "
+        "the tokens.",
+        default="cross_attn",
+    )
+    max_text_length: int | None = _help("Tokens per caption (longer ones are truncated and counted).", default=None)
     class_conditional: bool = _help(
         "Condition on class labels (needs a label column); the null class enables classifier-free guidance.",
         default=False,

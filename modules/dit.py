@@ -6,7 +6,9 @@ conditioning vector c = time embedding [+ class embedding] through adaLN-Zero:
     h = h + gate_msa(c) * Attn(LN(h) * (1 + scale_msa(c)) + shift_msa(c))
     h = h + gate_mlp(c) * MLP(LN(h) * (1 + scale_mlp(c)) + shift_mlp(c))
 
-then a final adaLN layer and a linear map back to p * p * out_channels values per token, unpatchified. The
+With text_conditioning="cross_attn", each block also attends to the text tokens between the two (PixArt-alpha):
+h = h + CrossAttn(LN(h), tokens); the pooled text embedding joins c in both text modes. Then a final adaLN layer
+and a linear map back to p * p * out_channels values per token, unpatchified. The
 modulations and the final linear start at zero, so every block starts as the identity and the output starts at zero.
 
 Options beyond the paper: 2-D RoPE on q and k instead of the absolute sin-cos position embedding, RMSNorm on
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from modules.conditioning import ConditionEmbedder
+from modules.conditioning import TEXT_CONDITIONING, ConditionEmbedder, CrossAttention, own_text_encoder, resolve_text
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -114,19 +116,22 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, mlp: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, mlp: str, text_dim: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qk_norm)
+        self.cross_attn = CrossAttention(dim, text_dim, num_heads) if text_dim else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio, mlp)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, context=None
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, *context)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -171,11 +176,21 @@ class DiTModel(ModelMixin, ConfigMixin):
         qk_norm: bool = False,
         pos_embed: str = "absolute",
         mlp: str = "gelu",
+        text_conditioning: str = "none",
+        text_dim: int = 0,
+        pooled_dim: int = 0,
+        text_encoder: dict | None = None,
     ):
         super().__init__()
         if out_channels is None:
             out_channels = in_channels
             self.register_to_config(out_channels=out_channels)
+        if text_conditioning not in TEXT_CONDITIONING:
+            raise ValueError(f"text_conditioning must be one of {TEXT_CONDITIONING}, got {text_conditioning!r}.")
+        if text_conditioning != "none" and not (pooled_dim > 0 and (text_conditioning == "pooled" or text_dim > 0)):
+            raise ValueError(
+                f"text_conditioning={text_conditioning!r} needs pooled_dim (and text_dim for cross_attn)."
+            )
         if pos_embed not in ("absolute", "rope"):
             raise ValueError(f"pos_embed must be 'absolute' or 'rope', got {pos_embed!r}.")
         if hidden_size % num_heads:
@@ -188,9 +203,11 @@ class DiTModel(ModelMixin, ConfigMixin):
         if sample_size % patch_size:
             raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size}).")
         self.gradient_checkpointing = False
+        self.text_model = own_text_encoder(text_encoder)  # a trainable one; frozen encoders stay outside
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.cond_embed = ConditionEmbedder(hidden_size, num_classes, frequency_dim=256)
+        pooled = pooled_dim if text_conditioning != "none" else 0
+        self.cond_embed = ConditionEmbedder(hidden_size, num_classes, frequency_dim=256, pooled_dim=pooled)
         grid = sample_size // patch_size
         # Fixed functions of the grid: not saved, so checkpoints stay free of derived values.
         if pos_embed == "absolute":
@@ -199,7 +216,10 @@ class DiTModel(ModelMixin, ConfigMixin):
             angles = rope_2d_angles(head_dim, grid, grid)
             self.register_buffer("rope_cos", angles.cos(), persistent=False)
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp) for _ in range(depth))
+        cross = text_dim if text_conditioning == "cross_attn" else 0
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp, cross) for _ in range(depth)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.initialize_weights()
 
@@ -224,10 +244,15 @@ class DiTModel(ModelMixin, ConfigMixin):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:  # starts as the identity, like every other branch
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.text_model is not None:  # its own initialisation, not the DiT's
+            self.text_model.initialize_weights()
 
     @property
     def downsample_factor(self) -> int:
@@ -246,8 +271,9 @@ class DiTModel(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, or None (null class)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
+        """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
+        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py)."""
         p = self.config.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"Input size {tuple(x.shape[-2:])} is not divisible by the DiT patch size {p}.")
@@ -266,9 +292,11 @@ class DiTModel(ModelMixin, ConfigMixin):
                 angles = rope_2d_angles(2 * cos.shape[-1], grid_h, grid_w).to(h.device)
                 cos, sin = angles.cos(), angles.sin()
             rope = (cos, sin)
+        cond = resolve_text(self.text_model, cond)
         c = self.cond_embed(t, cond, x.shape[0]).to(h.dtype)
+        context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
         for block in self.blocks:
-            h = self._run(block, h, c, rope)
+            h = self._run(block, h, c, rope, context)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
         return self.unpatchify(h, grid_h, grid_w)
 

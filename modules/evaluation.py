@@ -449,6 +449,8 @@ def validation_loss(model, objective, images: torch.Tensor, labels, seed: int, n
     Every image is evaluated at the centre of each of `num_bins` equal t-bins, t_j = (j + 1/2) / num_bins, with noise
     seeded by (seed, bin). Returns {"val_loss": mean, "val_loss_bins": [mean per bin], "val_t": [t_j]}.
     """
+    from modules.conditioning import select_condition
+
     device = next(model.parameters()).device
     t_grid = [(j + 0.5) / num_bins for j in range(num_bins)]
     per_bin = torch.zeros(num_bins, dtype=torch.float64)
@@ -458,8 +460,9 @@ def validation_loss(model, objective, images: torch.Tensor, labels, seed: int, n
             x0 = images[first : first + batch_size].to(device)
             noise = all_noise[first : first + len(x0)].to(device)
             cond = None
-            if labels is not None and model.config.num_classes:
-                cond = labels[first : first + len(x0)].to(device)
+            if labels is not None:  # class labels, or a text condition (modules/conditioning.py)
+                cond = select_condition(labels, slice(first, first + len(x0)))
+                cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
             t_batch = torch.full((len(x0),), t, device=device)
             per_bin[j] += objective.loss_at(model, x0, cond, noise, t_batch).double().sum().cpu()
     per_bin /= len(images)

@@ -15,9 +15,11 @@ MODEL_CLASSES = {"UNetModel": UNetModel, "DiTModel": DiTModel, "KLVAE": KLVAE}
 OBJECTIVE_FILE = "objective.json"
 
 
-def build_model(args: ModelArguments, in_channels: int, resolution: int, num_classes: int = 0):
-    """The preset named by `args.model`, sized for the data; checks that the resolution fits its downsampling."""
+def build_model(args: ModelArguments, in_channels: int, resolution: int, num_classes: int = 0, text=None):
+    """The preset named by `args.model`, sized for the data; checks that the resolution fits its downsampling.
+    `text`: the text settings of a text-conditional model (`TextConditioner.model_config()`)."""
     common = dict(in_channels=in_channels, out_channels=in_channels, sample_size=resolution, num_classes=num_classes)
+    common.update(text or {})
     if args.dropout is not None:
         common["dropout"] = args.dropout
     if args.model in UNET_PRESETS:

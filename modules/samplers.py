@@ -24,14 +24,21 @@ def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[t
 def guided_model(model, cond, guidance_scale: float = 1.0, null_cond=None):
     """`fn(x, t)` for the samplers, with classifier-free guidance: u + s (c - u), u = model(x, t, null).
 
-    `null_cond` defaults to the model's null class (index num_classes)."""
+    `null_cond` defaults to the model's null class (index num_classes); text models must pass theirs (the empty
+    caption's encoding, one row or one per sample)."""
+    from modules.conditioning import cat_conditions, is_text
 
     def fn(x, t):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         if cond is None or guidance_scale == 1.0:
             return model(x, t, cond)
-        null = null_cond if null_cond is not None else torch.full_like(cond, model.config.num_classes)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        if is_text(cond):
+            if null_cond is None:
+                raise ValueError("classifier-free guidance of a text-conditional model needs null_cond")
+            null = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in null_cond.items()}
+        else:
+            null = null_cond if null_cond is not None else torch.full_like(cond, model.config.num_classes)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null]))
         out_cond, out_uncond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
@@ -65,10 +72,10 @@ class GuidedSampling:
         return {"val_loss": result["val_loss"], **bins}
 
     def preview(self, model, num_images: int, seed: int, shape, labels, device, data=None, decode=None,
-                callback=None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+                callback=None, progress: bool = False, null_cond=None) -> torch.Tensor:  # fmt: skip
         """What grids and FID look at: `num_images` samples from noise, uint8 (N, C, H, W)."""
         return generate_images(model, self, num_images, seed, shape, 64, labels, device, progress=progress,
-                               decode=decode, callback=callback)  # fmt: skip
+                               decode=decode, callback=callback, null_cond=null_cond)  # fmt: skip
 
     def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int | None]:
         """A column per class for class-conditional previews."""
@@ -226,6 +233,9 @@ def generate_images(
 ) -> torch.Tensor:
     """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i).
 
+    `class_labels`: one label per image, or for text models a text dict with one row per image (and then
+    `null_cond=` the empty caption's encoding, for guidance).
+
     `decode` maps what the model generates to images in [-1, 1] (a VAE's decoder for latent models)."""
     from tqdm.auto import tqdm
 
@@ -238,7 +248,9 @@ def generate_images(
         generators = sample_generators(seed, first, n)
         noise = per_sample_randn(generators, shape, device)
         cond = None
-        if class_labels is not None:
+        if isinstance(class_labels, dict):  # text embeddings, one row per image (modules/conditioning.py)
+            cond = {k: v[first - start : first - start + n].to(device) for k, v in class_labels.items()}
+        elif class_labels is not None:
             cond = torch.as_tensor(class_labels[first - start : first - start + n], dtype=torch.long, device=device)
         x0 = objective.sample(model, noise, cond, generators=generators, **sample_kwargs)
         out.append(to_uint8(decode(x0) if decode is not None else x0).cpu())

@@ -175,31 +175,88 @@ def model_input(batch: dict, data, generator: torch.Generator, flip: bool) -> to
     return random_flip(x0, generator) if flip else x0
 
 
-def measure_flops(model, objective, data, num_classes: int, device) -> float:
+class WithIndex(torch.utils.data.Dataset):
+    """A dataset whose batches also carry the indices of their rows ("index"), to look up captions by."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitems__(self, indices):
+        if hasattr(self.dataset, "__getitems__"):
+            batch = collate_examples(self.dataset.__getitems__(indices))
+        else:
+            batch = collate_examples([self.dataset[i] for i in indices])
+        return {**batch, "index": torch.as_tensor(indices, dtype=torch.long)}
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class Conditioning:
+    """What the model is conditioned on, in training batches, previews and evaluation: class labels, captions
+    through a text encoder (`text`, a modules.text.TextConditioner), or nothing."""
+
+    def __init__(self, data, num_classes: int, text=None, drop_prob: float = 0.0):
+        self.data, self.num_classes, self.text, self.drop_prob = data, num_classes, text, drop_prob
+
+    def batch(self, batch: dict, generator: torch.Generator, device):
+        """The condition of a training batch, with classifier-free-guidance dropout drawn from `generator`."""
+        if self.text is not None:
+            index = batch["index"].tolist()
+            drop = torch.rand(len(index), generator=generator, device=generator.device).tolist()
+            captions = ["" if u < self.drop_prob else self.data.captions[i] for u, i in zip(drop, index, strict=True)]
+            return self.text(captions, device)
+        if self.num_classes:
+            return drop_labels(batch["labels"], self.drop_prob, self.num_classes, generator)
+        return None
+
+    def for_images(self, n: int):
+        """(cond, labels) for n generated images: cond is what they are generated from (labels cycling over the
+        classes, or the captions of the first n training images), labels the classes they should show (or None)."""
+        if self.text is not None:
+            index = [i % len(self.data.captions) for i in range(n)]
+            labels = getattr(self.data.dataset, "labels", None)
+            labels = [int(labels[i]) for i in index] if labels is not None and self.data.num_classes else None
+            return self.text([self.data.captions[i] for i in index], "cpu"), labels
+        if self.num_classes:
+            labels = [i % self.num_classes for i in range(n)]
+            return labels, labels
+        return None, None
+
+    def null(self, device):
+        return self.text.null(device) if self.text is not None else None
+
+    def held_out(self, held_out) -> tuple[torch.Tensor, object]:
+        """All held-out images in [-1, 1] and their condition, decoded once for every validation of the run."""
+        n = len(held_out.dataset)
+        images = to_model_range(held_out.dataset.uint8_images(n))
+        if self.text is not None:
+            return images, self.text(held_out.captions[:n], "cpu")
+        labels = held_out.dataset.labels if self.num_classes else None
+        return images, torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None
+
+
+def measure_flops(model, objective, data, conditioning: Conditioning, device) -> float:
     """Training FLOPs per image, counted once on two real images (their cost does not depend on the values)."""
-    batch = collate_examples(data.dataset.__getitems__([0, 1]) if hasattr(data.dataset, "__getitems__")
-                             else [data.dataset[0], data.dataset[1 % len(data.dataset)]])  # fmt: skip
-    batch = {k: v.to(device) for k, v in batch.items()}
-    cond = batch["labels"] if num_classes else None
+    batch = {k: v.to(device) for k, v in WithIndex(data.dataset).__getitems__([0, 1 % len(data.dataset)]).items()}
     generator = torch.Generator(device=device).manual_seed(0)
-    return training_flops_per_image(model, objective, model_input(batch, data, generator, False), cond, generator)
+    x0 = model_input(batch, data, generator, False)
+    cond = conditioning.batch(batch, generator, device)
+    return training_flops_per_image(model, objective, x0, cond, generator)
 
 
-def held_out_tensors(held_out) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All held-out images in [-1, 1] and their labels, decoded once for every validation of the run."""
-    n = len(held_out.dataset)
-    images = to_model_range(held_out.dataset.uint8_images(n))
-    labels = held_out.dataset.labels
-    return images, torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None
-
-
-def sample_grid(ema_model, objective, data, train: TrainingArguments, shape, device, path: Path, decode=None):
+def sample_grid(ema_model, objective, data, conditioning, train: TrainingArguments, shape, device, path: Path,
+                decode=None):  # fmt: skip
     """A grid from the EMA model with fixed noise (seed `train.seed`), a column per class when conditional, and
     the denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
     n = train.num_sample_images
-    labels = [i % data.num_classes for i in range(n)] if getattr(ema_model.config, "num_classes", 0) else None
+    cond, _ = conditioning.for_images(n)
     recorder = DenoisingRecorder(max_samples=min(n, data.num_classes or 8))
-    images = objective.preview(ema_model, n, train.seed, shape, labels, device, data, decode, callback=recorder)
+    images = objective.preview(ema_model, n, train.seed, shape, cond, device, data, decode, callback=recorder,
+                               null_cond=conditioning.null(device))  # fmt: skip
     images, nrow = objective.grid_layout(images, data)
     save_image_grid(images, path, nrow=nrow)
     if recorder.num_steps:  # objectives that sample record their path; an autoencoder has none
@@ -212,24 +269,45 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
     For a latent dataset the FID reference is the image dataset it was encoded from (recorded in it), and the
     latent record (VAE, channel statistics) is what decodes the model's samples; it has no held-out split."""
     need_labels = model_args.class_conditional
+    if model_args.text_encoder and model_args.class_conditional:
+        raise UserError("--text_encoder and --class_conditional: choose one condition (captions or class labels)")
     fid = train_args.fid_num_samples or train_args.eval_fid_steps
     if not data_args.latent_dataset:
         data = load_train_data(data_args, need_labels=need_labels)
         held_out = load_validation_data(data_args) if train_args.validation_steps else None
+        if model_args.text_encoder and data.captions is None:
+            raise UserError(
+                "--text_encoder needs captions, but the data has none: pass --caption_column, or make them with "
+                "caption.py (e.g. --captioner template for labelled data)"
+            )
+        if model_args.text_encoder and held_out is not None and held_out.captions is None:
+            import warnings
+
+            warnings.warn("the held-out split has no captions: no validation loss for a text model", stacklevel=2)
+            held_out = None
         return data, held_out, data if fid else None, None
     import dataclasses
 
     from modules.latents import load_latent_data
 
+    if model_args.text_encoder:
+        raise UserError("--text_encoder with --latent_dataset is not supported yet; train text models on images")
     data = load_latent_data(data_args.latent_dataset, data_args.max_train_samples, need_labels=need_labels)
     if data_args.random_flip and "flip_mean" not in data.metadata["columns"]:
         raise UserError(
             f"--random_flip: the latent dataset '{data_args.latent_dataset}' holds no flipped latents; encode it with "
             "encode_latents.py --random_flip, or train without --random_flip"
         )
-    vae = dict(data.vae)
+    vae = dict(data.vae, source=model_args.vae or data.vae["source"])
     if Path(vae["source"]).exists():  # a local VAE: found again from any working directory
         vae["source"] = str(Path(vae["source"]).resolve())
+    if data_args.resolution != data.image_resolution:
+        import warnings
+
+        held = f"{data.image_resolution}px images as {data.resolution}x{data.resolution} latents"
+        warnings.warn(
+            f"--resolution {data_args.resolution} is not used: the latent dataset holds {held}", stacklevel=2
+        )
     known = {f.name for f in dataclasses.fields(DataArguments)}
     source = {k: v for k, v in (data.metadata.get("data_args") or {}).items() if k in known and k != "latent_dataset"}
     latent = {"dataset": data_args.latent_dataset, "vae": vae, "channel_mean": data.channel_mean.tolist(),
@@ -277,8 +355,17 @@ def train(
     if "classifier" in train_args.eval_metrics and not (reference or data).key.startswith("fashion_mnist"):
         raise UserError("--eval_metrics classifier is trained on Fashion-MNIST and only measures Fashion-MNIST runs")
     num_classes = data.num_classes if model_args.class_conditional else 0
+    text = None
+    if model_args.text_encoder:
+        from modules.text import TextConditioner, load_text_encoder
+
+        if model_args.max_text_length is not None and model_args.max_text_length < 2:
+            raise UserError(f"--max_text_length must be at least 2, got {model_args.max_text_length}")
+        encoder = load_text_encoder(model_args.text_encoder, max_length=model_args.max_text_length)
+        text = TextConditioner(encoder, model_args.text_conditioning)
     torch.manual_seed(train_args.seed)  # same initial weights on every process
-    model = getattr(objective, "build_model", build_model)(model_args, data.num_channels, resolution, num_classes)
+    make_model = getattr(objective, "build_model", build_model)
+    model = make_model(model_args, data.num_channels, resolution, num_classes, text.model_config() if text else None)
     resume = resolve_resume(train_args.resume_from_checkpoint, out)
     if resume is not None:
         check_compatible(resume, dict(model.config))
@@ -293,6 +380,11 @@ def train(
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    decode = None
+    if latent is not None and accelerator.is_main_process:  # before the run dir: a VAE that does not fit stops here
+        from modules.vae import latent_decoder
+
+        decode = latent_decoder(latent, device)
     if train_args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -308,7 +400,8 @@ def train(
         (out / "run_config.json").write_text(json.dumps(record, indent=2))
     if train_args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    flops_per_image = measure_flops(model.to(device), objective, data, num_classes, device)
+    conditioning = Conditioning(data, num_classes, text.to(device) if text else None, train_args.cond_drop_prob)
+    flops_per_image = measure_flops(model.to(device), objective, data, conditioning, device)
     peak = train_args.peak_tflops or peak_tflops(device, accelerator.mixed_precision)
     optimizer = make_optimizer(model, train_args)
     lr_scheduler = get_scheduler(
@@ -329,7 +422,7 @@ def train(
         accelerator.print(f"resumed from {resume} at step {start_step}")
     sampler.start_batch = start_step * train_args.gradient_accumulation_steps
     loader = torch.utils.data.DataLoader(
-        data.dataset,
+        WithIndex(data.dataset) if text else data.dataset,
         batch_sampler=sampler,
         collate_fn=collate_examples,
         num_workers=data_args.dataloader_num_workers,
@@ -361,20 +454,16 @@ def train(
         }
         save_checkpoint(accelerator, out, step, ema, state, train_args.checkpoints_total_limit)
 
-    decode = None
-    if latent is not None and accelerator.is_main_process:
-        from modules.vae import latent_decoder
-
-        decode = latent_decoder(latent, device)
     shape = (data.num_channels, resolution, resolution)
-    validation_set = functools.cache(lambda: held_out_tensors(held_out))
+    validation_set = functools.cache(lambda: conditioning.held_out(held_out))
 
     def write_grid(step):
         path = out / "samples" / f"step_{step:07d}.png"
-        sample_grid(ema.model, objective, data, train_args, shape, device, path, decode)
+        sample_grid(ema.model, objective, data, conditioning, train_args, shape, device, path, decode)
 
     def evaluate(step):
-        evaluate_fid(accelerator, ema.model, objective, data, reference, train_args, shape, metrics, step, decode)
+        evaluate_fid(accelerator, ema.model, objective, data, conditioning, reference, train_args, shape, metrics,
+                     step, decode)  # fmt: skip
 
     progress = tqdm(
         total=train_args.max_train_steps,
@@ -391,9 +480,7 @@ def train(
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             generator = step_generator(train_args.seed, rank, step, micro, device)
             x0 = model_input(batch, data, generator, data_args.random_flip)
-            cond = None
-            if num_classes:
-                cond = drop_labels(batch["labels"], train_args.cond_drop_prob, num_classes, generator)
+            cond = conditioning.batch(batch, generator, device)
             with accelerator.accumulate(model):
                 loss = objective.loss(model, x0, cond, generator).mean()
                 accelerator.backward(loss)
@@ -459,6 +546,7 @@ def train(
                 "dataset_key": data.key,
                 "class_names": data.class_names,
                 **({"latent": latent} if latent else {}),
+                **({"text_encoder": text.record, "sample_prompts": list(data.captions[:16])} if text else {}),
                 "steps": final,
                 "images_seen": images_seen,
             },
@@ -472,7 +560,8 @@ def train(
     return out
 
 
-def evaluate_fid(accelerator, ema_model, objective, data, reference, train_args, shape, metrics, step, decode=None):
+def evaluate_fid(accelerator, ema_model, objective, data, conditioning, reference, train_args, shape, metrics, step,
+                 decode=None):  # fmt: skip
     """--eval_metrics of the EMA model's images (uint8, decoded when latent) against the reference images: Inception
     FID/KID with reference statistics cached on disk, and the Fashion-MNIST classifier's metrics. Main process only;
     writes fid.json."""
@@ -481,9 +570,9 @@ def evaluate_fid(accelerator, ema_model, objective, data, reference, train_args,
     from modules.evaluation import evaluate_generated, parse_eval_metrics
 
     n = train_args.fid_num_samples
-    labels = [i % data.num_classes for i in range(n)] if getattr(ema_model.config, "num_classes", 0) else None
-    images = objective.preview(ema_model, n, train_args.seed + 1, shape, labels, accelerator.device, data, decode,
-                               progress=True)  # fmt: skip
+    cond, labels = conditioning.for_images(n)
+    images = objective.preview(ema_model, n, train_args.seed + 1, shape, cond, accelerator.device, data, decode,
+                               progress=True, null_cond=conditioning.null(accelerator.device))  # fmt: skip
     n_ref = train_args.fid_reference_samples or n
     values = evaluate_generated(images, labels, reference, n_ref, parse_eval_metrics(train_args.eval_metrics),
                                 weights_path=train_args.fid_weights)  # fmt: skip

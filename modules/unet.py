@@ -6,7 +6,9 @@ Layout for channel_mult = (1, 2, 2) and num_res_blocks = 2, at 32x32:
             -> [Res x 3, Up] 8 -> [Res x 3, Up] 16 -> [Res x 3] 32 -> GroupNorm-SiLU-conv_out
 
 Every down-path output is kept as a skip and concatenated to one up-path ResBlock input. An attention block follows
-each ResBlock whose feature map size is in `attention_resolutions`. The conditioning vector c (time + class) enters
+each ResBlock whose feature map size is in `attention_resolutions`, and with text_conditioning="cross_attn" a
+cross-attention to the text tokens after each attention block. The conditioning vector c (time + class or pooled
+text) enters
 every ResBlock as a scale and shift after its second GroupNorm. The last conv of every residual branch and the output
 conv start at zero, so each block starts as the identity and the network's output starts at zero.
 """
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from modules.conditioning import ConditionEmbedder
+from modules.conditioning import TEXT_CONDITIONING, ConditionEmbedder, CrossAttention, own_text_encoder, resolve_text
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -96,11 +98,17 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """A run of layers between two skip connections; ResBlocks also get the conditioning vector."""
+    """A run of layers between two skip connections; ResBlocks also get the conditioning vector, cross-attention
+    layers the text tokens and mask."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context=None) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, CrossAttention):
+                x = layer(x, *context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -130,19 +138,38 @@ class UNetModel(ModelMixin, ConfigMixin):
         num_head_channels: int = 64,
         dropout: float = 0.0,
         num_classes: int = 0,
+        text_conditioning: str = "none",
+        text_dim: int = 0,
+        pooled_dim: int = 0,
+        text_encoder: dict | None = None,
     ):
         super().__init__()
         if out_channels is None:
             out_channels = in_channels
             self.register_to_config(out_channels=out_channels)
+        if text_conditioning not in TEXT_CONDITIONING:
+            raise ValueError(f"text_conditioning must be one of {TEXT_CONDITIONING}, got {text_conditioning!r}.")
+        if text_conditioning != "none" and not (pooled_dim > 0 and (text_conditioning == "pooled" or text_dim > 0)):
+            raise ValueError(
+                f"text_conditioning={text_conditioning!r} needs pooled_dim (and text_dim for cross_attn)."
+            )
         if sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(
                 f"sample_size ({sample_size}) must be divisible by 2^(len(channel_mult) - 1) = "
                 f"{2 ** (len(channel_mult) - 1)} for channel_mult={tuple(channel_mult)}."
             )
         self.gradient_checkpointing = False
+        self.text_model = own_text_encoder(text_encoder)  # a trainable one; frozen encoders stay outside
         emb_dim = 4 * base_channels
-        self.cond_embed = ConditionEmbedder(emb_dim, num_classes, frequency_dim=base_channels)
+        pooled = pooled_dim if text_conditioning != "none" else 0
+        self.cond_embed = ConditionEmbedder(emb_dim, num_classes, frequency_dim=base_channels, pooled_dim=pooled)
+
+        def attention(ch: int) -> list[nn.Module]:
+            layers = [AttentionBlock(ch, num_head_channels)]
+            if text_conditioning == "cross_attn":
+                layers.append(CrossAttention(ch, text_dim, max(1, ch // num_head_channels)))
+            return layers
+
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         ch, resolution = base_channels, sample_size
@@ -153,7 +180,7 @@ class UNetModel(ModelMixin, ConfigMixin):
                 layers = [ResBlock(ch, base_channels * mult, emb_dim, dropout)]
                 ch = base_channels * mult
                 if resolution in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_head_channels))
+                    layers += attention(ch)
                 self.down_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -163,7 +190,7 @@ class UNetModel(ModelMixin, ConfigMixin):
 
         self.mid_block = EmbedSequential(
             ResBlock(ch, ch, emb_dim, dropout),
-            AttentionBlock(ch, num_head_channels),
+            *attention(ch),
             ResBlock(ch, ch, emb_dim, dropout),
         )
 
@@ -174,7 +201,7 @@ class UNetModel(ModelMixin, ConfigMixin):
                 layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout)]
                 ch = base_channels * mult
                 if resolution in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_head_channels))
+                    layers += attention(ch)
                 if level != 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     resolution *= 2
@@ -188,28 +215,31 @@ class UNetModel(ModelMixin, ConfigMixin):
         """Input height and width must be multiples of this."""
         return 2 ** (len(self.config.channel_mult) - 1)
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, h, emb)
-        return block(h, emb)
+            return self._gradient_checkpointing_func(block, h, emb, context)
+        return block(h, emb, context)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, or None (null class)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
+        """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
+        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py)."""
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(
                 f"Input size {tuple(x.shape[-2:])} is not divisible by the UNet's downsample factor {f}; "
                 f"use a resolution that is a multiple of {f} or fewer channel_mult levels."
             )
+        cond = resolve_text(self.text_model, cond)
         emb = F.silu(self.cond_embed(t, cond, x.shape[0])).to(x.dtype)
+        context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = self._run(block, h, emb)
+            h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.mid_block, h, emb)
+        h = self._run(self.mid_block, h, emb, context)
         for block in self.up_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -240,8 +240,8 @@ class VAEObjective:
 
     # What the training loop asks of every objective besides `loss` (see modules/training.py).
 
-    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0) -> KLVAE:
-        """The `--vae_model` preset for the data; labels are not used."""
+    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None) -> KLVAE:
+        """The `--vae_model` preset for the data; labels and text are not used."""
         from modules.config import UserError
 
         a = self.args
@@ -274,7 +274,7 @@ class VAEObjective:
         return {"val_loss": torch.cat(loss).mean().item(), "val_psnr": torch.cat(db).mean().item()}
 
     def preview(self, model, num_images: int, seed: int, shape, labels, device, data=None, decode=None,
-                callback=None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+                callback=None, progress: bool = False, null_cond=None) -> torch.Tensor:  # fmt: skip
         """Reconstructions of the first `num_images` images of `data`, uint8 (N, C, H, W): what the grid shows
         (under the originals) and what the FID measures (rFID)."""
         from modules.data import to_model_range, to_uint8

@@ -1,5 +1,6 @@
 """Shared helpers: tests run offline, on tiny models, and each script end to end in a subprocess where it must."""
 
+import json
 import os
 import socket
 import subprocess
@@ -37,6 +38,10 @@ TINY = [
 
 # Everything that draws random numbers during training, so that exact resume is tested on all of it.
 RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--cond_drop_prob", 0.3, *TINY]
+
+
+# A tiny CLIP text transformer over the real CLIP BPE vocabulary (open-clip-torch ships it).
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
 
 
 def free_port() -> int:
@@ -77,3 +82,32 @@ def tiny_cfm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cfm") / "run"
     script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard", *RESUMABLE)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_clip_tokenizer(tmp_path_factory):
+    """transformers' CLIPTokenizer from vocab.json and merges.txt written from open_clip's BPE file."""
+    from transformers import CLIPTokenizer
+
+    from modules.tokenizer import clip_vocab
+
+    folder = tmp_path_factory.mktemp("clip-vocab")
+    vocab, merges = clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def clip_text_folder(tmp_path_factory, hf_clip_tokenizer):
+    """A tiny CLIPTextModel (as Stable Diffusion's text_encoder) saved with its tokenizer."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from modules.tokenizer import EOT_ID, SOT_ID
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip-text")
+    CLIPTextModel(CLIPTextConfig(**TINY_TEXT, bos_token_id=SOT_ID, eos_token_id=EOT_ID)).save_pretrained(folder)
+    hf_clip_tokenizer.save_pretrained(folder)
+    return folder

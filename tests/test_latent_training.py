@@ -80,3 +80,33 @@ def test_latent_decoder_refuses_another_vae(vae_run):
               "channel_std": [1.0] * 16}  # fmt: skip
     with pytest.raises(UserError, match="latent_channels 4, but the latents were encoded by one with 16"):
         latent_decoder(record)
+
+
+def test_latent_bad_input_stops_before_the_run_dir(latents, tmp_path, capsys):
+    """Another VAE than the one that encoded the latents, and flips the dataset does not hold: named, nothing
+    written."""
+    from diffusers import AutoencoderKL
+
+    import train_cfm
+
+    other = tmp_path / "other_vae"
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4).save_pretrained(other)
+    out = tmp_path / "run"
+    base = [
+        "--latent_dataset",
+        str(latents),
+        "--model",
+        "dit_tiny",
+        "--output_dir",
+        str(out),
+        "--fid_num_samples",
+        "0",
+    ]
+    for extra, needle in [
+        (["--vae", str(other)], "has kind AutoencoderKL, but the latents were encoded by one with KLVAE"),
+        (["--random_flip"], "holds no flipped latents; encode it with encode_latents.py --random_flip"),
+    ]:
+        with pytest.raises(SystemExit):
+            train_cfm.main([*base, *extra])
+        assert needle in capsys.readouterr().err
+        assert not out.exists()
