@@ -36,15 +36,6 @@ REQUIRED_KEYS = ("vae", "image_resolution", "latent_shape", "num_images", "shard
 MEMORY_FRACTION = 0.25
 
 
-def shard_name(k: int, n: int) -> str:
-    return f"data/train-{k:05d}-of-{n:05d}.parquet"
-
-
-def shard_ranges(num_images: int, shard_size: int) -> list[range]:
-    """Image indices of each shard: consecutive runs of `shard_size` (the last may be shorter)."""
-    return [range(a, min(a + shard_size, num_images)) for a in range(0, num_images, shard_size)]
-
-
 @torch.no_grad()
 def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, flip: bool = False, progress=None):
     """Encode `dataset[i]` for i in `indices`, in order, through `vae` (modules.vae.VAE).
@@ -87,12 +78,10 @@ def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, f
     return {name: torch.cat(parts).numpy() for name, parts in out.items()}
 
 
-def write_shard(path: Path, columns: dict, class_names=None):
-    """Write one shard (columns as `encode_shard` returns them, plus "caption": list of str) under a temporary
-    name, renamed once whole: a file with the final name is always complete. Latents are stored as datasets'
-    Array3D(float16), which `datasets.load_dataset` reads back with its shape."""
+def latent_table(columns: dict, class_names=None):
+    """One shard's pyarrow table from columns as `encode_shard` returns them, plus "caption" (list of str). Latents
+    are stored as datasets' Array3D(float16), which `datasets.load_dataset` reads back with its shape."""
     import datasets
-    import pyarrow.parquet as pq
 
     features = {}
     for name, values in columns.items():
@@ -102,23 +91,7 @@ def write_shard(path: Path, columns: dict, class_names=None):
             features[name] = datasets.ClassLabel(names=list(class_names)) if class_names else datasets.Value("int64")
         else:
             features[name] = datasets.Value("string")
-    table = datasets.Dataset.from_dict(columns, features=datasets.Features(features)).data.table
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def shard_is_complete(path: Path, num_rows: int) -> bool:
-    """Whether the shard at `path` exists whole, with the expected number of rows."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_metadata(path).num_rows == num_rows
-    except (OSError, ValueError):  # absent, or not parquet
-        return False
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features)).data.table
 
 
 def read_shard(path: Path, columns=None) -> dict[str, np.ndarray]:
