@@ -92,11 +92,13 @@ def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[
 
 
 def prompt_labels(prompts: list[str], class_names) -> list[int] | None:
-    """The class each prompt names (the longest class name it contains, case-insensitive), or None unless every
-    prompt names one: lets the classifier metrics score a text model prompted with class names."""
+    """The class each prompt names (the longest class name it contains, as caption.py's templates write it), or None
+    unless every prompt names one: lets the classifier metrics score a text model prompted with class names."""
+    from modules.captioning import class_phrase
+
     if not class_names:
         return None
-    names = sorted(((n.lower(), i) for i, n in enumerate(class_names)), key=lambda p: -len(p[0]))
+    names = sorted(((class_phrase(n), i) for i, n in enumerate(class_names)), key=lambda p: -len(p[0]))
     labels = [next((i for n, i in names if n in p.lower()), None) for p in prompts]
     return None if None in labels else labels
 

@@ -96,6 +96,14 @@ def is_text(cond) -> bool:
     return isinstance(cond, dict)
 
 
+def check_text_config(text_conditioning: str, text_dim: int, pooled_dim: int) -> None:
+    """A denoiser's text settings: pooled needs pooled_dim, cross_attn also text_dim."""
+    if text_conditioning not in TEXT_CONDITIONING:
+        raise ValueError(f"text_conditioning must be one of {TEXT_CONDITIONING}, got {text_conditioning!r}.")
+    if text_conditioning != "none" and not (pooled_dim > 0 and (text_conditioning == "pooled" or text_dim > 0)):
+        raise ValueError(f"text_conditioning={text_conditioning!r} needs pooled_dim (and text_dim for cross_attn).")
+
+
 def own_text_encoder(record: dict | None):
     """The trainable text encoder a denoiser holds (so it trains, checkpoints and averages with it), or None."""
     if not record:

@@ -210,6 +210,17 @@ def _caption_column(args: DataArguments, columns, where: str) -> str | None:
     return args.caption_column
 
 
+def _metadata_column(metadata: dict, files, column: str, meta_path) -> list:
+    """The metadata.jsonl value of `column` for every image file; every file must have one."""
+    values = []
+    for p in files:
+        row = metadata.get(str(p.resolve()))
+        if row is None or column not in row:
+            raise UserError(f"{meta_path}: no '{column}' for {p}")
+        values.append(row[column])
+    return values
+
+
 def _image_folder(data_dir: str, args: DataArguments):
     root = Path(data_dir)
     if not root.is_dir():
@@ -241,12 +252,7 @@ def _image_folder(data_dir: str, args: DataArguments):
                 f"{meta_path}: no column '{label_column}' (columns: {', '.join(columns) or 'none'}); "
                 "pass --label_column none to train without labels"
             )
-        labels = []
-        for p in files:
-            row = metadata.get(str(p.resolve()))
-            if row is None or label_column not in row:
-                raise UserError(f"{meta_path}: no '{label_column}' for {p}")
-            labels.append(int(row[label_column]))
+        labels = [int(v) for v in _metadata_column(metadata, files, label_column, meta_path)]
     else:
         parents = sorted({p.parent.relative_to(root).as_posix() for p in files})
         if label_column != "none" and len(parents) > 1 and "." not in parents:
@@ -255,12 +261,7 @@ def _image_folder(data_dir: str, args: DataArguments):
             labels = [index[p.parent.relative_to(root).as_posix()] for p in files]
     captions = None
     if caption_column := _caption_column(args, columns, str(meta_path)):
-        captions = []
-        for p in files:
-            row = metadata.get(str(p.resolve()))
-            if row is None or caption_column not in row:
-                raise UserError(f"{meta_path}: no '{caption_column}' for {p}")
-            captions.append(str(row[caption_column]))
+        captions = [str(v) for v in _metadata_column(metadata, files, caption_column, meta_path)]
     # Every file is opened now, so an unreadable one stops the run before anything is written.
     from tqdm.auto import tqdm
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from modules.conditioning import TEXT_CONDITIONING, ConditionEmbedder, CrossAttention, own_text_encoder, resolve_text
+from modules.conditioning import ConditionEmbedder, CrossAttention, check_text_config, own_text_encoder, resolve_text
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -185,12 +185,7 @@ class DiTModel(ModelMixin, ConfigMixin):
         if out_channels is None:
             out_channels = in_channels
             self.register_to_config(out_channels=out_channels)
-        if text_conditioning not in TEXT_CONDITIONING:
-            raise ValueError(f"text_conditioning must be one of {TEXT_CONDITIONING}, got {text_conditioning!r}.")
-        if text_conditioning != "none" and not (pooled_dim > 0 and (text_conditioning == "pooled" or text_dim > 0)):
-            raise ValueError(
-                f"text_conditioning={text_conditioning!r} needs pooled_dim (and text_dim for cross_attn)."
-            )
+        check_text_config(text_conditioning, text_dim, pooled_dim)
         if pos_embed not in ("absolute", "rope"):
             raise ValueError(f"pos_embed must be 'absolute' or 'rope', got {pos_embed!r}.")
         if hidden_size % num_heads:

@@ -385,9 +385,12 @@ class TextConditioner:
     A frozen encoder runs here, without autograd, and hands the denoiser embeddings. The trainable "own" encoder
     lives inside the denoiser, so that it trains, checkpoints and averages with it; here it only tokenizes."""
 
+    CACHE_SIZE = 4096  # captions whose frozen embeddings are kept: datasets with few distinct captions encode once
+
     def __init__(self, encoder: TextEncoder, conditioning: str = "cross_attn"):
         self.encoder, self.conditioning = encoder, conditioning
         self.record = encoder.config_record()
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, captions, device=None) -> dict:
         captions = list(captions)
@@ -395,12 +398,21 @@ class TextConditioner:
             ids, mask, truncated = self.encoder.tokenize(captions)
             self.encoder.truncated += truncated
             return {"input_ids": ids.to(device), "input_mask": mask.to(device)}
-        e = self.encoder(captions)
-        return {
-            "tokens": e.tokens.float().to(device),
-            "mask": e.mask.to(device),
-            "pooled": e.pooled.float().to(device),
-        }
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            if len(self._cache) + len(missing) > self.CACHE_SIZE:
+                self._cache.clear()
+            e = self.encoder(missing)
+            for i, caption in enumerate(missing):  # real tokens only: padding is masked out downstream anyway
+                self._cache[caption] = (e.tokens[i, : int(e.mask[i].sum())].float().cpu(), e.pooled[i].float().cpu())
+        rows = [self._cache[c] for c in captions]
+        length = max(len(tokens) for tokens, _ in rows)
+        tokens = torch.zeros(len(rows), length, self.encoder.token_dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, (row, _) in enumerate(rows):
+            tokens[i, : len(row)], mask[i, : len(row)] = row, True
+        pooled = torch.stack([p for _, p in rows])
+        return {"tokens": tokens.to(device), "mask": mask.to(device), "pooled": pooled.to(device)}
 
     def null(self, device=None) -> dict:
         """The empty caption's condition: what caption dropout trains with and guidance subtracts."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from modules.conditioning import TEXT_CONDITIONING, ConditionEmbedder, CrossAttention, own_text_encoder, resolve_text
+from modules.conditioning import ConditionEmbedder, CrossAttention, check_text_config, own_text_encoder, resolve_text
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -147,12 +147,7 @@ class UNetModel(ModelMixin, ConfigMixin):
         if out_channels is None:
             out_channels = in_channels
             self.register_to_config(out_channels=out_channels)
-        if text_conditioning not in TEXT_CONDITIONING:
-            raise ValueError(f"text_conditioning must be one of {TEXT_CONDITIONING}, got {text_conditioning!r}.")
-        if text_conditioning != "none" and not (pooled_dim > 0 and (text_conditioning == "pooled" or text_dim > 0)):
-            raise ValueError(
-                f"text_conditioning={text_conditioning!r} needs pooled_dim (and text_dim for cross_attn)."
-            )
+        check_text_config(text_conditioning, text_dim, pooled_dim)
         if sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(
                 f"sample_size ({sample_size}) must be divisible by 2^(len(channel_mult) - 1) = "

@@ -105,3 +105,22 @@ def test_text_needs_captions(capsys, tmp_path):
         )
     assert "--text_encoder needs captions" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_frozen_embeddings_are_cached_per_caption_and_equal_a_batch_encoding(monkeypatch):
+    from modules.text import TextConditioner, load_text_encoder
+
+    encoder = load_text_encoder("minilm")
+    text = TextConditioner(encoder)
+    captions = ["a photo of a bag", "a sneaker", "a photo of a bag", ""]
+    calls = []
+    real = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda prompts: calls.append(list(prompts)) or real(prompts))
+    cond = text(captions)
+    again = text(captions[::-1])
+    assert calls == [["a photo of a bag", "a sneaker", ""]]  # each distinct caption encoded once
+    direct = real(captions)
+    np.testing.assert_allclose(cond["pooled"], direct.pooled, atol=1e-5)
+    length = cond["tokens"].shape[1]
+    np.testing.assert_allclose(cond["tokens"][cond["mask"]], direct.tokens[:, :length][cond["mask"]], atol=1e-5)
+    assert torch.equal(cond["mask"], direct.mask[:, :length]) and torch.equal(again["pooled"][0], cond["pooled"][3])
