@@ -181,6 +181,7 @@ class LatentData:
     channel_std: torch.Tensor  # (C,)
     image_resolution: int
     metadata: dict  # the whole latents.json
+    captions: list[str] | None = None  # by index, when the images had captions (for text-conditional training)
 
 
 def _local_dir(path_or_id: str, revision: str | None) -> Path:
@@ -291,7 +292,20 @@ def load_latent_data(
         channel_std=torch.tensor(meta["channel_std"], dtype=torch.float32),
         image_resolution=int(meta["image_resolution"]),
         metadata=meta,
+        captions=_captions(paths, n) if "caption" in names else None,
     )
+
+
+def _captions(paths, n: int) -> list[str]:
+    """The caption column of the first n rows across the shards."""
+    import pyarrow.parquet as pq
+
+    captions = []
+    for path in paths:
+        if len(captions) >= n:
+            break
+        captions += pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
+    return [str(c) for c in captions[:n]]
 
 
 def _channel_stats(data_or_metadata, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

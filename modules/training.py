@@ -290,9 +290,12 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
 
     from modules.latents import load_latent_data
 
-    if model_args.text_encoder:
-        raise UserError("--text_encoder with --latent_dataset is not supported yet; train text models on images")
     data = load_latent_data(data_args.latent_dataset, data_args.max_train_samples, need_labels=need_labels)
+    if model_args.text_encoder and data.captions is None:
+        raise UserError(
+            f"--text_encoder needs captions, but the latent dataset '{data_args.latent_dataset}' has none: encode a "
+            "captioned dataset (caption.py, then encode_latents.py --caption_column caption)"
+        )
     if data_args.random_flip and "flip_mean" not in data.metadata["columns"]:
         raise UserError(
             f"--random_flip: the latent dataset '{data_args.latent_dataset}' holds no flipped latents; encode it with "

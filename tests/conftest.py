@@ -111,3 +111,19 @@ def clip_text_folder(tmp_path_factory, hf_clip_tokenizer):
     CLIPTextModel(CLIPTextConfig(**TINY_TEXT, bos_token_id=SOT_ID, eos_token_id=EOT_ID)).save_pretrained(folder)
     hf_clip_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def captioned(tmp_path_factory):
+    """24 Fashion-MNIST images with labels and templated captions, as a local `datasets` dataset."""
+    import datasets
+    from PIL import Image
+
+    from modules.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    root = tmp_path_factory.mktemp("captioned")
+    images, labels = load_fashion_mnist("test")
+    rows = {"image": [Image.fromarray(images[i].numpy()) for i in range(24)], "label": labels[:24].tolist(),
+            "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:24]]}  # fmt: skip
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(root / "train.parquet"))
+    return root

@@ -110,3 +110,18 @@ def test_latent_bad_input_stops_before_the_run_dir(latents, tmp_path, capsys):
             train_cfm.main([*base, *extra])
         assert needle in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_text_model_trains_on_captioned_latents(vae_run, captioned, tmp_path):
+    """Captions pass through encode_latents.py and condition a DiT trained on the latents."""
+    latents = tmp_path / "captioned_latents"
+    script("encode_latents.py", "--vae", vae_run, "--output_dir", latents, "--dataset_name", captioned,
+           "--caption_column", "caption", "--resolution", 32, "--shard_size", 16)  # fmt: skip
+    run, own = tmp_path / "text", "own:width=32,layers=1,heads=2,max_length=16"
+    script("train_cfm.py", "--latent_dataset", latents, "--text_encoder", own,
+           "--model", "dit_tiny", "--patch_size", 2, "--output_dir", run, "--max_train_steps", 2, "--train_batch_size",
+           4, "--num_sample_images", 4, "--num_inference_steps", 2, "--lr_warmup_steps", 0, "--fid_num_samples", 0,
+           "--class_conditional", "false")  # fmt: skip
+    record = json.loads((run / "objective.json").read_text())
+    assert record["text_encoder"]["kind"] == "own" and record["sample_prompts"][0].startswith("a photo of a ")
+    assert "latent" in record and (run / "samples" / "step_0000002.png").is_file()

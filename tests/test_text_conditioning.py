@@ -3,7 +3,6 @@ denoisers' text layers, and sample.py --prompt."""
 
 import json
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -11,22 +10,10 @@ from PIL import Image
 
 import train_cfm
 from modules.conditioning import cat_conditions
-from modules.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from modules.dit import dit_tiny
 from modules.unet import unet_s
 
 TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
-
-
-@pytest.fixture(scope="module")
-def captioned(tmp_path_factory):
-    """24 Fashion-MNIST images with labels and templated captions, as a local `datasets` dataset."""
-    root = tmp_path_factory.mktemp("captioned")
-    images, labels = load_fashion_mnist("test")
-    rows = {"image": [Image.fromarray(images[i].numpy()) for i in range(24)], "label": labels[:24].tolist(),
-            "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:24]]}  # fmt: skip
-    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(root / "train.parquet"))
-    return root
 
 
 def train(captioned, out, encoder, mode, *extra):
