@@ -260,3 +260,36 @@ def test_random_flip_stores_flipped_latents_that_sample_latents_uses(encoded, ti
     assert all(a != b for a, b in zip(took, kept, strict=True)) and 0 < sum(took) < 16
     with pytest.raises(UserError, match="holds no flipped latents"):
         sample_latents(rows(encoded), torch.Generator(), load_latent_data(str(encoded)), flip=True)
+
+
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_path):
+    """A real kill: SIGKILL the encoder once two of its 40 shards exist, rerun, compare with a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, script
+
+    args = ["--vae", tiny_vae, "--dataset_name", "fashion_mnist", "--max_train_samples", 2000, "--resolution", 32,
+            "--shard_size", 50, "--batch_size", 1]  # fmt: skip
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "encode_latents.py"), *map(str, args), "--output_dir",
+                             str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(list(killed.glob("data/train-*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in killed.glob("data/train-*.parquet")}
+    assert 2 <= len(done) < 40 and not (killed / "latents.json").exists(), "the run was not stopped midway"
+    with pytest.raises(UserError, match="is not a complete latent dataset"):
+        load_latent_data(str(killed))
+
+    rerun = script("encode_latents.py", *args, "--output_dir", killed)
+    assert f"resuming: {len(done)} of 40 shards already complete" in rerun.stdout
+    assert {name: (killed / "data" / name).stat().st_mtime_ns for name in done} == done  # not redone
+    script("encode_latents.py", *args, "--output_dir", whole)
+    assert_same_rows(rows(killed), rows(whole))
