@@ -210,7 +210,7 @@ class Evaluator:
         import dataclasses
         import json
 
-        from modules.config import DataArguments
+        from modules.config import DataArguments, from_dict
         from modules.data import load_train_data
         from modules.evaluation import check_inception_weights, parse_eval_metrics
 
@@ -228,9 +228,7 @@ class Evaluator:
         config = json.loads(run_config.read_text())["config"]
         if "latent" in record:  # the images the latent dataset was encoded from
             config = record["latent"]["source_data_args"]
-        data_args = DataArguments(
-            **{f.name: config[f.name] for f in dataclasses.fields(DataArguments) if f.name in config}
-        )
+        data_args = from_dict(DataArguments, config)
         self.num_reference = args.fid_reference_samples or args.num_images
         self.data = load_train_data(dataclasses.replace(data_args, max_train_samples=self.num_reference))
         if len(self.data.dataset) < self.num_reference:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from modules.config import UserError
+from modules.files import write_text_atomically
 
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
@@ -82,7 +83,9 @@ def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
         save_file(ema.state_dict(), str(partial / EMA_FILE))
-        _write_json(partial / STATE_FILE, {**state, "step": step, "ema_step": ema.step})
+        write_text_atomically(
+            partial / STATE_FILE, json.dumps({**state, "step": step, "ema_step": ema.step}, indent=2)
+        )
         _fsync_tree(partial)
         if final.exists():  # an earlier run's checkpoint of the same step: replace it only now we have a whole one
             shutil.rmtree(final)
@@ -105,12 +108,6 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
         load_file(str(Path(path) / EMA_FILE), device=str(next(ema.model.parameters()).device)), state["ema_step"]
     )
     return state
-
-
-def _write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _fsync_tree(root: Path):

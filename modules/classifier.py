@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modules.data import load_fashion_mnist, resize_uint8, to_model_range
-from modules.evaluation import _write_atomically, default_cache_dir, fid_statistics, frechet_distance
+from modules.evaluation import default_cache_dir, fid_statistics, frechet_distance
+from modules.files import write_atomically, write_text_atomically
 
 CLASSIFIER_VERSION = "v1"  # bump when the network or the training recipe changes: it names the cache file
 RESOLUTION = 32
@@ -221,7 +222,7 @@ def load_or_train_classifier(cache_dir: str | os.PathLike | None = None) -> Fash
     accuracy = class_accuracy(test_images, test_labels, model)
     print(f"classifier test accuracy {accuracy:.4f} after {train_seconds:.0f} s of training")
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _write_atomically(path, lambda f: f.write(safetensors.torch.save(state_dict)))
+    write_atomically(path, lambda f: f.write(safetensors.torch.save(state_dict)))
     info = {
         "test_accuracy": accuracy,
         "num_test_images": len(test_labels),
@@ -231,5 +232,5 @@ def load_or_train_classifier(cache_dir: str | os.PathLike | None = None) -> Fash
         "seed": TRAIN_SEED,
         "torch": torch.__version__,
     }
-    _write_atomically(path.with_suffix(".json"), lambda f: f.write(json.dumps(info, indent=2).encode()))
+    write_text_atomically(path.with_suffix(".json"), json.dumps(info, indent=2))
     return model

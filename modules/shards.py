@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from modules.config import UserError, _help
+from modules.files import write_text_atomically
 
 
 @dataclass
@@ -77,7 +78,10 @@ def shard_is_complete(path: Path, num_rows: int) -> bool:
 
 
 def write_table(path: Path, table):
-    """Write a pyarrow table as parquet under a temporary name, renamed once whole and on disk."""
+    """Write a pyarrow table as parquet under a temporary name, renamed once whole and on disk.
+
+    The temporary name is fixed (`.<name>.partial`, unlike modules.files' unique ones): one process owns each
+    shard, and a rerun after a kill overwrites the partial file it left instead of leaving it behind."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,12 +89,6 @@ def write_table(path: Path, table):
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomically(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 

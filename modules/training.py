@@ -19,7 +19,7 @@ import torch
 
 from modules.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from modules.conditioning import drop_labels
-from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, to_dict
+from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, from_dict, to_dict
 from modules.data import (
     ResumableBatchSampler,
     collate_examples,
@@ -311,15 +311,14 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
         warnings.warn(
             f"--resolution {data_args.resolution} is not used: the latent dataset holds {held}", stacklevel=2
         )
-    known = {f.name for f in dataclasses.fields(DataArguments)}
-    source = {k: v for k, v in (data.metadata.get("data_args") or {}).items() if k in known and k != "latent_dataset"}
+    source = dataclasses.replace(from_dict(DataArguments, data.metadata.get("data_args") or {}), latent_dataset=None)
     latent = {"dataset": data_args.latent_dataset, "vae": vae, "channel_mean": data.channel_mean.tolist(),
               "channel_std": data.channel_std.tolist(), "image_resolution": data.image_resolution,
-              "source_data_args": source}  # fmt: skip
+              "source_data_args": dataclasses.asdict(source)}  # fmt: skip
     reference = None
     if fid:
         try:
-            reference = load_train_data(DataArguments(**source))
+            reference = load_train_data(source)
         except UserError as e:
             raise UserError(
                 f"FID of latent dataset '{data_args.latent_dataset}' needs the images it was encoded from, which "

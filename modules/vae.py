@@ -169,16 +169,22 @@ class KLVAE(ModelMixin, ConfigMixin):
         return self.decode(z), mean, logvar
 
 
+# The presets' configurations: vae_f4 turns 32x32 images into 8x8 latents with 3 levels of 32/64/128 channels;
+# vae_f8 (SD's factor) 64x64 images into 8x8 latents with 4 levels of 32/64/128/128.
+VAE_CONFIGS = {
+    "vae_f4": dict(in_channels=3, sample_size=32, latent_channels=4, block_out_channels=(32, 64, 128)),
+    "vae_f8": dict(in_channels=3, sample_size=64, latent_channels=4, block_out_channels=(32, 64, 128, 128)),
+}
+
+
 def vae_f4(**overrides) -> KLVAE:
     """4x downsampling: 32x32 images to 8x8 latents; 3 levels of 32/64/128 channels."""
-    config = dict(in_channels=3, sample_size=32, latent_channels=4, block_out_channels=(32, 64, 128))
-    return KLVAE(**{**config, **overrides})
+    return KLVAE(**{**VAE_CONFIGS["vae_f4"], **overrides})
 
 
 def vae_f8(**overrides) -> KLVAE:
     """8x downsampling, SD's factor: 64x64 images to 8x8 latents; 4 levels of 32/64/128/128 channels."""
-    config = dict(in_channels=3, sample_size=64, latent_channels=4, block_out_channels=(32, 64, 128, 128))
-    return KLVAE(**{**config, **overrides})
+    return KLVAE(**{**VAE_CONFIGS["vae_f8"], **overrides})
 
 
 VAE_PRESETS = {"vae_f4": vae_f4, "vae_f8": vae_f8}
@@ -227,7 +233,9 @@ class VAEObjective:
         KL is summed over latent elements and D is the number of pixel values C*H*W: SD's loss (sums over pixels and
         latents) divided by D, so kl_weight means the same as there. `cond` is ignored.
         """
-        rec, mean, logvar = model(x0, generator=generator)
+        return self._loss(x0, *model(x0, generator=generator))
+
+    def _loss(self, x0, rec, mean, logvar) -> torch.Tensor:
         err = rec.float() - x0.float()
         err = err.abs() if self.args.reconstruction_loss == "l1" else err.pow(2)
         kl = kl_divergence(mean.float(), logvar.float()) / x0[0].numel()
@@ -251,7 +259,7 @@ class VAEObjective:
             raise UserError(f"--latent_channels must be positive, got {a.latent_channels}")
         overrides = dict(in_channels=in_channels, sample_size=resolution, latent_channels=a.latent_channels)
         if a.vae_base_channels is not None:
-            preset = VAE_PRESETS[a.vae_model]().config.block_out_channels
+            preset = VAE_CONFIGS[a.vae_model]["block_out_channels"]
             overrides["block_out_channels"] = tuple(c * a.vae_base_channels // preset[0] for c in preset)
         try:
             return VAE_PRESETS[a.vae_model](**overrides)
@@ -266,10 +274,7 @@ class VAEObjective:
         for batch in x0.split(batch_size):
             batch = batch.to(device)
             rec, mean, logvar = model(batch)
-            err = rec.float() - batch.float()
-            err = err.abs() if self.args.reconstruction_loss == "l1" else err.pow(2)
-            kl = kl_divergence(mean.float(), logvar.float()) / batch[0].numel()
-            loss.append((err.flatten(1).mean(1) + self.args.kl_weight * kl).cpu())
+            loss.append(self._loss(batch, rec, mean, logvar).cpu())
             db.append(psnr(rec.clamp(-1, 1), batch).cpu())
         return {"val_loss": torch.cat(loss).mean().item(), "val_psnr": torch.cat(db).mean().item()}
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
+
+from modules.files import write_atomically
 
 
 def image_grid(images_uint8: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -25,9 +26,7 @@ def save_image(image_uint8: torch.Tensor, path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(_to_hwc(image_uint8))
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_image_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = None):
@@ -248,12 +247,9 @@ def save_gif(recorder: DenoisingRecorder, path: str | Path, which: str = "x0_pre
     for x, t in zip(frames, ts, strict=True):
         grid = image_grid(_enlarge(to_uint8(x), MIN_GIF_CELL_PX), nrow)
         images.append(Image.fromarray(_to_hwc(_add_labels(grid, [f"{which}  t={t:.2f}"], [grid.shape[-1] / 2]))))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, 1000)]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                                    duration=durations, loop=0))  # fmt: skip
 
 
 def write_denoising_figures(recorder: DenoisingRecorder, out_dir: str | Path, prefix: str) -> dict[str, Path]:
