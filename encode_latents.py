@@ -4,12 +4,16 @@
     accelerate launch encode_latents.py --vae my_vae/ --train_data_dir images/ --resolution 256 --random_flip \\
         --output_dir latents/mine --push_to_hub --hub_dataset_id me/mine-latents
     accelerate launch train_cfm.py --latent_dataset latents/fm
+    python encode_latents.py --vae my_vae/ --dataset_name captioned/ --text_encoder openai/clip-vit-large-patch14 \
+        --output_dir latents/captioned   # captions' text embeddings stored too: training never runs the encoder
 
 The dataset (format: modules/latents.py) keeps the images' order and is the same whatever the number of processes:
 shard k is encoded by process k % num_processes and written whole or not at all. Rerunning with the same arguments
 resumes, skipping finished shards; latents.json is written last, once every shard is whole. Images are always
 center-cropped, so the encoding is deterministic; --random_flip also stores each image's flipped latents, for the
-trainer to pick per step. Every flag: python encode_latents.py --help.
+trainer to pick per step. With --text_encoder (a frozen one: a CLIP model or 'minilm') each caption's embeddings are
+stored too, and training with the same --text_encoder reads them instead of loading the encoder.
+Every flag: python encode_latents.py --help.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from typing import Literal
 
 import torch
 
+from modules import latents
 from modules.config import DataArguments, UserError, _help, cli_entry, parse_args
 from modules.data import load_train_data
-from modules.latents import FLIP_COLUMNS, LATENT_COLUMNS, METADATA_FILE, channel_statistics, encode_shard, latent_table
+from modules.latents import FLIP_COLUMNS, LATENT_COLUMNS, METADATA_FILE, TEXT_COLUMNS, channel_statistics
 from modules.shards import ShardedFormat, ShardedOutputArguments, card_header, process_state, write_sharded_dataset
 from modules.vae import load_vae
 
@@ -42,6 +47,13 @@ class EncodeArguments:
     batch_size: int = _help("Images per VAE forward pass, per process.", default=64)
     dtype: Literal["fp32", "fp16", "bf16"] = _help("Precision the VAE runs in; latents are stored as float16.",
                                                    default="fp32")  # fmt: skip
+    text_encoder: str | None = _help(
+        "Also store each caption's text embeddings (float16) from this frozen encoder: 'minilm' or a CLIP model's "
+        "Hub id or folder. Train with the same --text_encoder to use them.",
+        default=None,
+    )
+    max_text_length: int | None = _help("Tokens per caption for --text_encoder (longer ones are truncated and "
+                                        "counted).", default=None)  # fmt: skip
 
 
 def validate(data_args: DataArguments, args: EncodeArguments, out_args: ShardedOutputArguments):
@@ -51,6 +63,14 @@ def validate(data_args: DataArguments, args: EncodeArguments, out_args: ShardedO
     if data_args.latent_dataset:
         raise UserError("--latent_dataset is for training; encode_latents.py reads images (--dataset_name or "
                         "--train_data_dir)")  # fmt: skip
+    spec = args.text_encoder or ""
+    if spec == "own" or spec.startswith("own:"):
+        raise UserError(
+            f"--text_encoder {spec}: our own text encoder trains with the denoiser, so its embeddings cannot be "
+            "stored; give a frozen one (a CLIP model or 'minilm'), or pass --text_encoder only to training"
+        )
+    if args.max_text_length is not None and (args.max_text_length < 2 or not args.text_encoder):
+        raise UserError(f"--max_text_length {args.max_text_length}: needs --text_encoder and at least 2")
 
 
 def check_fits(vae, data, resolution: int):
@@ -78,6 +98,8 @@ def dataset_card(meta: dict, paths) -> str:
         "flip_std": "posterior std of the horizontally flipped image",
         "label": f"class label ({meta['num_classes']} classes)",
         "caption": "text caption of the image",
+        "text_tokens": "the caption's token embeddings (real tokens only), float16 (tokens, width)",
+        "text_pooled": "the caption's pooled embedding, float16 (width,)",
     }
     rows = "\n".join(f"| {name} | {columns[name]} |" for name in meta["columns"])
     res = meta["image_resolution"]
@@ -86,6 +108,12 @@ def dataset_card(meta: dict, paths) -> str:
         f"`{vae['source']}` ({vae['kind']}, {meta['vae_dtype']}, downsample factor {vae['downsample_factor']}) into "
         f"latents of shape {c}x{h}x{w}, in the images' order, in {len(meta['shards'])} shard(s)."
     )
+    if meta.get("text_encoder"):
+        text = meta["text_encoder"]
+        summary += (
+            f" Captions are encoded by the text encoder `{text['source']}` ({text['kind']}, at most "
+            f"{text['max_length']} tokens; {meta['text_truncated']} caption(s) truncated)."
+        )
     header = card_header(f"VAE latents of {meta['source']}", ["latents", "vae", "latent-diffusion"], paths)
     return f"""{header}# VAE latents of {meta["source"]}
 
@@ -115,23 +143,35 @@ latents.json holds the same facts, the VAE's full record and the arguments that 
 """
 
 
-def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments):
-    """`make_shard(rows, progress)`: the latents (and labels, captions) of those images, as a pyarrow table."""
+def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments, text=None):
+    """`make_shard(rows, progress)`: the latents (and labels, captions, caption embeddings through the text encoder
+    `text`) of those images, as a pyarrow table."""
 
     def make_shard(rows: range, progress):
-        shard = encode_shard(vae, data.dataset, rows, args.batch_size, data_args.dataloader_num_workers,
+        shard = latents.encode_shard(vae, data.dataset, rows, args.batch_size, data_args.dataloader_num_workers,
                              data_args.random_flip, progress)  # fmt: skip
         if data.captions is not None:
             shard["caption"] = [str(data.captions[i]) for i in rows]
-        return latent_table(shard, data.class_names)
+        if text is not None:
+            shard.update(latents.encode_captions(text, shard["caption"], args.batch_size))
+        return latents.latent_table(shard, data.class_names)
 
     return make_shard
 
 
-def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: Path, record: dict):
+def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: Path, record: dict, text=None):
     """`describe(shard_paths, command)`: the dataset card and latents.json, once every shard is whole."""
 
     def describe(paths, command: str):
+        text_meta = {}
+        if text is not None:
+            null = latents.encode_captions(text, [""], 1)  # the empty caption: dropout's and guidance's condition
+            text_meta = dict(
+                text_encoder=text.config_record(),
+                text_null={"tokens": null["text_tokens"][0].astype(float).tolist(),
+                           "pooled": null["text_pooled"][0].astype(float).tolist()},
+                text_truncated=truncated_captions(text, paths),
+            )  # fmt: skip
         res, f = data_args.resolution, vae.downsample_factor
         source_args = {k: v for k, v in dataclasses.asdict(data_args).items() if k != "latent_dataset"}  # for FID
         meta = dict(
@@ -141,7 +181,7 @@ def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: P
             columns=record["columns"], shards=[str(p.relative_to(out)) for p in paths],
             **channel_statistics(paths, vae.latent_channels),
             num_classes=data.num_classes, class_names=list(data.class_names) if data.class_names else None,
-            source_key=data.key, data_args=source_args, command=command,
+            source_key=data.key, data_args=source_args, command=command, **text_meta,
         )  # fmt: skip
         c, h, w = meta["latent_shape"]
         return (
@@ -151,6 +191,20 @@ def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: P
         )
 
     return describe
+
+
+def truncated_captions(text, paths) -> int:
+    """How many stored captions the text encoder truncated: those whose token count reached its max_length and whose
+    text, tokenized without a limit, is longer (counted over every shard, whichever process encoded it)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    full = []
+    for path in paths:
+        table = pq.read_table(path, columns=["caption", "text_tokens"])
+        at_limit = pc.equal(pc.list_value_length(table.column("text_tokens")), text.max_length)
+        full += table.filter(at_limit).column("caption").to_pylist()
+    return text.tokenize(full)[2] if full else 0
 
 
 @cli_entry
@@ -165,15 +219,26 @@ def main(argv=None):
     vae_source = str(vae_path.resolve()) if vae_path.is_dir() else args.vae  # found again from any directory
     vae = load_vae(vae_source, state.device, DTYPES[args.dtype], args.vae_revision)
     check_fits(vae, data, data_args.resolution)
+    text = None
+    if args.text_encoder:
+        from modules.text import load_text_encoder
+
+        if data.captions is None:
+            raise UserError(
+                "--text_encoder needs captions, but the images have none: pass --caption_column, or make them with "
+                "caption.py"
+            )
+        text = load_text_encoder(args.text_encoder, state.device, DTYPES[args.dtype], args.max_text_length)
     columns = [*LATENT_COLUMNS, *(FLIP_COLUMNS if data_args.random_flip else ())]
     columns += ["label"] * (data.num_classes > 0) + ["caption"] * (data.captions is not None)
+    columns += list(TEXT_COLUMNS) * (text is not None)
     record = dict(vae=vae_source, vae_revision=args.vae_revision, dtype=args.dtype, data=data.key,
                   resolution=data_args.resolution, num_images=len(data.dataset), shard_size=out_args.shard_size,
-                  columns=columns)  # fmt: skip
+                  columns=columns, **({"text_encoder": text.config_record()} if text else {}))  # fmt: skip
     out = Path(out_args.output_dir)
     return write_sharded_dataset(
-        FORMAT, state, out_args, record, len(data.dataset), shard_maker(vae, data, data_args, args),
-        describer(vae, data, data_args, args, out, record), desc="encoding", argv=argv,
+        FORMAT, state, out_args, record, len(data.dataset), shard_maker(vae, data, data_args, args, text),
+        describer(vae, data, data_args, args, out, record, text), desc="encoding", argv=argv,
     )  # fmt: skip
 
 

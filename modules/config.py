@@ -150,7 +150,7 @@ class TrainingArguments:
     )
     cond_drop_prob: float = _help("Probability of replacing the condition by the null one (for CFG).", default=0.1)
     sample_steps: int = _help("Write a sample grid from the EMA model every N steps (0: only at the end).", default=0)
-    num_sample_images: int = _help("Images in the sample grid.", default=64)
+    num_sample_images: int = _help("Images in the sample grid (0: no grids).", default=64)
     checkpointing_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
     checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints.", default=None)
     resume_from_checkpoint: str | None = _help(

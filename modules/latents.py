@@ -4,7 +4,9 @@ A latent dataset is a directory (or a Hub dataset repo) that `datasets.load_data
 
     data/train-00000-of-00003.parquet  rows in image order: mean, std (float16 (C, h, w), raw latents);
                                        flip_mean, flip_std (the same for the horizontally flipped image, with
-                                       --random_flip); label (int) and caption (str) when the images have them
+                                       --random_flip); label (int) and caption (str) when the images have them;
+                                       text_tokens (float16 (L, D): the caption's real tokens), text_pooled
+                                       (float16 (P,)) with --text_encoder
     README.md                          dataset card
     latents.json                       VAE, shapes, statistics, source data; written last: marks the data complete
 
@@ -28,6 +30,7 @@ from modules.data import _digest, collate_examples
 METADATA_FILE = "latents.json"
 LATENT_COLUMNS = ("mean", "std")
 FLIP_COLUMNS = ("flip_mean", "flip_std")
+TEXT_COLUMNS = ("text_tokens", "text_pooled")
 # Parquet column -> batch key.
 BATCH_KEYS = {"mean": "latent_mean", "std": "latent_std", "flip_mean": "flip_mean", "flip_std": "flip_std"}
 REQUIRED_KEYS = ("vae", "image_resolution", "latent_shape", "num_images", "shards", "columns", "channel_mean",
@@ -78,15 +81,41 @@ def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, f
     return {name: torch.cat(parts).numpy() for name, parts in out.items()}
 
 
+@torch.no_grad()
+def encode_captions(encoder, captions: list[str], batch_size: int) -> dict[str, list[np.ndarray]]:
+    """Each caption through the frozen text `encoder` (modules.text.TextEncoder), each distinct one once, for
+    storage: "text_tokens", the real tokens' states as float16 (L_i, D), and "text_pooled", float16 (P,)."""
+    distinct, stored = list(dict.fromkeys(captions)), {}
+    for i in range(0, len(distinct), batch_size):
+        chunk = distinct[i : i + batch_size]
+        e = encoder(chunk)
+        for j, caption in enumerate(chunk):
+            tokens = e.tokens[j, : int(e.mask[j].sum())].to(torch.float16)
+            pooled = e.pooled[j].to(torch.float16)
+            if not (torch.isfinite(tokens).all() and torch.isfinite(pooled).all()):
+                raise UserError(
+                    f"text encoder {encoder.source!r} gave embeddings that are not finite in float16 for caption "
+                    f"{caption!r}"
+                )
+            stored[caption] = (tokens.cpu().numpy(), pooled.cpu().numpy())
+    return {"text_tokens": [stored[c][0] for c in captions], "text_pooled": [stored[c][1] for c in captions]}
+
+
 def latent_table(columns: dict, class_names=None):
-    """One shard's pyarrow table from columns as `encode_shard` returns them, plus "caption" (list of str). Latents
-    are stored as datasets' Array3D(float16), which `datasets.load_dataset` reads back with its shape."""
+    """One shard's pyarrow table from columns as `encode_shard` returns them, plus "caption" (list of str) and the
+    `encode_captions` columns. Latents are stored as datasets' Array3D(float16), which `datasets.load_dataset` reads
+    back with its shape; text tokens as lists of fixed-size float16 vectors."""
     import datasets
 
     features = {}
     for name, values in columns.items():
         if name in BATCH_KEYS:
             features[name] = datasets.Array3D(tuple(int(d) for d in values.shape[1:]), "float16")
+        elif name == "text_tokens":
+            width = int(values[0].shape[1])
+            features[name] = datasets.List(datasets.List(datasets.Value("float16"), length=width))
+        elif name == "text_pooled":
+            features[name] = datasets.List(datasets.Value("float16"), length=int(values[0].shape[0]))
         elif name == "label":
             features[name] = datasets.ClassLabel(names=list(class_names)) if class_names else datasets.Value("int64")
         else:
@@ -182,6 +211,20 @@ class LatentData:
     image_resolution: int
     metadata: dict  # the whole latents.json
     captions: list[str] | None = None  # by index, when the images had captions (for text-conditional training)
+    root: Path | None = None  # the local directory (a Hub dataset's download)
+    text_encoder: dict | None = None  # config_record() of the text encoder whose embeddings are stored, if any
+
+    def text_embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The stored text embeddings of every distinct caption of the first len(dataset) rows, and of the empty
+        caption: {caption: (tokens float32 (L, D), pooled float32 (P,))}."""
+        if self.text_encoder is None:
+            raise UserError(f"the latent dataset '{self.key}' stores no text embeddings (encode_latents.py "
+                            "--text_encoder)")  # fmt: skip
+        null = self.metadata["text_null"]
+        stored = {"": (torch.tensor(null["tokens"], dtype=torch.float32).view(-1, self.text_encoder["token_dim"]),
+                       torch.tensor(null["pooled"], dtype=torch.float32))}  # fmt: skip
+        stored.update(_stored_text(self.root, self.metadata["shards"], len(self.dataset)))
+        return stored
 
 
 def _local_dir(path_or_id: str, revision: str | None) -> Path:
@@ -293,6 +336,8 @@ def load_latent_data(
         image_resolution=int(meta["image_resolution"]),
         metadata=meta,
         captions=_captions(paths, n) if "caption" in names else None,
+        root=root,
+        text_encoder=meta.get("text_encoder") if TEXT_COLUMNS[0] in names else None,
     )
 
 
@@ -306,6 +351,37 @@ def _captions(paths, n: int) -> list[str]:
             break
         captions += pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
     return [str(c) for c in captions[:n]]
+
+
+def _stored_text(root: Path, shards: list[str], n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{caption: (tokens, pooled)} from the first row of each distinct caption among the first n rows."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out, seen = {}, 0
+    for name in shards:
+        if seen >= n:
+            break
+        path = root / name
+        captions = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()[: n - seen]
+        seen += len(captions)
+        first = {}
+        for i, caption in enumerate(captions):
+            if caption not in out:
+                first.setdefault(caption, i)
+        if not first:
+            continue
+        table = pq.read_table(path, columns=list(TEXT_COLUMNS)).take(list(first.values()))
+        tokens = table.column("text_tokens").combine_chunks()
+        pooled = table.column("text_pooled").combine_chunks()
+        width = tokens.type.value_type.list_size
+        flat = tokens.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(tokens).to_numpy())])
+        pooled = pooled.flatten().to_numpy(zero_copy_only=False).reshape(len(first), -1)
+        for j, caption in enumerate(first):
+            out[caption] = (torch.from_numpy(flat[offsets[j] : offsets[j + 1]].astype(np.float32)),
+                            torch.from_numpy(pooled[j].astype(np.float32)))  # fmt: skip
+    return out
 
 
 def _channel_stats(data_or_metadata, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

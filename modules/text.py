@@ -379,39 +379,93 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def stored_text_matches(record: dict, spec: str, max_length: int | None = None) -> bool:
+    """Whether embeddings stored by an encoder with `record` (its config_record()) are what `load_text_encoder(spec,
+    max_length=max_length)` would give: same kind and source, and the same max_length unless none is asked for."""
+    spec = str(spec)
+    if spec in MINILM_SPECS:
+        kind, source = "minilm", "minilm"
+    elif spec == "own" or spec.startswith("own:"):
+        return False  # trained with the denoiser: never stored
+    else:
+        kind, source = "clip", _source(spec)
+    same = record.get("kind") == kind and record.get("source") == source
+    return same and (max_length is None or max_length == record.get("max_length"))
+
+
 class TextConditioner:
     """Captions -> the `cond` a text-conditional denoiser takes (modules/conditioning.py).
 
     A frozen encoder runs here, without autograd, and hands the denoiser embeddings. The trainable "own" encoder
-    lives inside the denoiser, so that it trains, checkpoints and averages with it; here it only tokenizes."""
+    lives inside the denoiser, so that it trains, checkpoints and averages with it; here it only tokenizes.
+
+    `TextConditioner.from_stored` serves embeddings stored ahead of time (encode_latents.py --text_encoder): the
+    encoder is loaded, from its record, only if a caption is asked for that was not stored."""
 
     CACHE_SIZE = 4096  # captions whose frozen embeddings are kept: datasets with few distinct captions encode once
 
     def __init__(self, encoder: TextEncoder, conditioning: str = "cross_attn"):
         self.encoder, self.conditioning = encoder, conditioning
         self.record = encoder.config_record()
+        self.trainable = encoder.trainable
+        self.stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device = None
+
+    @classmethod
+    def from_stored(cls, record: dict, stored: dict, conditioning: str = "cross_attn") -> TextConditioner:
+        """Serve `stored` {caption: (tokens (L, D) of the real tokens, pooled (P,))}, made by the frozen encoder
+        `record` describes; it must hold the empty caption (the null condition of guidance)."""
+        if record.get("kind") not in ("clip", "minilm"):
+            raise UserError(f"stored text embeddings need a frozen encoder (clip or minilm), not {record}")
+        if "" not in stored:
+            raise UserError("stored text embeddings lack the empty caption, which caption dropout and guidance need")
+        self = cls.__new__(cls)
+        self.encoder, self.conditioning, self.record, self.trainable = None, conditioning, dict(record), False
+        self.stored, self._cache, self._device = stored, {}, None
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.record["token_dim"])
+
+    @property
+    def truncated(self) -> int:
+        """Captions truncated to the encoder's max_length so far (not counting stored ones)."""
+        return self.encoder.truncated if self.encoder is not None else 0
+
+    def _encode(self, captions: list[str]) -> TextEmbeddings:
+        if self.encoder is None:
+            import warnings
+
+            warnings.warn(
+                f"{len(captions)} caption(s) (first: {captions[0]!r}) have no stored text embeddings; loading the "
+                f"text encoder {self.record['source']!r} to encode them",
+                stacklevel=3,
+            )
+            self.encoder = text_encoder_from_record(self.record, device=self._device or "cpu")
+        return self.encoder(captions)
 
     def __call__(self, captions, device=None) -> dict:
         captions = list(captions)
-        if self.encoder.trainable:
+        if self.trainable:
             ids, mask, truncated = self.encoder.tokenize(captions)
             self.encoder.truncated += truncated
             return {"input_ids": ids.to(device), "input_mask": mask.to(device)}
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        missing = [c for c in dict.fromkeys(captions) if c not in self.stored and c not in self._cache]
         if missing:
             if len(self._cache) + len(missing) > self.CACHE_SIZE:
                 self._cache.clear()
-            e = self.encoder(missing)
+            e = self._encode(missing)
             for i, caption in enumerate(missing):  # real tokens only: padding is masked out downstream anyway
                 self._cache[caption] = (e.tokens[i, : int(e.mask[i].sum())].float().cpu(), e.pooled[i].float().cpu())
-        rows = [self._cache[c] for c in captions]
+        rows = [self.stored.get(c) or self._cache[c] for c in captions]
         length = max(len(tokens) for tokens, _ in rows)
-        tokens = torch.zeros(len(rows), length, self.encoder.token_dim)
+        tokens = torch.zeros(len(rows), length, self.token_dim)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
         for i, (row, _) in enumerate(rows):
             tokens[i, : len(row)], mask[i, : len(row)] = row, True
-        pooled = torch.stack([p for _, p in rows])
+        pooled = torch.stack([p for _, p in rows]).float()
         return {"tokens": tokens.to(device), "mask": mask.to(device), "pooled": pooled.to(device)}
 
     def null(self, device=None) -> dict:
@@ -422,12 +476,13 @@ class TextConditioner:
         """The denoiser's text settings (see UNetModel / DiTModel)."""
         return dict(
             text_conditioning=self.conditioning,
-            text_dim=self.encoder.token_dim,
-            pooled_dim=self.encoder.pooled_dim,
-            text_encoder=self.record if self.encoder.trainable else None,
+            text_dim=self.token_dim,
+            pooled_dim=int(self.record["pooled_dim"]),
+            text_encoder=self.record if self.trainable else None,
         )
 
     def to(self, device) -> TextConditioner:
-        if not self.encoder.trainable:
+        self._device = device
+        if self.encoder is not None and not self.trainable:
             self.encoder.to(device)
         return self

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,7 +109,6 @@ def resolve_trackers(report_to: str, out: Path) -> list[str]:
     """The Accelerate trackers for --report_to, warning (and carrying on) when one cannot work as asked:
     wandb not installed is dropped; wandb without a login logs offline into the run dir, to `wandb sync` later."""
     import importlib.util
-    import warnings
 
     wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
     trackers = []
@@ -253,6 +253,8 @@ def sample_grid(ema_model, objective, data, conditioning, train: TrainingArgumen
     """A grid from the EMA model with fixed noise (seed `train.seed`), a column per class when conditional, and
     the denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
     n = train.num_sample_images
+    if not n:
+        return
     cond, _ = conditioning.for_images(n)
     recorder = DenoisingRecorder(max_samples=min(n, data.num_classes or 8))
     images = objective.preview(ema_model, n, train.seed, shape, cond, device, data, decode, callback=recorder,
@@ -281,8 +283,6 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
                 "caption.py (e.g. --captioner template for labelled data)"
             )
         if model_args.text_encoder and held_out is not None and held_out.captions is None:
-            import warnings
-
             warnings.warn("the held-out split has no captions: no validation loss for a text model", stacklevel=2)
             held_out = None
         return data, held_out, data if fid else None, None
@@ -305,8 +305,6 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
     if Path(vae["source"]).exists():  # a local VAE: found again from any working directory
         vae["source"] = str(Path(vae["source"]).resolve())
     if data_args.resolution != data.image_resolution:
-        import warnings
-
         held = f"{data.image_resolution}px images as {data.resolution}x{data.resolution} latents"
         warnings.warn(
             f"--resolution {data_args.resolution} is not used: the latent dataset holds {held}", stacklevel=2
@@ -359,12 +357,23 @@ def train(
     num_classes = data.num_classes if model_args.class_conditional else 0
     text = None
     if model_args.text_encoder:
-        from modules.text import TextConditioner, load_text_encoder
+        from modules.text import TextConditioner, load_text_encoder, stored_text_matches
 
         if model_args.max_text_length is not None and model_args.max_text_length < 2:
             raise UserError(f"--max_text_length must be at least 2, got {model_args.max_text_length}")
-        encoder = load_text_encoder(model_args.text_encoder, max_length=model_args.max_text_length)
-        text = TextConditioner(encoder, model_args.text_conditioning)
+        stored = getattr(data, "text_encoder", None)
+        if stored and stored_text_matches(stored, model_args.text_encoder, model_args.max_text_length):
+            text = TextConditioner.from_stored(stored, data.text_embeddings(), model_args.text_conditioning)
+        else:
+            if stored:
+                warnings.warn(
+                    f"the latent dataset stores text embeddings of {stored['source']!r} (max_length "
+                    f"{stored['max_length']}), not of --text_encoder {model_args.text_encoder!r}: encoding the "
+                    "captions during training instead",
+                    stacklevel=2,
+                )
+            encoder = load_text_encoder(model_args.text_encoder, max_length=model_args.max_text_length)
+            text = TextConditioner(encoder, model_args.text_conditioning)
     torch.manual_seed(train_args.seed)  # same initial weights on every process
     make_model = getattr(objective, "build_model", build_model)
     model = make_model(model_args, data.num_channels, resolution, num_classes, text.model_config() if text else None)
@@ -447,6 +456,9 @@ def train(
         f"{model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
         f"{world} process(es), global batch {global_batch} | steps {start_step} -> {train_args.max_train_steps}"
     )
+    if text is not None and text.encoder is None:
+        accelerator.print(f"text: the embeddings of {len(text.stored)} distinct captions stored with the latents "
+                          f"({text.record['source']}); the text encoder is not loaded")  # fmt: skip
 
     def checkpoint(step):
         state = {
@@ -555,6 +567,10 @@ def train(
         )
         write_grid(final)
         accelerator.print(f"saved the EMA model and samples to {out}")
+        if text is not None and text.truncated:
+            limit = text.record["max_length"]
+            warnings.warn(f"{text.truncated} caption(s) were longer than the text encoder's {limit} tokens and were "
+                          "truncated (--max_text_length)", stacklevel=2)  # fmt: skip
     accelerator.wait_for_everyone()
     if train_args.fid_num_samples:
         evaluate(final)

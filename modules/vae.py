@@ -433,7 +433,8 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
         raise UserError(f"'{name_or_path}' is a {class_name}, not an autoencoder ({' or '.join(AUTOENCODER_CLASSES)})")
     cls = AutoencoderKL if class_name == "AutoencoderKL" else KLVAE
     try:
-        model = cls.from_pretrained(location, subfolder=subfolder, revision=revision, use_safetensors=True)
+        model = cls.from_pretrained(location, subfolder=subfolder, revision=revision, use_safetensors=True,
+                                    torch_dtype=dtype)  # fmt: skip
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"VAE '{name_or_path}': could not load its safetensors weights ({reason})") from None
@@ -443,7 +444,7 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
             "VAE such as madebyollin/sdxl-vae-fp16-fix",
             stacklevel=2,
         )
-    model = model.to(device, dtype).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
     if model.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return VAE(model, name_or_path, revision)

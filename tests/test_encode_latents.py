@@ -293,3 +293,78 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_pat
     assert {name: (killed / "data" / name).stat().st_mtime_ns for name in done} == done  # not redone
     script("encode_latents.py", *args, "--output_dir", whole)
     assert_same_rows(rows(killed), rows(whole))
+
+
+def test_text_embeddings_are_stored_and_training_never_loads_the_encoder(
+    tiny_vae, captioned, clip_text_folder, tmp_path, capsys, monkeypatch
+):
+    import train_cfm
+    from modules import text as text_module
+    from modules.text import TextConditioner, load_text_encoder
+
+    out = tmp_path / "latents"
+    encode("--vae", tiny_vae, "--dataset_name", captioned, "--resolution", 32, "--shard_size", 8, "--output_dir", out,
+           "--text_encoder", clip_text_folder, "--max_text_length", 6)  # fmt: skip
+    meta = json.loads((out / "latents.json").read_text())
+    assert meta["columns"] == ["mean", "std", "label", "caption", "text_tokens", "text_pooled"]
+    assert meta["text_encoder"]["source"] == str(clip_text_folder) and meta["text_encoder"]["max_length"] == 6
+    # 'a photo of a t-shirt/top' is longer than 6 tokens; the others ('a photo of a bag': 5 + 2) are not.
+    captions = load_latent_data(str(out)).captions
+    encoder = load_text_encoder(str(clip_text_folder), max_length=6)
+    assert meta["text_truncated"] == encoder.tokenize(captions)[2] > 0
+
+    # Oracle: the encoder run on the captions now, rounded to the stored float16.
+    data = load_latent_data(str(out))
+    stored = TextConditioner.from_stored(data.text_encoder, data.text_embeddings())
+    assert sorted(stored.stored) == sorted({*captions, ""})
+    live = TextConditioner(encoder)
+    for query in (captions[:5], ["", captions[3]]):
+        a, b = stored(query), live(query)
+        assert torch.equal(a["mask"], b["mask"])
+        torch.testing.assert_close(a["tokens"], b["tokens"].half().float(), rtol=0, atol=0)
+        torch.testing.assert_close(a["pooled"], b["pooled"].half().float(), rtol=0, atol=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training loaded the text encoder")
+
+    monkeypatch.setattr(text_module, "load_text_encoder", refuse)
+    monkeypatch.setattr(text_module, "text_encoder_from_record", refuse)
+    run = tmp_path / "run"
+    train_cfm.main(["--latent_dataset", str(out), "--text_encoder", str(clip_text_folder), "--class_conditional",
+                    "false", "--model", "dit_tiny", "--patch_size", "4", "--output_dir", str(run),
+                    "--max_train_steps", "2", "--train_batch_size", "4", "--num_sample_images", "2",
+                    "--num_inference_steps", "1", "--lr_warmup_steps", "0", "--fid_num_samples", "0",
+                    "--cond_drop_prob", "0.5", "--checkpointing_steps", "0"])  # fmt: skip
+    assert "the text encoder is not loaded" in capsys.readouterr().out
+    record = json.loads((run / "objective.json").read_text())
+    assert record["text_encoder"] == meta["text_encoder"]  # sample.py encodes prompts with the same encoder
+
+    # Another encoder than the stored one: it runs, with a warning.
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="stores text embeddings of .*, not of --text_encoder 'minilm'"):
+        train_cfm.main(["--latent_dataset", str(out), "--text_encoder", "minilm", "--class_conditional", "false",
+                        "--model", "dit_tiny", "--patch_size", "4", "--output_dir", str(tmp_path / "minilm"),
+                        "--max_train_steps", "1", "--train_batch_size", "4", "--num_sample_images", "0",
+                        "--fid_num_samples", "0", "--checkpointing_steps", "0", "--lr_warmup_steps", "0"])  # fmt: skip
+
+
+def test_text_embeddings_bad_input(tiny_vae, captioned, tmp_path, capsys):
+    out = tmp_path / "out"
+    fails(capsys, ["--vae", tiny_vae, "--output_dir", out, *FASHION, "--text_encoder", "minilm"],
+          "--text_encoder needs captions")  # fmt: skip
+    fails(capsys, ["--vae", tiny_vae, "--output_dir", out, "--dataset_name", captioned, "--text_encoder", "own"],
+          "own text encoder trains with the denoiser")  # fmt: skip
+    fails(capsys, ["--vae", tiny_vae, "--output_dir", out, *FASHION, "--max_text_length", 8], "needs --text_encoder")
+    assert not out.exists()
+
+
+def test_stored_text_matches_only_the_same_encoder(clip_text_folder):
+    from modules.text import stored_text_matches
+
+    clip = {"kind": "clip", "source": str(clip_text_folder), "max_length": 77}
+    assert stored_text_matches(clip, str(clip_text_folder)) and stored_text_matches(clip, clip_text_folder, 77)
+    assert not stored_text_matches(clip, str(clip_text_folder), 32) and not stored_text_matches(clip, "minilm")
+    minilm = {"kind": "minilm", "source": "minilm", "max_length": 128}
+    assert stored_text_matches(minilm, "sentence-transformers/all-MiniLM-L6-v2") and not stored_text_matches(
+        minilm, "own"
+    )
