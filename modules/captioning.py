@@ -333,17 +333,8 @@ def _folder_metadata(root: Path, files) -> dict[str, list]:
 class _DatasetRows(ImageRows):
     """A `datasets` dataset: every column kept as it is."""
 
-    def __init__(self, data, image_column: str, name: str):
-        import datasets
-
-        self.ds = data.dataset.images.ds
-        feature = self.ds.features[image_column]
-        paths = getattr(feature, "dtype", None) in ("string", "large_string")
-        if not (isinstance(feature, datasets.Image) or paths):
-            raise UserError(
-                f"dataset '{name}': column '{image_column}' holds {feature}, not images (or image paths); pass "
-                f"--image_column (columns: {', '.join(self.ds.column_names)})"
-            )
+    def __init__(self, data):
+        self.ds = data.dataset.images.ds  # its image column was checked by modules.data
         super().__init__(data, self.ds.features)
 
     def table(self, rows: range):
@@ -368,7 +359,7 @@ def open_image_rows(data_args) -> ImageRows:
     data = load_train_data(dataclasses.replace(data_args, resolution=28, num_channels=3))
     if data_args.train_data_dir is not None:
         return _FolderRows(data, Path(data_args.train_data_dir))  # as given: the files' paths start with it
-    return _DatasetRows(data, data_args.image_column, data_args.dataset_name)
+    return _DatasetRows(data)
 
 
 def caption_rows(captioner, rows: ImageRows, indices: range, batch_size: int, num_workers: int = 0, progress=None):

@@ -77,16 +77,27 @@ def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_
     final = root / f"checkpoint-{step}"
     partial = root / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in root.glob(".checkpoint-*.partial"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            save_file(ema.state_dict(), str(partial / EMA_FILE))
+            write_text_atomically(
+                partial / STATE_FILE, json.dumps({**state, "step": step, "ema_step": ema.step}, indent=2)
+            )
+            _fsync_tree(partial)
+    except OSError as e:  # e.g. a full disk: the previous checkpoints are untouched, so stop and say so
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "no checkpoint is complete"
+        raise UserError(
+            f"could not write checkpoint-{step} in {root} ({e.strerror or e}): {kept}; free space and rerun with "
+            "--resume_from_checkpoint latest"
+        ) from None
     if accelerator.is_main_process:
-        save_file(ema.state_dict(), str(partial / EMA_FILE))
-        write_text_atomically(
-            partial / STATE_FILE, json.dumps({**state, "step": step, "ema_step": ema.step}, indent=2)
-        )
-        _fsync_tree(partial)
         if final.exists():  # an earlier run's checkpoint of the same step: replace it only now we have a whole one
             shutil.rmtree(final)
         os.replace(partial, final)

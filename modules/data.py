@@ -6,10 +6,15 @@ The data order is a pure function of (seed, epoch, rank), so a resumed run reads
 
 from __future__ import annotations
 
+import difflib
+import functools
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,16 +127,35 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.images[:n]
 
 
+GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F"}  # and every "I;16..." mode
+
+
+def convert_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode` ('L' or 'RGB'), predictably from any PIL mode.
+
+    16-bit images keep their high byte (PIL's convert would clip every value above 255 to white). Transparent pixels
+    (RGBA, LA, PA, or a palette/grey with a transparent colour) are composited onto white, as a viewer shows them;
+    dropping alpha would expose whatever colour they happen to hide. CMYK uses PIL's plain conversion (no ICC profile).
+    RGB to 'L' is PIL's luma, L = (299 R + 587 G + 114 B) / 1000."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))  # (H, W) uint16 -> uint8
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    if image.mode == mode:
+        return image
+    return image.convert("RGB").convert(mode) if mode == "L" else image.convert("RGB")
+
+
 def _open_image(source, name: str, mode: str) -> Image.Image:
     try:
         image = source if isinstance(source, Image.Image) else Image.open(source)
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"cannot read image {name}: {e}") from None
-    if image.mode != mode:
-        # Palette/RGBA/CMYK/16-bit all go through RGB so transparency and odd modes convert predictably.
-        image = image.convert("RGB").convert(mode) if mode == "L" else image.convert("RGB")
-    return image
+        raise UserError(
+            f"cannot read image {name}: {e}; fix or remove it, or pass --skip_corrupt_images to leave such images out"
+        ) from None
+    return convert_mode(image, mode)
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: np.random.Generator | None = None):
@@ -199,13 +223,18 @@ def _digest(text: str) -> str:
 
 
 def _caption_column(args: DataArguments, columns, where: str) -> str | None:
-    """The caption column: --caption_column, which must exist, else 'caption' or 'text' if there is one."""
+    """The caption column: --caption_column, which must exist ('none': no captions), else 'caption' or 'text' if
+    there is one."""
     if args.caption_column is None:
         return next((c for c in ("caption", "text") if c in columns), None)
+    if args.caption_column == "none":
+        return None
     if args.caption_column not in columns:
+        close = difflib.get_close_matches(args.caption_column, list(columns), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         raise UserError(
             f"{where}: no caption column '{args.caption_column}' (columns: {', '.join(columns) or 'none'}); "
-            "pass --caption_column"
+            f"{hint}pass --caption_column"
         )
     return args.caption_column
 
@@ -219,6 +248,96 @@ def _metadata_column(metadata: dict, files, column: str, meta_path) -> list:
             raise UserError(f"{meta_path}: no '{column}' for {p}")
         values.append(row[column])
     return values
+
+
+def _decode(source, full: bool = True) -> tuple[tuple[int, int], str] | str:
+    """Check one image (a path, or a `datasets` {"bytes", "path"} value): its ((width, height), mode), or why it
+    cannot be read. `full` decodes every pixel; otherwise PIL's `verify` checks the file's structure (PNG checksums;
+    a truncated JPEG passes it and is only caught when it is decoded)."""
+    try:
+        if isinstance(source, dict):
+            source = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source.get("path")
+        with Image.open(source) as image:
+            size, mode = image.size, image.mode
+            image.load() if full else image.verify()
+            return size, mode
+    except UnidentifiedImageError:
+        return "not an image format PIL recognises"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"{type(e).__name__}: {e}"
+
+
+def _check_images(sources, count: int, name, args: DataArguments) -> tuple[list[int], bool]:
+    """Check every image once, before anything is written: (indices of the readable ones, whether all are grey).
+
+    A corrupt image stops the run, or with --skip_corrupt_images is left out; every process checks the same images
+    in the same order, so all keep the same ones. With --skip_corrupt_images each image is decoded in full (about
+    1-5 ms for a 512px JPEG or PNG, spread over threads, on every process), since `Image.verify` misses truncated
+    JPEGs; without it the check reads headers and verifies structure only, so starting on a large dataset stays
+    quick, and an image that still fails to decode during training stops the run naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    keep, corrupt, small, grey = [], [], [], True
+    sources = iter(sources)
+    with (
+        ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
+        tqdm(total=count, desc="checking images", disable=count < 1000) as progress,
+    ):
+        while chunk := list(itertools.islice(sources, 256)):
+            results = pool.map(functools.partial(_decode, full=args.skip_corrupt_images), chunk)
+            for i, result in enumerate(results, start=len(keep) + len(corrupt)):
+                if isinstance(result, str):
+                    corrupt.append((i, result))
+                    continue
+                keep.append(i)
+                (w, h), mode = result
+                small += [(i, w, h)] if min(w, h) < args.resolution else []
+                grey = grey and (mode in GRAYSCALE_MODES or mode.startswith("I;16"))
+            progress.update(len(chunk))
+            if corrupt and not args.skip_corrupt_images:
+                i, reason = corrupt[0]
+                raise UserError(
+                    f"cannot read image {name(i)}: {reason}; fix or remove it, or pass --skip_corrupt_images to "
+                    "leave such images out"
+                )
+    if corrupt:
+        i, reason = corrupt[0]
+        if not keep:
+            raise UserError(f"none of the {count} images can be read, the first {name(i)} ({reason})")
+        warnings.warn(
+            f"--skip_corrupt_images: left out {len(corrupt)} of {count} images that cannot be read, the first "
+            f"{name(i)} ({reason})",
+            stacklevel=3,
+        )
+    if small:
+        i, w, h = small[0]
+        warnings.warn(
+            f"{len(small)} of {len(keep)} images are smaller than --resolution {args.resolution} (the first, "
+            f"{name(i)}, is {w}x{h}): they are upscaled",
+            stacklevel=3,
+        )
+    return keep, grey
+
+
+def _caption_values(values, column: str, name) -> list[str]:
+    """The captions as strings. A missing value, number or list is an error naming its row; empty captions are
+    kept, with a warning, since they train as the unconditional prompt (what a dropped caption is)."""
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise UserError(
+                f"caption column '{column}': {name(i)} holds {v!r:.60} ({type(v).__name__}), not a string; fix it, or "
+                "pick another column with --caption_column (or --caption_column none)"
+            )
+    empty = [i for i, v in enumerate(values) if not v.strip()]
+    if empty:
+        warnings.warn(
+            f"caption column '{column}': {len(empty)} of {len(values)} captions are empty (the first: "
+            f"{name(empty[0])}); they train as the unconditional prompt",
+            stacklevel=3,
+        )
+    return list(values)
 
 
 def _image_folder(data_dir: str, args: DataArguments):
@@ -246,32 +365,29 @@ def _image_folder(data_dir: str, args: DataArguments):
     labels, class_names = None, None
     if label_column is None and "label" in columns:
         label_column = "label"
-    if label_column and label_column != "none":
-        if label_column not in columns:
-            raise UserError(
-                f"{meta_path}: no column '{label_column}' (columns: {', '.join(columns) or 'none'}); "
-                "pass --label_column none to train without labels"
-            )
+    from_metadata = bool(label_column and label_column != "none")
+    if from_metadata and label_column not in columns:
+        raise UserError(
+            f"{meta_path}: no column '{label_column}' (columns: {', '.join(columns) or 'none'}); "
+            "pass --label_column none to train without labels"
+        )
+    parents = sorted({p.parent.relative_to(root).as_posix() for p in files})
+    if not from_metadata and label_column != "none" and len(parents) > 1 and "." not in parents:
+        class_names = tuple(parents)
+    caption_column = _caption_column(args, columns, str(meta_path))
+    files = files[: args.max_train_samples] if args.max_train_samples else files
+    keep, grey = _check_images(files, len(files), lambda i: str(files[i]), args)
+    files = [files[i] for i in keep]
+    if from_metadata:
         labels = [int(v) for v in _metadata_column(metadata, files, label_column, meta_path)]
-    else:
-        parents = sorted({p.parent.relative_to(root).as_posix() for p in files})
-        if label_column != "none" and len(parents) > 1 and "." not in parents:
-            class_names = tuple(parents)
-            index = {name: i for i, name in enumerate(class_names)}
-            labels = [index[p.parent.relative_to(root).as_posix()] for p in files]
+    elif class_names:
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[p.parent.relative_to(root).as_posix()] for p in files]
     captions = None
-    if caption_column := _caption_column(args, columns, str(meta_path)):
-        captions = [str(v) for v in _metadata_column(metadata, files, caption_column, meta_path)]
-    # Every file is opened now, so an unreadable one stops the run before anything is written.
-    from tqdm.auto import tqdm
-
-    for p in tqdm(files, desc="checking images", disable=len(files) < 1000):
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-            raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
-    return [str(p) for p in files], labels, class_names, (lambda i: str(files[i])), captions
+    if caption_column:
+        values = _metadata_column(metadata, files, caption_column, meta_path)
+        captions = _caption_values(values, caption_column, lambda i: f"{meta_path} ({files[i].relative_to(root)})")
+    return [str(p) for p in files], labels, class_names, (lambda i: str(files[i])), captions, grey
 
 
 class EmptySplitError(UserError):
@@ -308,6 +424,12 @@ def _hub_dataset(args: DataArguments):
             raise EmptySplitError(f"dataset '{args.dataset_name}': split '{args.dataset_split}' is empty") from None
         raise UserError(f"dataset '{args.dataset_name}': {e}") from None
     except ConnectionError as e:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise UserError(
+                f"unknown dataset '{args.dataset_name}': not a local path, and not in the cache, the only place "
+                "HF_HUB_OFFLINE=1 lets `datasets` look; unset HF_HUB_OFFLINE to download it, or give a local path "
+                f"(e.g. hf download {args.dataset_name} --repo-type dataset --local-dir DIR, then --dataset_name DIR)"
+            ) from None
         raise UserError(
             f"unknown dataset '{args.dataset_name}': not a local path, and the Hub could not be reached ({e}); check "
             "the name, or use a local path, or a cached copy with HF_HUB_OFFLINE=1"
@@ -320,25 +442,37 @@ def _hub_dataset(args: DataArguments):
             f"dataset '{args.dataset_name}' has no image column '{args.image_column}' "
             f"(columns: {', '.join(columns)}); pass --image_column"
         )
+    feature = ds.features[args.image_column]
+    if not (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("string", "large_string")):
+        raise UserError(
+            f"dataset '{args.dataset_name}': column '{args.image_column}' holds {feature}, not images (or image "
+            f"paths); pass --image_column (columns: {', '.join(columns)})"
+        )
     label_column = args.label_column
     if label_column is None and "label" in columns:
         label_column = "label"
-    labels, class_names = None, None
-    if label_column and label_column != "none":
-        if label_column not in columns:
-            raise UserError(
-                f"dataset '{args.dataset_name}' has no label column '{label_column}' "
-                f"(columns: {', '.join(columns)}); pass --label_column, or --label_column none"
-            )
-        labels = ds[label_column]
-        feature = ds.features.get(label_column)
-        class_names = tuple(feature.names) if hasattr(feature, "names") else None
+    label_column = None if label_column == "none" else label_column
+    if label_column and label_column not in columns:
+        raise UserError(
+            f"dataset '{args.dataset_name}' has no label column '{label_column}' "
+            f"(columns: {', '.join(columns)}); pass --label_column, or --label_column none"
+        )
+    feature = ds.features.get(label_column) if label_column else None
+    class_names = tuple(feature.names) if hasattr(feature, "names") else None
     caption_column = _caption_column(args, columns, f"dataset '{args.dataset_name}'")
-    captions = ds[caption_column] if caption_column else None
-    images = _LazyColumn(ds, args.image_column)
-    name = args.dataset_name
-    names = lambda i: f"{name}[{args.dataset_split}][{i}].{args.image_column}"
-    return images, labels, class_names, names, captions
+    row = lambda i: f"{args.dataset_name}[{args.dataset_split}][{i}]"
+    # The stored bytes, read in arrow batches: decoding them here rather than through `datasets` names the bad row.
+    batches = ds.select_columns([args.image_column]).with_format("arrow").iter(batch_size=256)
+    sources = (v for batch in batches for v in batch.column(args.image_column).to_pylist())
+    rows, grey = _check_images(sources, len(ds), lambda i: f"{row(i)}.{args.image_column}", args)
+    if len(rows) < len(ds):
+        ds = ds.select(rows)
+    labels = ds[label_column] if label_column else None
+    captions = None
+    if caption_column:
+        captions = _caption_values(ds[caption_column], caption_column, lambda i: f"{row(rows[i])}.{caption_column}")
+    names = lambda i: f"{row(rows[i])}.{args.image_column}"
+    return _LazyColumn(ds, args.image_column), labels, class_names, names, captions, grey
 
 
 def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData:
@@ -367,24 +501,17 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         )
     else:
         if args.train_data_dir is not None:
-            images, labels, class_names, names, captions = _image_folder(args.train_data_dir, args)
+            images, labels, class_names, names, captions, grey = _image_folder(args.train_data_dir, args)
             root = Path(args.train_data_dir).resolve()
             listing = "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in images)
             source = f"folder-{root.name}-{_digest(listing)}"
         elif args.dataset_name:
-            images, labels, class_names, names, captions = _hub_dataset(args)
+            images, labels, class_names, names, captions, grey = _hub_dataset(args)
             name = Path(args.dataset_name).name if Path(args.dataset_name).exists() else args.dataset_name
             source = f"{name.replace('/', '--')}-{args.dataset_split}-{_digest(images.ds._fingerprint)}"
         else:
             raise UserError("give --dataset_name or --train_data_dir")
-        if args.max_train_samples and not isinstance(images, _LazyColumn):
-            images = images[: args.max_train_samples]
-            labels = labels[: args.max_train_samples] if labels is not None else None
-            captions = captions[: args.max_train_samples] if captions is not None else None
-        channels = args.num_channels
-        if channels is None:
-            first = images[0] if isinstance(images[0], Image.Image) else Image.open(images[0])
-            channels = 1 if first.mode in ("L", "1", "I", "I;16", "LA") else 3
+        channels = args.num_channels or (1 if grey else 3)
         num_classes = 0
         if labels is not None:
             num_classes = len(class_names) if class_names else int(max(labels)) + 1
@@ -444,8 +571,6 @@ def load_validation_data(args: DataArguments) -> TrainData | None:
 def _non_empty(data: TrainData | None, name: str) -> TrainData | None:
     """`data`, or None with a warning when it holds no images: training goes on without a validation loss."""
     if data is None or len(data.dataset) == 0:
-        import warnings
-
         warnings.warn(f"held-out data {name} is empty: no validation loss", stacklevel=3)
         return None
     return data

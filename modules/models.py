@@ -9,6 +9,7 @@ from pathlib import Path
 from modules.config import DDPMArguments, FlowArguments, ModelArguments, UserError, from_dict
 from modules.dit import DIT_PRESETS, DiTModel
 from modules.files import write_text_atomically
+from modules.hub import model_dir, resolve_components
 from modules.unet import UNET_PRESETS, UNetModel
 from modules.vae import KLVAE, VAEArguments
 
@@ -76,17 +77,46 @@ def save_model(model, objective, directory: str | Path, extra: dict | None = Non
     write_text_atomically(directory / OBJECTIVE_FILE, json.dumps(record, indent=2))
 
 
-def load_model(path: str | Path, device="cpu"):
-    """(model, objective, record) from a directory written by `save_model` (a run's output_dir)."""
-    path = Path(path)
+def load_model(path_or_id: str | Path, device="cpu", revision: str | None = None, token: str | None = None):
+    """(model, objective, record) from a directory written by `save_model` (a run's output_dir) or a Hub model id
+    pushed by training (downloaded and cached); a VAE or text encoder bundled with it is found inside it."""
+    path = model_dir(path_or_id, revision, token)
     if not (path / "config.json").is_file():
-        raise UserError(f"--model: '{path}' holds no saved model (no config.json); give a run's output_dir")
+        raise UserError(f"--model: '{path_or_id}' holds no saved model (no config.json); give a run's output_dir")
     config = json.loads((path / "config.json").read_text())
     cls = MODEL_CLASSES.get(config.get("_class_name"))
     if cls is None:
         raise UserError(f"{path / 'config.json'}: unknown model class {config.get('_class_name')!r}")
     if not (path / OBJECTIVE_FILE).is_file():
         raise UserError(f"--model: '{path}' has no {OBJECTIVE_FILE}, so it is unknown how it samples")
-    record = json.loads((path / OBJECTIVE_FILE).read_text())
-    model = cls.from_pretrained(path).to(device).eval()
+    record = resolve_components(json.loads((path / OBJECTIVE_FILE).read_text()), path)
+    model = cls.from_pretrained(path, use_safetensors=True).to(device).eval()
     return model, objective_from_config(record), record
+
+
+def load_pretrained_weights(model, path_or_id: str, revision: str | None = None, token: str | None = None):
+    """--init_from: copy the weights of a saved model (a run's output_dir or a Hub id) into `model`, which must
+    have the same architecture: every parameter present, with the same shape."""
+    from safetensors.torch import load_file
+
+    path = model_dir(path_or_id, revision, token)
+    weights = path / "diffusion_pytorch_model.safetensors"
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if not weights.is_file():
+        raise UserError(f"--init_from '{path_or_id}': no diffusion_pytorch_model.safetensors in {path}")
+    if config.get("_class_name") != type(model).__name__:
+        raise UserError(
+            f"--init_from '{path_or_id}' is a {config.get('_class_name')}, but --model builds a {type(model).__name__}"
+        )
+    state = load_file(str(weights))
+    own = model.state_dict()
+    problems = [f"{k} missing" for k in own if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in own]
+    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]  # fmt: skip
+    if problems:
+        raise UserError(
+            f"--init_from '{path_or_id}' does not fit the model being trained ({len(problems)} parameter(s) differ: "
+            f"{', '.join(problems[:3])}); train the same --model with the same sizes, classes and text settings"
+        )
+    model.load_state_dict(state)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 from modules.config import UserError, _help
 from modules.files import write_text_atomically
+from modules.hub import command_line, describe_error, warn
 
 
 @dataclass
@@ -90,15 +89,6 @@ def write_table(path: Path, table):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def command_line(script: str, argv) -> str:
-    """The command as run, with any --hub_token value hidden."""
-    args, hide = [], False
-    for arg in sys.argv[1:] if argv is None else argv:
-        args.append("***" if hide else "--hub_token=***" if str(arg).startswith("--hub_token=") else str(arg))
-        hide = arg == "--hub_token"
-    return shlex.join(["python", script, *args])
 
 
 def card_header(pretty_name: str, tags: list[str], paths: list[Path]) -> str:
@@ -179,14 +169,8 @@ def push_to_hub(out: Path, args: ShardedOutputArguments):
         api.upload_folder(folder_path=out, repo_id=repo_id, repo_type="dataset", ignore_patterns=[".*", "*/.*"])
         print(f"pushed to https://huggingface.co/datasets/{repo_id}")
     except Exception as e:  # noqa: BLE001 - offline, no token, no rights: the local dataset is still complete
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        for secret in filter(None, (args.hub_token, os.environ.get("HF_TOKEN"))):
-            reason = reason.replace(secret, "***")
-        print(
-            f"warning: could not push to the Hub ({type(e).__name__}: {reason}); {out} is complete: push it later "
-            f"with `hf upload {repo_id} {out} --repo-type dataset`",
-            file=sys.stderr,
-        )
+        warn(f"could not push to the Hub ({describe_error(e, args.hub_token)}); {out} is complete: push it later "
+             f"with `hf upload {repo_id} {out} --repo-type dataset`")  # fmt: skip
 
 
 def write_sharded_dataset(

@@ -7,18 +7,18 @@ Randomness in the loop comes from generators seeded by (seed, rank, step, micro-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from modules.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from modules.checkpoint import check_compatible, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from modules.conditioning import drop_labels
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, from_dict, to_dict
 from modules.data import (
@@ -30,8 +30,11 @@ from modules.data import (
     to_model_range,
 )
 from modules.ema import EMA
+from modules.files import write_text_atomically
 from modules.flops import peak_tflops, training_flops_per_image
+from modules.hub import command_line
 from modules.models import build_model, save_model
+from modules.stopping import NonFiniteGuard, StopRequest, agree
 from modules.visualize import DenoisingRecorder, save_image_grid, write_denoising_figures
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -63,6 +66,10 @@ def validate(train: TrainingArguments, objective_args):
     ):
         if getattr(train, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(train, name)}")
+    if train.max_nonfinite_steps < 1:
+        raise UserError(f"--max_nonfinite_steps must be at least 1, got {train.max_nonfinite_steps}")
+    if train.max_train_minutes is not None and not train.max_train_minutes > 0:
+        raise UserError(f"--max_train_minutes must be positive, got {train.max_train_minutes}")
     if not 0.0 <= train.cond_drop_prob <= 1.0:
         raise UserError(f"--cond_drop_prob must be in [0, 1], got {train.cond_drop_prob}")
     if not 0.0 <= train.ema_max_decay < 1.0:
@@ -333,7 +340,14 @@ def train(
     objective,
     argv=None,
 ):
-    """Train `objective` on the data and model the arguments name; writes everything under train_args.output_dir."""
+    """Train `objective` on the data and model the arguments name; writes everything under train_args.output_dir.
+    SIGTERM / SIGUSR1 and --max_train_minutes end it early with a checkpoint (modules/stopping.py)."""
+    with StopRequest(train_args.max_train_minutes) as stop_request, contextlib.ExitStack() as cleanup:
+        return _train(script, data_args, model_args, train_args, objective, argv, stop_request, cleanup)
+
+
+def _train(script, data_args, model_args, train_args, objective, argv, stop_request: StopRequest, cleanup):
+    """`cleanup` (an ExitStack) closes the progress bar before an error is printed, so it starts a line."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -377,6 +391,10 @@ def train(
     torch.manual_seed(train_args.seed)  # same initial weights on every process
     make_model = getattr(objective, "build_model", build_model)
     model = make_model(model_args, data.num_channels, resolution, num_classes, text.model_config() if text else None)
+    if model_args.init_from:
+        from modules.models import load_pretrained_weights
+
+        load_pretrained_weights(model, model_args.init_from, model_args.init_from_revision, train_args.hub_token)
     resume = resolve_resume(train_args.resume_from_checkpoint, out)
     if resume is not None:
         check_compatible(resume, dict(model.config))
@@ -401,14 +419,17 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     sampler = ResumableBatchSampler(len(data.dataset), train_args.train_batch_size, train_args.seed, rank, world)
 
+    pusher = None
     if accelerator.is_main_process:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         record = {
             "script": script,
-            "command": [script, *(sys.argv[1:] if argv is None else argv)],
+            "command": command_line(Path(script).name, argv),
             "config": to_dict(data_args, model_args, train_args, objective.args),
         }
-        (out / "run_config.json").write_text(json.dumps(record, indent=2))
+        write_text_atomically(out / "run_config.json", json.dumps(record, indent=2))
+        if train_args.push_to_hub:
+            pusher = start_pusher(train_args, out)
     if train_args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     conditioning = Conditioning(data, num_classes, text.to(device) if text else None, train_args.cond_drop_prob)
@@ -425,11 +446,12 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, train_args.ema_max_decay, train_args.ema_power)
 
-    start_step, images_seen = 0, 0
+    start_step, images_seen, seconds_before = 0, 0, 0.0
     if resume is not None:
         state = load_checkpoint(accelerator, resume, ema)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         start_step, images_seen = state["step"], state["images_seen"]
+        seconds_before = state.get("train_seconds", 0.0)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     sampler.start_batch = start_step * train_args.gradient_accumulation_steps
     loader = torch.utils.data.DataLoader(
@@ -460,13 +482,40 @@ def train(
         accelerator.print(f"text: the embeddings of {len(text.stored)} distinct captions stored with the latents "
                           f"({text.record['source']}); the text encoder is not loaded")  # fmt: skip
 
-    def checkpoint(step):
+    clock = time.perf_counter()
+
+    def train_seconds():  # over every resumed part of the run
+        return seconds_before + time.perf_counter() - clock
+
+    def model_record(step):
+        """What objective.json holds next to the EMA weights, besides the objective's settings."""
+        return {
+            "dataset_key": data.key,
+            "class_names": data.class_names,
+            **({"latent": latent} if latent else {}),
+            **({"text_encoder": text.record, "sample_prompts": list(data.captions[:16])} if text else {}),
+            "steps": step,
+            "images_seen": images_seen,
+            "train_hours": round(train_seconds() / 3600, 4),
+        }
+
+    def push(step, final=False):
+        if pusher is not None:
+            if train_args.num_sample_images and not (out / "samples" / f"step_{step:07d}.png").is_file():
+                write_grid(step)  # each push shows what its weights generate
+            extra = model_record(step)
+            pusher.push(step, lambda folder: save_model(ema.model, objective, folder, extra), final)
+
+    def checkpoint(step, push_it=True):
         state = {
             "images_seen": images_seen,
             "lr_scheduler": lr_scheduler.state_dict(),
             "model_config": dict(unwrapped.config),
+            "train_seconds": train_seconds(),
         }
         save_checkpoint(accelerator, out, step, ema, state, train_args.checkpoints_total_limit)
+        if push_it and step < train_args.max_train_steps:  # the last one is pushed after the final grid and FID
+            push(step)
 
     shape = (data.num_channels, resolution, resolution)
     validation_set = functools.cache(lambda: conditioning.held_out(held_out))
@@ -486,10 +535,14 @@ def train(
         desc="training",
         dynamic_ncols=True,
     )
+    cleanup.callback(progress.close)
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-    grad_norm = None
+    window_good, grad_norm = 0, None  # steps of the window that updated the model, the last gradient norm
+    stop_reason = None
+    guard = NonFiniteGuard(train_args.max_nonfinite_steps)
     model.train()
     for step in range(start_step, train_args.max_train_steps):
+        step_loss, nonfinite, skipped = torch.zeros((), device=device), False, False
         for micro in range(train_args.gradient_accumulation_steps):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             generator = step_generator(train_args.seed, rank, step, micro, device)
@@ -498,38 +551,53 @@ def train(
             with accelerator.accumulate(model):
                 loss = objective.loss(model, x0, cond, generator).mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                optimizer.step()
+                step_loss += loss.detach() / train_args.gradient_accumulation_steps
+                if accelerator.sync_gradients:
+                    # The gradient norm (clipped when --max_grad_norm > 0) is what the guard checks with the loss.
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
+                    nonfinite, stop = agree(accelerator, not bool(torch.isfinite(step_loss + grad_norm)),
+                                            stop_request.reason() is not None)  # fmt: skip
+                    if stop and stop_reason is None:
+                        stop_reason = stop_request.reason() or "a stop request on another process"
+                    if accelerator.scaler is not None:  # fp16: the gradient scaler skips overflowing steps itself
+                        optimizer.step()
+                        skipped = optimizer.step_was_skipped
+                    elif nonfinite:
+                        skipped = True
+                    else:
+                        optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach() / train_args.gradient_accumulation_steps
-        lr_scheduler.step()
-        ema.update(unwrapped)
         images_seen += global_batch
-        window_steps += 1
         done = step + 1
         progress.update(1)
+        guard.update(skipped, done, lambda: (list_checkpoints(out) or [None])[-1])
+        if not skipped:
+            lr_scheduler.step()
+            ema.update(unwrapped)
+            window_loss += step_loss
+            window_good += 1
+        window_steps += 1
 
         if done % train_args.logging_steps == 0 or done == train_args.max_train_steps:
-            mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+            mean_loss = accelerator.reduce(window_loss, "mean").item() / max(window_good, 1)
             elapsed = time.perf_counter() - window_start
             values = {
-                "loss": mean_loss,
+                "loss": mean_loss if window_good else math.nan,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "images_seen": images_seen,
                 "img_per_s": window_steps * global_batch / elapsed,
             }
-            if grad_norm is not None:
+            if train_args.max_grad_norm > 0 and grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
+            if guard.total:
+                values["nonfinite_steps"] = guard.total
             values["tflops"] = flops_per_image * values["img_per_s"] / 1e12
             if peak:
                 values["mfu"] = values["tflops"] / (peak * world)
-            if not math.isfinite(mean_loss):
-                raise RuntimeError(f"loss is {mean_loss} at step {done}; lower --learning_rate or check the data")
             metrics.log(done, values)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{values['img_per_s']:.0f}")
+            progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
             window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
+            window_steps, window_good, window_start = 0, 0, time.perf_counter()
         if train_args.checkpointing_steps and done % train_args.checkpointing_steps == 0:
             checkpoint(done)
         last = done == train_args.max_train_steps
@@ -546,25 +614,25 @@ def train(
             if accelerator.is_main_process:
                 write_grid(done)
             accelerator.wait_for_everyone()
+        if stop_reason and not last:
+            progress.close()
+            if not (train_args.checkpointing_steps and done % train_args.checkpointing_steps == 0):
+                checkpoint(done, push_it=False)  # no upload: a preempted job has seconds, not minutes
+            accelerator.print(
+                f"stopped at step {done} of {train_args.max_train_steps} ({stop_reason}): checkpoint saved in "
+                f"{out / 'checkpoints'}; rerun the same command with --resume_from_checkpoint latest to continue"
+            )
+            if pusher is not None:
+                pusher.finish()
+            accelerator.end_training()
+            return out
     progress.close()
 
     final = train_args.max_train_steps
     if not (train_args.checkpointing_steps and final % train_args.checkpointing_steps == 0) and start_step < final:
         checkpoint(final)
     if accelerator.is_main_process:
-        save_model(
-            ema.model,
-            objective,
-            out,
-            extra={
-                "dataset_key": data.key,
-                "class_names": data.class_names,
-                **({"latent": latent} if latent else {}),
-                **({"text_encoder": text.record, "sample_prompts": list(data.captions[:16])} if text else {}),
-                "steps": final,
-                "images_seen": images_seen,
-            },
-        )
+        save_model(ema.model, objective, out, extra=model_record(final))
         write_grid(final)
         accelerator.print(f"saved the EMA model and samples to {out}")
         if text is not None and text.truncated:
@@ -574,8 +642,23 @@ def train(
     accelerator.wait_for_everyone()
     if train_args.fid_num_samples:
         evaluate(final)
+    if pusher is not None:
+        push(final, final=True)  # with the grid and FID of the end
+        pusher.finish()
     accelerator.end_training()
     return out
+
+
+def start_pusher(train_args: TrainingArguments, out: Path):
+    """The background uploader of --push_to_hub, or None with a warning when a push cannot work."""
+    from modules.hub import HubPusher, check_push, push_later, warn
+
+    problem = check_push(train_args.hub_model_id, train_args.hub_token, out)
+    if problem:
+        warn(f"{problem}: training goes on without pushing; push the finished run with "
+             f"`{push_later(out, train_args.hub_model_id)}`")  # fmt: skip
+        return None
+    return HubPusher(out, train_args.hub_model_id, train_args.hub_token, train_args.hub_private_repo)
 
 
 def evaluate_fid(accelerator, ema_model, objective, data, conditioning, reference, train_args, shape, metrics, step,

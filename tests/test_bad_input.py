@@ -1,9 +1,14 @@
 """Each bad input is a one-line error that names the culprit, raised before anything is written."""
 
+import dataclasses
+import io
 import json
+import re
 import shutil
+from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
@@ -11,6 +16,8 @@ from PIL import Image
 
 import train_cfm
 import train_ddpm
+from modules.config import DataArguments, UserError
+from modules.data import load_train_data
 
 
 def _fails(capsys, argv, *needles, main=train_cfm.main):
@@ -226,3 +233,227 @@ def test_image_folder_has_no_named_splits(capsys, out, tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     argv = ["--train_data_dir", str(folder), "--validation_split", "test", "--output_dir", str(out)]
     _fails(capsys, [*argv, "--class_conditional", "false"], "--validation_split 'test': an image folder has no splits")
+
+
+# The data half of the catalogue: corrupt files, odd image modes, small images, offline Hub ids, captions.
+
+
+def _truncated_jpeg(path):
+    """A JPEG cut in half: `Image.verify` passes it, decoding fails."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+
+
+def _png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _parquet(root, **columns):
+    """A local `datasets` dataset (train.parquet under `root`); 'img' holds raw image bytes, decoded as images."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = {"img": [{"bytes": b, "path": None} for b in columns.pop("img")], **columns}
+    datasets.Dataset.from_dict(rows).cast_column("img", datasets.Image()).to_parquet(str(root / "train.parquet"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def corrupt_parquet(tmp_path_factory):
+    """Four rows, labels 0..3; row 2's image bytes are garbage."""
+    images = [_png_bytes(Image.new("RGB", (8, 8), (60 * i, 0, 0))) for i in range(4)]
+    images[2] = b"these bytes are no image"
+    return _parquet(tmp_path_factory.mktemp("corrupt") / "ds", img=images, label=[0, 1, 2, 3])
+
+
+def _rgb_folder(root, n=4):
+    for i in range(n):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (50 * i, 90, 10)).save(root / "ab"[i % 2] / f"{i}.png")
+    return root
+
+
+def test_truncated_image_in_a_folder_is_named_with_the_way_out(capsys, tmp_path):
+    """Start-up checks headers only (a full decode of a large dataset at every start costs minutes), so a truncated
+    JPEG stops the run when it is decoded: named, with the flag that finds such images up front."""
+    folder = _rgb_folder(tmp_path / "images")
+    _truncated_jpeg(folder / "b" / "cut.jpg")
+    run = tmp_path / "run"
+    _fails(
+        capsys,
+        ["--train_data_dir", str(folder), "--output_dir", str(run), "--max_train_steps", "2", "--train_batch_size",
+         "5", "--base_channels", "8", "--num_sample_images", "0", "--fid_num_samples", "0"],
+        f"cannot read image {folder / 'b' / 'cut.jpg'}: image file is truncated",
+        "pass --skip_corrupt_images",
+    )  # fmt: skip
+    assert not (run / "checkpoints").exists() and not (run / "config.json").exists()
+    with pytest.warns(UserWarning, match=re.escape(f"left out 1 of 5 images that cannot be read, the first "
+                                                   f"{folder / 'b' / 'cut.jpg'}")):  # fmt: skip
+        load_train_data(DataArguments(train_data_dir=str(folder), resolution=8, skip_corrupt_images=True))
+
+
+def test_corrupt_image_in_a_dataset_names_row_and_column(capsys, out, corrupt_parquet):
+    _fails(
+        capsys,
+        ["--dataset_name", str(corrupt_parquet), "--image_column", "img", "--output_dir", str(out)],
+        f"cannot read image {corrupt_parquet}[train][2].img: not an image format PIL recognises",
+        "pass --skip_corrupt_images",
+    )
+
+
+def test_skip_corrupt_images_leaves_dataset_rows_out(corrupt_parquet, tmp_path):
+    args = DataArguments(dataset_name=str(corrupt_parquet), image_column="img", resolution=8, skip_corrupt_images=True)
+    with pytest.warns(UserWarning, match=re.escape(f"left out 1 of 4 images that cannot be read, the first "
+                                                   f"{corrupt_parquet}[train][2].img")):  # fmt: skip
+        data = load_train_data(args)
+    assert len(data.dataset) == 3 and list(data.dataset.labels) == [0, 1, 3]
+    red = [data.dataset[i]["pixel_values"][0, 0, 0].item() for i in range(3)]
+    assert red == pytest.approx([-1.0, 60 / 127.5 - 1, 180 / 127.5 - 1])  # rows 0, 1, 3, with their labels
+    assert data.dataset.names(2) == f"{corrupt_parquet}[train][3].img"
+    only = _parquet(tmp_path / "only_garbage", img=[b"garbage", b"more garbage"], label=[0, 1])
+    with pytest.raises(UserError, match=r"none of the 2 images can be read, the first .*\[train\]\[0\]\.img"):
+        load_train_data(dataclasses.replace(args, dataset_name=str(only)))
+
+
+def test_skip_corrupt_images_trains_on_a_folder_of_mixed_and_small_images(tmp_path, capsys):
+    """Every kind of bad-but-usable folder at once: a truncated file (left out), grey, transparent, CMYK and 16-bit
+    images (converted to RGB), and one smaller than --resolution (upscaled). Training goes through."""
+    folder = tmp_path / "mixed"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    Image.new("L", (8, 8), 90).save(folder / "a" / "grey.png")
+    Image.new("RGBA", (8, 8), (200, 10, 10, 0)).save(folder / "a" / "clear.png")
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(folder / "b" / "cmyk.jpg")
+    Image.fromarray(np.full((6, 6), 40000, np.uint16)).save(folder / "b" / "deep.tif")
+    _truncated_jpeg(folder / "b" / "cut.jpg")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning) as record:
+        train_cfm.main(["--train_data_dir", str(folder), "--skip_corrupt_images", "--resolution", "8",
+                        "--output_dir", str(run), "--max_train_steps", "1", "--train_batch_size", "2",
+                        "--base_channels", "8", "--num_sample_images", "0", "--fid_num_samples", "0",
+                        "--lr_warmup_steps", "0"])  # fmt: skip
+    messages = [str(w.message) for w in record]
+    assert f"left out 1 of 5 images that cannot be read, the first {folder / 'b' / 'cut.jpg'}" in " ".join(messages)
+    small = [m for m in messages if "smaller than --resolution" in m]
+    assert small == [f"1 of 4 images are smaller than --resolution 8 (the first, {folder / 'b' / 'deep.tif'}, is "
+                     "6x6): they are upscaled"]  # fmt: skip
+    assert (run / "diffusion_pytorch_model.safetensors").is_file()
+    assert "4 images" in capsys.readouterr().out
+
+
+def _white_under(image):
+    """PIL's own compositing of `image` over opaque white."""
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image.convert("RGBA")).convert("RGB")
+
+
+def test_mixed_modes_convert_like_pil(tmp_path):
+    """Each mode becomes RGB (or L) as PIL converts it, except: transparency is composited onto white, and 16-bit
+    values keep their high byte (PIL's convert clips them at 255)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    alpha[0, 0] = 0
+    deep = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    high_byte = Image.fromarray((deep >> 8).astype(np.uint8))
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    cases = {
+        "L.png": (Image.fromarray(rgb[..., 0]), lambda im: im.convert("RGB")),
+        "RGB.jpg": (Image.fromarray(rgb), lambda im: im),
+        "RGBA.png": (Image.fromarray(np.dstack([rgb, alpha])), _white_under),
+        "LA.png": (Image.fromarray(np.dstack([rgb[..., 0], alpha])), _white_under),
+        "P.png": (Image.fromarray(rgb).quantize(16), lambda im: im.convert("RGB")),
+        "P_clear.png": (Image.fromarray(rgb).quantize(16), _white_under),  # colour 0 transparent (tRNS)
+        "CMYK.jpg": (Image.fromarray(rgb).convert("CMYK"), lambda im: im.convert("RGB")),
+        "I16.png": (Image.fromarray(deep), lambda im: high_byte.convert("RGB")),
+        "I16.tif": (Image.fromarray(deep), lambda im: high_byte.convert("RGB")),
+    }
+    for file, (image, _) in cases.items():
+        image.save(folder / file, **({"transparency": 0} if file == "P_clear.png" else {}))
+    modes = {file: Image.open(folder / file).mode for file in cases}
+    assert modes["P.png"] == "P" and modes["CMYK.jpg"] == "CMYK" and modes["I16.png"] == modes["I16.tif"] == "I;16"
+    data = load_train_data(DataArguments(train_data_dir=str(folder), resolution=8))
+    assert data.num_channels == 3  # not all grey
+    got = dict(zip([Path(data.dataset.names(i)).name for i in range(len(cases))],
+                   data.dataset.uint8_images(len(cases)), strict=True))  # fmt: skip
+    for file, (_, expected) in cases.items():
+        want = np.asarray(expected(Image.open(folder / file))).transpose(2, 0, 1)  # (C, H, W)
+        assert np.array_equal(got[file].numpy(), want), file
+    assert got["RGBA.png"][:, 0, 0].tolist() == [255, 255, 255]  # fully transparent: white
+    grey = load_train_data(DataArguments(train_data_dir=str(folder), resolution=8, num_channels=1))
+    got = {Path(grey.dataset.names(i)).name: grey.dataset.uint8_images(len(cases))[i, 0] for i in range(len(cases))}
+    assert np.array_equal(got["RGB.jpg"].numpy(), np.asarray(Image.open(folder / "RGB.jpg").convert("L")))
+    assert np.array_equal(got["I16.tif"].numpy(), np.asarray(high_byte))
+    for file in ("RGB.jpg", "RGBA.png", "P.png", "P_clear.png", "CMYK.jpg"):
+        (folder / file).unlink()
+    assert load_train_data(DataArguments(train_data_dir=str(folder), resolution=8)).num_channels == 1  # all grey
+
+
+def test_small_images_are_upscaled_with_one_warning(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (6 + i, 8), 40 * i).save(folder / f"{i}.png")
+    Image.new("L", (16, 20)).save(folder / "big.png")
+    with pytest.warns(UserWarning) as record:
+        data = load_train_data(DataArguments(train_data_dir=str(folder), resolution=16))
+    small = [str(w.message) for w in record if "smaller than" in str(w.message)]
+    assert small == [f"3 of 4 images are smaller than --resolution 16 (the first, {folder / '0.png'}, is 6x8): they "
+                     "are upscaled"]  # fmt: skip
+    assert data.dataset[0]["pixel_values"].shape == (1, 16, 16)
+
+
+def test_hub_id_while_offline_says_how_to_get_it(capsys, out):
+    _fails(
+        capsys,
+        ["--dataset_name", "someone/some_images", "--output_dir", str(out)],
+        "unknown dataset 'someone/some_images'",
+        "HF_HUB_OFFLINE=1",
+        "unset HF_HUB_OFFLINE to download it, or give a local path",
+        "hf download someone/some_images --repo-type dataset --local-dir DIR",
+    )
+
+
+@pytest.fixture(scope="module")
+def captions_parquet(tmp_path_factory):
+    """Four images whose captions are: text, empty, text, blank."""
+    images = [_png_bytes(Image.new("L", (8, 8), 60 * i)) for i in range(4)]
+    return _parquet(tmp_path_factory.mktemp("captions") / "ds", img=images, caption=["a cat", "", "a dog", " "])
+
+
+def test_misnamed_caption_column_suggests_the_close_one(capsys, out, captions_parquet):
+    argv = ["--dataset_name", str(captions_parquet), "--image_column", "img", "--class_conditional", "false"]
+    _fails(capsys, [*argv, "--caption_column", "captions", "--output_dir", str(out)],
+           "no caption column 'captions' (columns: img, caption); did you mean 'caption'?")  # fmt: skip
+
+
+def test_no_caption_column_for_a_text_model(capsys, out, captions_parquet):
+    argv = ["--dataset_name", str(captions_parquet), "--image_column", "img", "--caption_column", "none"]
+    argv += ["--text_encoder", "minilm", "--class_conditional", "false", "--resolution", "8"]
+    _fails(capsys, [*argv, "--output_dir", str(out)], "--text_encoder needs captions")
+
+
+def test_empty_captions_are_counted_in_one_warning(captions_parquet):
+    with pytest.warns(UserWarning, match=re.escape(f"caption column 'caption': 2 of 4 captions are empty (the first: "
+                                                   f"{captions_parquet}[train][1].caption)")):  # fmt: skip
+        data = load_train_data(DataArguments(dataset_name=str(captions_parquet), image_column="img", resolution=8))
+    assert list(data.captions) == ["a cat", "", "a dog", " "]
+
+
+def test_caption_that_is_not_a_string_is_named(capsys, out, tmp_path):
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    rows = [{"file_name": f"{i}.png", "caption": c} for i, c in enumerate(["a cat", None, "a dog"])]
+    for row in rows:
+        Image.new("RGB", (8, 8)).save(folder / row["file_name"])
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    argv = ["--train_data_dir", str(folder), "--class_conditional", "false", "--resolution", "8"]
+    _fails(capsys, [*argv, "--output_dir", str(out)],
+           f"caption column 'caption': {folder / 'metadata.jsonl'} (1.png) holds None (NoneType), not a string",
+           "--caption_column none")  # fmt: skip
+    listed = _parquet(tmp_path / "listed", img=[_png_bytes(Image.new("L", (8, 8)))] * 2, text=[["a", "b"], ["c"]])
+    with pytest.raises(UserError, match=re.escape(f"caption column 'text': {listed}[train][0].text holds "
+                                                  "['a', 'b'] (list), not a string")):  # fmt: skip
+        load_train_data(DataArguments(dataset_name=str(listed), image_column="img", resolution=8))

@@ -262,18 +262,18 @@ def test_random_flip_stores_flipped_latents_that_sample_latents_uses(encoded, ti
         sample_latents(rows(encoded), torch.Generator(), load_latent_data(str(encoded)), flip=True)
 
 
-def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_path):
-    """A real kill: SIGKILL the encoder once two of its 40 shards exist, rerun, compare with a run never killed."""
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_path, capsys):
+    """A real kill: SIGKILL the encoder once two of its 20 shards exist, rerun, compare with a run never killed."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    from conftest import ROOT, script
+    from conftest import ROOT
 
-    args = ["--vae", tiny_vae, "--dataset_name", "fashion_mnist", "--max_train_samples", 2000, "--resolution", 32,
-            "--shard_size", 50, "--batch_size", 1]  # fmt: skip
+    args = ["--vae", tiny_vae, "--dataset_name", "fashion_mnist", "--max_train_samples", 800, "--resolution", 32,
+            "--shard_size", 40, "--batch_size", 1]  # fmt: skip
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     proc = subprocess.Popen([sys.executable, str(ROOT / "encode_latents.py"), *map(str, args), "--output_dir",
                              str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -284,14 +284,14 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_pat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in killed.glob("data/train-*.parquet")}
-    assert 2 <= len(done) < 40 and not (killed / "latents.json").exists(), "the run was not stopped midway"
+    assert 2 <= len(done) < 20 and not (killed / "latents.json").exists(), "the run was not stopped midway"
     with pytest.raises(UserError, match="is not a complete latent dataset"):
         load_latent_data(str(killed))
 
-    rerun = script("encode_latents.py", *args, "--output_dir", killed)
-    assert f"resuming: {len(done)} of 40 shards already complete" in rerun.stdout
+    encode(*args, "--output_dir", killed)
+    assert f"resuming: {len(done)} of 20 shards already complete" in capsys.readouterr().out
     assert {name: (killed / "data" / name).stat().st_mtime_ns for name in done} == done  # not redone
-    script("encode_latents.py", *args, "--output_dir", whole)
+    encode(*args, "--output_dir", whole)
     assert_same_rows(rows(killed), rows(whole))
 
 

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import script
+from conftest import in_process
 from PIL import Image
 
 from modules.config import UserError
@@ -17,7 +17,7 @@ TINY_VAE = ["--max_train_samples", 64, "--train_batch_size", 8, "--vae_base_chan
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae") / "run"
-    script("train_vae.py", "--output_dir", out, "--max_train_steps", 4, "--validation_steps", 2,
+    in_process("train_vae.py", "--output_dir", out, "--max_train_steps", 4, "--validation_steps", 2,
            "--checkpointing_steps", 2, "--fid_num_samples", 4, "--fid_reference_samples", 4, *TINY_VAE)  # fmt: skip
     return out
 
@@ -25,7 +25,7 @@ def vae_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def latents(vae_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents") / "fashion"
-    script("encode_latents.py", "--vae", vae_run, "--output_dir", out, "--dataset_name", "fashion_mnist",
+    in_process("encode_latents.py", "--vae", vae_run, "--output_dir", out, "--dataset_name", "fashion_mnist",
            "--max_train_samples", 32, "--resolution", 32, "--shard_size", 16)  # fmt: skip
     return out
 
@@ -53,7 +53,7 @@ def test_a_vae_is_not_a_generator(vae_run, capsys, tmp_path):
 
 def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
     run = tmp_path / "dit"
-    script("train_cfm.py", "--latent_dataset", latents, "--model", "dit_tiny", "--patch_size", 2,
+    in_process("train_cfm.py", "--latent_dataset", latents, "--model", "dit_tiny", "--patch_size", 2,
            "--output_dir", run, "--max_train_steps", 3, "--train_batch_size", 8, "--num_sample_images", 4,
            "--num_inference_steps", 2, "--logging_steps", 1, "--lr_warmup_steps", 0, "--fid_num_samples", 4,
            "--fid_reference_samples", 4)  # fmt: skip
@@ -68,7 +68,7 @@ def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
     assert (run / "samples" / "step_0000003_denoising.png").is_file()
 
     out = tmp_path / "decoded"
-    script("sample.py", "--model", run, "--num_images", 3, "--num_inference_steps", 2, "--output", out)
+    in_process("sample.py", "--model", run, "--num_images", 3, "--num_inference_steps", 2, "--output", out)
     images = sorted(out.glob("*.png"))
     assert len(images) == 3 and Image.open(images[0]).size == (32, 32)
 
@@ -115,10 +115,10 @@ def test_latent_bad_input_stops_before_the_run_dir(latents, tmp_path, capsys):
 def test_text_model_trains_on_captioned_latents(vae_run, captioned, tmp_path):
     """Captions pass through encode_latents.py and condition a DiT trained on the latents."""
     latents = tmp_path / "captioned_latents"
-    script("encode_latents.py", "--vae", vae_run, "--output_dir", latents, "--dataset_name", captioned,
+    in_process("encode_latents.py", "--vae", vae_run, "--output_dir", latents, "--dataset_name", captioned,
            "--caption_column", "caption", "--resolution", 32, "--shard_size", 16)  # fmt: skip
     run, own = tmp_path / "text", "own:width=32,layers=1,heads=2,max_length=16"
-    script("train_cfm.py", "--latent_dataset", latents, "--text_encoder", own,
+    in_process("train_cfm.py", "--latent_dataset", latents, "--text_encoder", own,
            "--model", "dit_tiny", "--patch_size", 2, "--output_dir", run, "--max_train_steps", 2, "--train_batch_size",
            4, "--num_sample_images", 4, "--num_inference_steps", 2, "--lr_warmup_steps", 0, "--fid_num_samples", 0,
            "--class_conditional", "false")  # fmt: skip

@@ -111,3 +111,13 @@ def test_frozen_embeddings_are_cached_per_caption_and_equal_a_batch_encoding(mon
     length = cond["tokens"].shape[1]
     np.testing.assert_allclose(cond["tokens"][cond["mask"]], direct.tokens[:, :length][cond["mask"]], atol=1e-5)
     assert torch.equal(cond["mask"], direct.mask[:, :length]) and torch.equal(again["pooled"][0], cond["pooled"][3])
+
+
+def test_repeated_prompt_flags_all_count():
+    import sample
+    from modules.config import parse_args
+
+    (args,) = parse_args((sample.SampleArguments,), ["--model", "m", "--prompt", "a bag", "--prompt", "a coat"])
+    assert args.prompt == ["a bag", "a coat"]
+    (args,) = parse_args((sample.SampleArguments,), ["--model", "m", "--prompt", "a bag", "a coat", "--prompt", "x"])
+    assert args.prompt == ["a bag", "a coat", "x"]

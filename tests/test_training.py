@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import RESUMABLE, TINY, accelerate_launch, script
+from conftest import RESUMABLE, TINY, accelerate_launch, in_process, script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -61,13 +61,14 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
     assert any(not torch.equal(saved[k], raw[k]) for k in raw)
 
 
-def test_resume_is_exact(tiny_cfm_run, tmp_path):
-    """6 steps in one run == 3 steps, then a second process resuming from checkpoint-3 for 3 more."""
+def test_resume_is_exact(tiny_cfm_run, tmp_path, capsys):
+    """6 steps in one run == 3 steps, then a second run resuming from checkpoint-3 for 3 more (a new process resumes
+    in tests/test_reliability.py)."""
     out = tmp_path / "resumed"
     common = ["--output_dir", out, *RESUMABLE]
-    script("train_cfm.py", "--max_train_steps", 3, *common)
-    proc = script("train_cfm.py", "--max_train_steps", 6, "--resume_from_checkpoint", "latest", *common)
-    assert "resumed from" in proc.stdout + proc.stderr
+    in_process("train_cfm.py", "--max_train_steps", 3, *common)
+    in_process("train_cfm.py", "--max_train_steps", 6, "--resume_from_checkpoint", "latest", *common)
+    assert "resumed from" in capsys.readouterr().out
     whole = _state(tiny_cfm_run / "checkpoints" / "checkpoint-6")
     resumed = _state(out / "checkpoints" / "checkpoint-6")
     _assert_same(whole, resumed, "state")
