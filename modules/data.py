@@ -252,13 +252,15 @@ def _metadata_column(metadata: dict, files, column: str, meta_path) -> list:
 
 def _decode(source, full: bool = True) -> tuple[tuple[int, int], str] | str:
     """Check one image (a path, or a `datasets` {"bytes", "path"} value): its ((width, height), mode), or why it
-    cannot be read. `full` decodes every pixel; otherwise PIL's `verify` checks the file's structure (PNG checksums;
-    a truncated JPEG passes it and is only caught when it is decoded)."""
+    cannot be read. `full` decodes every pixel. Otherwise PIL's `verify` checks the file's structure (PNG checksums
+    included), and a JPEG is decoded only when it does not end with its end-of-image marker: `verify` passes a
+    truncated JPEG, the commonest broken download."""
     try:
         if isinstance(source, dict):
             source = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source.get("path")
         with Image.open(source) as image:
             size, mode = image.size, image.mode
+            full = full or (image.format == "JPEG" and not _ends_like_jpeg(image.fp))
             image.load() if full else image.verify()
             return size, mode
     except UnidentifiedImageError:
@@ -267,14 +269,25 @@ def _decode(source, full: bool = True) -> tuple[tuple[int, int], str] | str:
         return f"{type(e).__name__}: {e}"
 
 
+def _ends_like_jpeg(f, tail: int = 64) -> bool:
+    """Whether the JPEG file `f` holds its end-of-image marker (FF D9) in its last `tail` bytes (some writers pad)."""
+    position = f.tell()
+    try:
+        f.seek(0, io.SEEK_END)
+        f.seek(max(f.tell() - tail, 0))
+        return b"\xff\xd9" in f.read(tail)
+    finally:
+        f.seek(position)
+
+
 def _check_images(sources, count: int, name, args: DataArguments) -> tuple[list[int], bool]:
     """Check every image once, before anything is written: (indices of the readable ones, whether all are grey).
 
     A corrupt image stops the run, or with --skip_corrupt_images is left out; every process checks the same images
     in the same order, so all keep the same ones. With --skip_corrupt_images each image is decoded in full (about
     1-5 ms for a 512px JPEG or PNG, spread over threads, on every process), since `Image.verify` misses truncated
-    JPEGs; without it the check reads headers and verifies structure only, so starting on a large dataset stays
-    quick, and an image that still fails to decode during training stops the run naming it."""
+    JPEGs; without it the check verifies structure and decodes only JPEGs that look truncated, so starting on a
+    large dataset stays quick, and an image that still fails to decode during training stops the run naming it."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm

@@ -5,6 +5,7 @@ import io
 import json
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import datasets
@@ -275,23 +276,40 @@ def _rgb_folder(root, n=4):
     return root
 
 
-def test_truncated_image_in_a_folder_is_named_with_the_way_out(capsys, tmp_path):
-    """Start-up checks headers only (a full decode of a large dataset at every start costs minutes), so a truncated
-    JPEG stops the run when it is decoded: named, with the flag that finds such images up front."""
+def test_truncated_image_in_a_folder_is_named_with_the_way_out(capsys, out, tmp_path):
     folder = _rgb_folder(tmp_path / "images")
     _truncated_jpeg(folder / "b" / "cut.jpg")
+    _fails(
+        capsys,
+        ["--train_data_dir", str(folder), "--output_dir", str(out)],
+        f"cannot read image {folder / 'b' / 'cut.jpg'}: OSError: image file is truncated",
+        "pass --skip_corrupt_images",
+    )
+    with pytest.warns(UserWarning, match=re.escape(f"left out 1 of 5 images that cannot be read, the first "
+                                                   f"{folder / 'b' / 'cut.jpg'}")):  # fmt: skip
+        load_train_data(DataArguments(train_data_dir=str(folder), resolution=8, skip_corrupt_images=True))
+
+
+def test_an_image_that_fails_only_when_decoded_stops_training_naming_it(capsys, tmp_path):
+    """A PNG whose chunks check out but whose pixels do not decompress passes the start-up check; decoding it in
+    training stops the run with its name and the flag that finds such images up front (a full decode at start)."""
+    folder = _rgb_folder(tmp_path / "images")
+    png = bytearray((folder / "b" / "1.png").read_bytes())
+    at = png.find(b"IDAT")
+    size = int.from_bytes(png[at - 4 : at], "big")
+    pixels = bytes(png[at + 4 : at + 4 + size])
+    pixels = pixels[:2] + bytes(len(pixels) - 2)  # zlib header kept, deflate stream zeroed
+    png[at + 4 : at + 8 + size] = pixels + zlib.crc32(b"IDAT" + pixels).to_bytes(4, "big")
+    (folder / "b" / "cut.png").write_bytes(png)
     run = tmp_path / "run"
     _fails(
         capsys,
         ["--train_data_dir", str(folder), "--output_dir", str(run), "--max_train_steps", "2", "--train_batch_size",
          "5", "--base_channels", "8", "--num_sample_images", "0", "--fid_num_samples", "0"],
-        f"cannot read image {folder / 'b' / 'cut.jpg'}: image file is truncated",
+        f"cannot read image {folder / 'b' / 'cut.png'}",
         "pass --skip_corrupt_images",
     )  # fmt: skip
     assert not (run / "checkpoints").exists() and not (run / "config.json").exists()
-    with pytest.warns(UserWarning, match=re.escape(f"left out 1 of 5 images that cannot be read, the first "
-                                                   f"{folder / 'b' / 'cut.jpg'}")):  # fmt: skip
-        load_train_data(DataArguments(train_data_dir=str(folder), resolution=8, skip_corrupt_images=True))
 
 
 def test_corrupt_image_in_a_dataset_names_row_and_column(capsys, out, corrupt_parquet):

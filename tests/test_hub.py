@@ -157,3 +157,44 @@ def test_model_card_names_components_and_latent_space(tmp_path):
     assert "- stabilityai/sd-vae-ft-ema" in card and "- openai/clip-vit-large-patch14" in card
     assert "4x32x32 latents of the VAE `stabilityai/sd-vae-ft-ema` (256px images)" in card
     assert '--prompt "a photo of a bag"' in card
+
+
+def test_a_local_vae_and_text_encoder_travel_with_the_pushed_model(tiny_cfm_run, clip_text_folder, tmp_path):
+    """A model trained with a VAE and a CLIP text encoder from local folders: the pushed folder holds copies of both
+    (weights as safetensors only) and names them relatively, so it loads anywhere."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from modules.hub import resolve_components, stage
+    from modules.text import load_text_encoder
+    from modules.vae import load_vae
+
+    vae_dir = tmp_path / "my_vae"
+    AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), norm_num_groups=8,
+                  up_block_types=("UpDecoderBlock2D",), latent_channels=4).save_pretrained(vae_dir)  # fmt: skip
+    (vae_dir / "checkpoints").mkdir()  # a run directory's other contents stay behind
+    (vae_dir / "stray.bin").write_bytes(b"pickled")
+    record = json.loads((tiny_cfm_run / "objective.json").read_text())
+    record["latent"] = {"vae": {"source": str(vae_dir), "kind": "AutoencoderKL"}, "image_resolution": 32}
+    record["text_encoder"] = {"kind": "clip", "source": str(clip_text_folder), "max_length": 77}
+
+    def write_model(folder):
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            shutil.copy2(tiny_cfm_run / name, folder / name)
+        (folder / "objective.json").write_text(json.dumps(record))
+
+    folder = stage(tmp_path / "staged", write_model, REPO, tiny_cfm_run, None)
+    staged = json.loads((folder / "objective.json").read_text())
+    assert staged["latent"]["vae"]["source"] == "vae" and staged["text_encoder"]["source"] == "text_encoder"
+    assert sorted(p.name for p in (folder / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    text = folder / "text_encoder"
+    assert sorted(p.name for p in text.iterdir()) == sorted(p.name for p in clip_text_folder.iterdir())
+    moved = tmp_path / "elsewhere"
+    shutil.move(folder, moved)
+    resolved = resolve_components(staged, moved)
+    assert resolved["latent"]["vae"]["source"] == str(moved / "vae")
+    assert load_vae(resolved["latent"]["vae"]["source"]).latent_channels == 4
+    assert load_text_encoder(resolved["text_encoder"]["source"]).token_dim == 32
+    card = (moved / "README.md").read_text()
+    assert "base_model" not in card  # local components are not Hub models
