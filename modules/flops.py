@@ -1,7 +1,10 @@
 """FLOPs per training image, and model FLOPs utilisation (MFU) against the accelerator's peak.
 
-FLOPs are counted once, on a real forward and backward of the objective's loss, by PyTorch's own
+FLOPs are counted once, on a forward and backward of the objective's loss, by PyTorch's own
 `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention; elementwise work is not counted).
+The count runs on a copy of the model on the meta device (shapes only): attention there takes the plain math path,
+so it counts the model's FLOPs whatever kernel the hardware uses (on CPU, the fused attention's backward is not
+counted at all; on GPUs, flash attention's recomputation would be), and it costs no memory.
 """
 
 from __future__ import annotations
@@ -43,3 +46,19 @@ def training_flops_per_image(model, objective, x0: torch.Tensor, cond, generator
         objective.loss(model, x0, cond, generator).mean().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / x0.shape[0]
+
+
+def _to_meta(value):
+    if torch.is_tensor(value):
+        return value.to("meta")
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def model_flops_per_image(model, objective, x0: torch.Tensor, cond, generator: torch.Generator) -> float:
+    """`training_flops_per_image` of `model` (a diffusers-style model, rebuilt from its config on the meta device)
+    for inputs shaped like `x0` and `cond`."""
+    with torch.device("meta"):
+        meta = type(model).from_config(dict(model.config))
+    return training_flops_per_image(meta, objective, _to_meta(x0), _to_meta(cond), generator)

@@ -31,7 +31,7 @@ from modules.data import (
 )
 from modules.ema import EMA
 from modules.files import write_text_atomically
-from modules.flops import peak_tflops, training_flops_per_image
+from modules.flops import model_flops_per_image, peak_tflops
 from modules.hub import command_line
 from modules.models import build_model, save_model
 from modules.stopping import NonFiniteGuard, StopRequest, agree
@@ -252,7 +252,7 @@ def measure_flops(model, objective, data, conditioning: Conditioning, device) ->
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = model_input(batch, data, generator, False)
     cond = conditioning.batch(batch, generator, device)
-    return training_flops_per_image(model, objective, x0, cond, generator)
+    return model_flops_per_image(model, objective, x0, cond, generator)
 
 
 def sample_grid(ema_model, objective, data, conditioning, train: TrainingArguments, shape, device, path: Path,
@@ -355,6 +355,10 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
 
     # Everything that can fail on bad input happens before the run directory is touched.
     validate(train_args, objective.args)
+    if train_args.dry_run:
+        from modules.sizing import dry_run
+
+        return dry_run(data_args, model_args, train_args, objective)
     out = Path(train_args.output_dir)
     data, held_out, reference, latent = open_data(data_args, model_args, train_args)
     resolution = data.resolution if latent else data_args.resolution
@@ -445,6 +449,12 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, train_args.ema_max_decay, train_args.ema_power)
+    if train_args.channels_last:
+        unwrapped.to(memory_format=torch.channels_last)
+    if train_args.torch_compile:
+        # In place: the module's forward is compiled, its parameters and state_dict keys stay as they are, so
+        # checkpoints, the EMA and resume do not see it. The first steps pay the compilation.
+        unwrapped.compile(backend=train_args.torch_compile_backend)
 
     start_step, images_seen, seconds_before = 0, 0, 0.0
     if resume is not None:
