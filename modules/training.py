@@ -604,6 +604,7 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
             values["tflops"] = flops_per_image * values["img_per_s"] / 1e12
             if peak:
                 values["mfu"] = values["tflops"] / (peak * world)
+            values.update(peak_memory(device))
             metrics.log(done, values)
             progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
             window_loss.zero_()
@@ -656,6 +657,16 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         push(final, final=True)  # with the grid and FID of the end
         pusher.finish()
     accelerator.end_training()
+    return out
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak resident memory (GiB; what the OS had to give it) and, on a GPU, torch's peak allocation."""
+    import resource
+
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
 
 
