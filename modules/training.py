@@ -413,6 +413,12 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise UserError(
+            f"accelerate's {accelerator.distributed_type.name} is not supported yet (the EMA keeps a full copy of "
+            "the model, and the non-finite guard needs the optimizer step); launch with "
+            "accelerate_configs/multi_gpu.yaml (DDP) instead"
+        )
     decode = None
     if latent is not None and accelerator.is_main_process:  # before the run dir: a VAE that does not fit stops here
         from modules.vae import latent_decoder
