@@ -9,15 +9,12 @@ from __future__ import annotations
 import datetime
 import platform
 import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.hub import command_line  # noqa: E402
+from modules.hub import command_line
 
 
 def device_name(device: torch.device) -> str:
@@ -34,18 +31,13 @@ def print_setting(script: str, argv, device: torch.device) -> None:
     """Command line, date, torch version, device and thread count, as the first lines of the report."""
     print(f"`{command_line(f'bench/{Path(script).name}', argv)}`\n")
     print(f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | torch {torch.__version__} | "
-          f"{device.type}: {device_name(device)} | {torch.get_num_threads()} threads\n")  # fmt: skip
+          f"{device.type}: {device_name(device)} | threads: {torch.get_num_threads()}\n")  # fmt: skip
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -75,7 +67,7 @@ class Goal:
         return self.value >= self.target if self.at_least else self.value < self.target
 
     def cells(self) -> list[str]:
-        show = (lambda v: f"{100 * v:.1f} %") if self.percent else (lambda v: f"{v:.2f}")
+        show = (lambda v: f"{100 * v:.1f} %") if self.percent else (lambda v: f"{v:.3f}")
         bound = f"{'>=' if self.at_least else '<'} {show(self.target)}"
         return [self.name, show(self.value), bound, "yes" if self.met else "**no**"]
 
