@@ -274,7 +274,7 @@ class DiTModel(ModelMixin, ConfigMixin):
             raise ValueError(f"Input size {tuple(x.shape[-2:])} is not divisible by the DiT patch size {p}.")
         grid_h, grid_w = x.shape[-2] // p, x.shape[-1] // p
         grid = self.config.sample_size // p
-        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D); contiguous: no copy per norm
         rope = None
         if self.config.pos_embed == "absolute":
             pos = self.abs_pos_embed

@@ -37,8 +37,12 @@ def sample_time(n: int, generator: torch.Generator, kind: str = "uniform", mean:
 def ot_pair(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Reorder `noise` to minimise sum ||x0_i - noise_i||^2 over the minibatch (exact assignment, OT-CFM).
 
-    Only the noise moves, so data and its labels stay together."""
+    Only the noise moves, so data and its labels stay together. On the meta device (FLOP counting) it is left as is:
+    a permutation costs no FLOPs, and there are no values to pair."""
     from scipy.optimize import linear_sum_assignment
+
+    if noise.is_meta:
+        return noise
 
     cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()).pow(2)  # (B, B)
     _, cols = linear_sum_assignment(cost.cpu().numpy())

@@ -73,7 +73,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)  # (B, 3, h, d, HW)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, h, HW, d)
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)  # 3 x (B, h, HW, d), as the fused kernels want
         h = F.scaled_dot_product_attention(q, k, v)  # (B, h, HW, d)
         h = h.transpose(-1, -2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + self.proj(h)

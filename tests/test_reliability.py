@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import RESUMABLE, ROOT, TINY, free_port, in_process, run, script
+from conftest import RESUMABLE, ROOT, TINY, free_port, run, script
 from safetensors.torch import load_file
 
 import train_cfm
@@ -75,13 +75,20 @@ def assert_same_model(a, b):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def resume(out, new_process: bool):
-    args = ["--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard", "--resume_from_checkpoint",
-            "latest", *RESUMABLE]  # fmt: skip
-    script("train_cfm.py", *args) if new_process else in_process("train_cfm.py", *args)
+def resume(out):
+    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard",
+           "--resume_from_checkpoint", "latest", *RESUMABLE)  # fmt: skip
 
 
-def test_sigkill_at_a_random_step_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tiny_cfm_run, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run never killed, made as the killed runs and their reruns are: each in a process of its own."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard", *RESUMABLE)
+    return out
+
+
+def test_sigkill_at_a_random_step_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = start([sys.executable, str(ROOT / "train_cfm.py"), "--output_dir", str(out), "--max_train_steps", "6",
                   "--report_to", "tensorboard", *map(str, RESUMABLE)])  # fmt: skip
@@ -92,11 +99,11 @@ def test_sigkill_at_a_random_step_after_a_checkpoint_then_rerun_equals_an_uninte
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "diffusion_pytorch_model.safetensors").exists(), "killed too late to test anything"
     assert resolve_resume("latest", out).name in ("checkpoint-3", "checkpoint-6")
-    resume(out, new_process=True)
-    assert_same_model(out, tiny_cfm_run)
+    resume(out)
+    assert_same_model(out, uninterrupted)
 
 
-def test_killed_while_writing_a_checkpoint_latest_is_the_previous_one(tiny_cfm_run, tmp_path):
+def test_killed_while_writing_a_checkpoint_latest_is_the_previous_one(uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = start([sys.executable, runner(tmp_path, slow_in=".checkpoint-6.partial"), "--output_dir", str(out),
                   "--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)])  # fmt: skip
@@ -107,8 +114,8 @@ def test_killed_while_writing_a_checkpoint_latest_is_the_previous_one(tiny_cfm_r
     assert (out / "checkpoints" / ".checkpoint-6.partial").is_dir()  # half written
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
     assert resolve_resume("latest", out).name == "checkpoint-3"
-    resume(out, new_process=False)
-    assert_same_model(out, tiny_cfm_run)
+    resume(out)
+    assert_same_model(out, uninterrupted)
     assert not list((out / "checkpoints").glob(".*"))  # the half-written one was cleared
 
 
