@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import encode_latents  # noqa: E402
 from bench.encode_latents import tiny_vae  # noqa: E402
-from bench.report import Goal, markdown_table, peak_memory_line, print_setting, report_goals  # noqa: E402
+from bench.report import Goal, finish, print_setting  # noqa: E402
 from modules.config import (  # noqa: E402
     DataArguments,
     FlowArguments,
@@ -161,9 +161,7 @@ def main(argv=None):
         goals.append(Goal(f"wait share, {s.name}", share, args.max_wait_share, at_least=False, percent=True))
     headers = ["data", "items", "model input", "step ms (loader)", "wait ms", "wait share", "step ms (fixed batch)",
                "loader / fixed"]  # fmt: skip
-    print(markdown_table(headers, rows) + "\n")
-    print(peak_memory_line(device) + "\n")
-    report_goals(goals, args.no_goals)
+    finish(headers, rows, device, goals, args.no_goals)
 
 
 if __name__ == "__main__":

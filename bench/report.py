@@ -80,3 +80,10 @@ def report_goals(goals: list[Goal], no_goals: bool) -> bool:
         print("\na goal was missed (--no_goals only reports)")
         raise SystemExit(1)
     return met
+
+
+def finish(headers: list[str], rows: list[list], device: torch.device, goals: list[Goal], no_goals: bool) -> bool:
+    """Print the table, the peak memory and the goals; exits 1 on a missed goal unless `no_goals`."""
+    print(markdown_table(headers, rows) + "\n")
+    print(peak_memory_line(device) + "\n")
+    return report_goals(goals, no_goals)

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import Goal, markdown_table, peak_memory_line, print_setting, report_goals  # noqa: E402
+from bench.report import Goal, finish, print_setting  # noqa: E402
 from modules.config import FlowArguments, ModelArguments, TrainingArguments, _help, parse_args  # noqa: E402
 from modules.flops import model_flops_per_image, peak_tflops, training_flops_per_image  # noqa: E402
 from modules.flow import FlowObjective  # noqa: E402
@@ -229,9 +229,7 @@ def main(argv=None):
         goals.append(Goal(name, ratio, target))
     headers = ["model", "input", "params", "train GFLOP/img", "img/s best", "img/s median", "TFLOP/s", "MFU",
                "peak MiB (own)"]  # fmt: skip
-    print(markdown_table(headers, rows) + "\n")
-    print(peak_memory_line(device) + "\n")
-    report_goals(goals, args.no_goals)
+    finish(headers, rows, device, goals, args.no_goals)
 
 
 if __name__ == "__main__":
