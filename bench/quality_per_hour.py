@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import Goal, finish, print_setting  # noqa: E402
 from bench.train_throughput import unet_twin  # noqa: E402
+from modules.checkpoint import list_checkpoints, read_state  # noqa: E402
 from modules.config import (  # noqa: E402
     DataArguments,
     FlowArguments,
@@ -99,16 +100,17 @@ def train_ours(args: BenchArguments, out: Path, reference_samples: int) -> dict:
     """The recipe stopped by the budget, then finished from its checkpoint: its fid.json and training record."""
     out.mkdir(parents=True, exist_ok=True)
     script = [sys.executable, str(ROOT / "train_cfm.py"), "--config", args.recipe, "--output_dir", str(out)]
-    quiet = ["--sample_steps", "0", "--validation_steps", "0", "--checkpointing_steps", "0", "--fid_num_samples", "0"]
-    train_seconds = run([*script, *quiet, "--max_train_steps", str(10**9), "--max_train_minutes",
-                         str(args.budget_minutes)], out / "train.log", args.threads)  # fmt: skip
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    quiet = ["--sample_steps", "0", "--validation_steps", "0", "--checkpointing_steps", "0"]
+    budget = ["--fid_num_samples", "0", "--max_train_steps", "1000000000",
+              "--max_train_minutes", str(args.budget_minutes)]  # fmt: skip
+    train_seconds = run([*script, *quiet, *budget], out / "train.log", args.threads)
+    checkpoints = list_checkpoints(out)
     if not checkpoints:
         raise RuntimeError(f"our run stopped without a checkpoint; see {out / 'train.log'}")
-    steps = int(checkpoints[-1].name.split("-")[1])
+    steps = read_state(checkpoints[-1])["step"]
     evaluation = ["--fid_num_samples", str(args.num_samples), "--fid_reference_samples", str(reference_samples),
                   "--eval_metrics", "fid,classifier"]  # fmt: skip
-    eval_seconds = run([*script, *quiet[:-2], *evaluation, "--max_train_steps", str(steps),
+    eval_seconds = run([*script, *quiet, *evaluation, "--max_train_steps", str(steps),
                         "--resume_from_checkpoint", "latest"], out / "finish.log", args.threads)  # fmt: skip
     record = json.loads((out / "objective.json").read_text())
     return {**json.loads((out / "fid.json").read_text()), "steps": steps, "images_seen": record["images_seen"],

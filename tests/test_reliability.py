@@ -75,23 +75,25 @@ def assert_same_model(a, b):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+# The run the SIGKILL tests interrupt, resume and compare with the one never interrupted.
+SIX_STEPS = ["--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)]
+
+
 def resume(out):
-    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard",
-           "--resume_from_checkpoint", "latest", *RESUMABLE)  # fmt: skip
+    script("train_cfm.py", "--output_dir", out, *SIX_STEPS, "--resume_from_checkpoint", "latest")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The run never killed, made as the killed runs and their reruns are: each in a process of its own."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    script("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard", *RESUMABLE)
+    script("train_cfm.py", "--output_dir", out, *SIX_STEPS)
     return out
 
 
 def test_sigkill_at_a_random_step_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = start([sys.executable, str(ROOT / "train_cfm.py"), "--output_dir", str(out), "--max_train_steps", "6",
-                  "--report_to", "tensorboard", *map(str, RESUMABLE)])  # fmt: skip
+    proc = start([sys.executable, str(ROOT / "train_cfm.py"), "--output_dir", str(out), *SIX_STEPS])
     wait_for(lambda: (out / "checkpoints" / "checkpoint-3").is_dir(), proc)
     time.sleep(random.uniform(0.0, 0.3))  # somewhere in steps 4-6
     proc.send_signal(signal.SIGKILL)
@@ -106,7 +108,7 @@ def test_sigkill_at_a_random_step_after_a_checkpoint_then_rerun_equals_an_uninte
 def test_killed_while_writing_a_checkpoint_latest_is_the_previous_one(uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = start([sys.executable, runner(tmp_path, slow_in=".checkpoint-6.partial"), "--output_dir", str(out),
-                  "--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)])  # fmt: skip
+                  *SIX_STEPS])  # fmt: skip
     wait_for(lambda: (out / "checkpoints" / ".checkpoint-6.partial").is_dir(), proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
