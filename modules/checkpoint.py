@@ -83,6 +83,7 @@ def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(partial))
+        ema.gather()  # a sharded EMA is assembled on the main process, which writes it whole
         if accelerator.is_main_process:
             save_file(ema.state_dict(), str(partial / EMA_FILE))
             write_text_atomically(
@@ -113,11 +114,14 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
     """Restore model, optimizer and RNG states through Accelerate, and the EMA; returns training_state.json."""
     from safetensors.torch import load_file
 
+    sharded = any(Path(path).glob("pytorch_model_fsdp*"))
+    if sharded != (accelerator.distributed_type.name == "FSDP"):
+        written, now = ("under FSDP", "without it") if sharded else ("without FSDP", "under it")
+        raise UserError(f"checkpoint {path} was written {written} and this run is {now}: resume it with the "
+                        "accelerate config that wrote it")  # fmt: skip
     accelerator.load_state(str(path))
     state = read_state(path)
-    ema.load_state_dict(
-        load_file(str(Path(path) / EMA_FILE), device=str(next(ema.model.parameters()).device)), state["ema_step"]
-    )
+    ema.load_state_dict(load_file(str(Path(path) / EMA_FILE), device=str(ema.device)), state["ema_step"])
     return state
 
 

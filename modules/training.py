@@ -413,12 +413,15 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    if accelerator.distributed_type.name == "DEEPSPEED":
         raise UserError(
-            f"accelerate's {accelerator.distributed_type.name} is not supported yet (the EMA keeps a full copy of "
-            "the model, and the non-finite guard needs the optimizer step); launch with "
+            "accelerate's DEEPSPEED is not supported yet (it takes the optimizer step inside backward, so the "
+            "non-finite guard cannot skip a step); launch with accelerate_configs/fsdp.yaml (FSDP2) or "
             "accelerate_configs/multi_gpu.yaml (DDP) instead"
         )
+    if fsdp and not accelerator.is_fsdp2:
+        raise UserError("accelerate's FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
     decode = None
     if latent is not None and accelerator.is_main_process:  # before the run dir: a VAE that does not fit stops here
         from modules.vae import latent_decoder
@@ -452,9 +455,12 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         num_warmup_steps=train_args.lr_warmup_steps,
         num_training_steps=train_args.max_train_steps,
     )
+    # Under FSDP only the main process keeps a full EMA copy (to sample and save); each process averages its shard.
+    ema = EMA(model, train_args.ema_max_decay, train_args.ema_power, keep_copy=accelerator.is_main_process or not fsdp)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = EMA(unwrapped, train_args.ema_max_decay, train_args.ema_power)
+    if fsdp:
+        ema.shard_like(unwrapped)
     if train_args.channels_last:
         unwrapped.to(memory_format=torch.channels_last)
     if train_args.torch_compile:
@@ -541,6 +547,7 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         sample_grid(ema.model, objective, data, conditioning, train_args, shape, device, path, decode)
 
     def evaluate(step):
+        ema.gather()
         evaluate_fid(accelerator, ema.model, objective, data, conditioning, reference, train_args, shape, metrics,
                      step, decode)  # fmt: skip
 
@@ -571,6 +578,8 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
                 if accelerator.sync_gradients:
                     # The gradient norm (clipped when --max_grad_norm > 0) is what the guard checks with the loss.
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
+                    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                        grad_norm = grad_norm.full_tensor()
                     nonfinite, stop = agree(accelerator, not bool(torch.isfinite(step_loss + grad_norm)),
                                             stop_request.reason() is not None)  # fmt: skip
                     if stop and stop_reason is None:
@@ -619,6 +628,7 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
             checkpoint(done)
         last = done == train_args.max_train_steps
         if held_out is not None and (done % train_args.validation_steps == 0 or last):
+            ema.gather()
             if accelerator.is_main_process:
                 images, labels = validation_set()
                 values = objective.validation(ema.model, images, labels, train_args.seed, train_args.validation_t_bins)
@@ -628,6 +638,7 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
             evaluate(done)
             accelerator.wait_for_everyone()
         if train_args.sample_steps and done % train_args.sample_steps == 0 and done != train_args.max_train_steps:
+            ema.gather()
             if accelerator.is_main_process:
                 write_grid(done)
             accelerator.wait_for_everyone()
@@ -648,6 +659,7 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
     final = train_args.max_train_steps
     if not (train_args.checkpointing_steps and final % train_args.checkpointing_steps == 0) and start_step < final:
         checkpoint(final)
+    ema.gather()
     if accelerator.is_main_process:
         save_model(ema.model, objective, out, extra=model_record(final))
         write_grid(final)

@@ -72,11 +72,13 @@ def in_process(name: str, *args):
     return importlib.import_module(Path(name).stem).main([str(a) for a in args])
 
 
-def accelerate_launch(name: str, *args, config_file=None, **kwargs) -> subprocess.CompletedProcess:
-    """`accelerate launch` two processes, from `config_file` or from flags."""
+def accelerate_launch(name: str, *args, config_file=None, launch_args=(), **kwargs) -> subprocess.CompletedProcess:
+    """`accelerate launch` two processes, from `config_file`, from `launch_args` or from flags."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     if config_file:
         launch += ["--config_file", str(ROOT / config_file)]
+    elif launch_args:
+        launch += list(map(str, launch_args))
     else:
         launch += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no"]  # fmt: skip

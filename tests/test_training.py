@@ -1,11 +1,12 @@
 """The training scripts end to end: exact resume, two processes, checkpoints, and sample.py on the result."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import RESUMABLE, TINY, accelerate_launch, in_process, script
+from conftest import RESUMABLE, ROOT, TINY, accelerate_launch, in_process, script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -143,6 +144,52 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
                      "--num_inference_steps", "4", "--output", str(tmp_path / f"bs{bs}.png")])  # fmt: skip
         grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
     assert np.array_equal(*grids)
+
+
+def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, capsys):
+    """accelerate_configs/fsdp.yaml (FSDP2, each DiT block sharded over 2 CPU processes) against cpu_2proc.yaml
+    (DDP): the same losses and EMA; a sharded checkpoint resumes to the same weights; the wrong launch is refused."""
+    import train_cfm
+
+    args = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--max_train_steps", 4,
+            "--checkpointing_steps", 2, "--max_train_samples", 64, "--train_batch_size", 8, "--lr_warmup_steps", 2,
+            "--validation_samples", 8, "--num_sample_images", 4, "--num_inference_steps", 2, "--logging_steps", 1,
+            "--fid_num_samples", 0]  # fmt: skip
+    fsdp = ["--config_file", ROOT / "accelerate_configs/fsdp.yaml", "--num_processes", 2, "--mixed_precision", "no"]
+    # (tests/cpu_fsdp.py lets Accelerate's FSDP run on CPU processes; the launch is otherwise the documented one)
+
+    def launch_fsdp(out, *extra):
+        proc = accelerate_launch("tests/cpu_fsdp.py", "train_cfm.py", "--output_dir", out, *args, *extra,
+                                 launch_args=fsdp)  # fmt: skip
+        _assert_clean_multiprocess_run(proc, out, 4)
+
+    launch_fsdp(tmp_path / "fsdp")
+    shards = tmp_path / "fsdp" / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per process
+    ddp = accelerate_launch("train_cfm.py", "--output_dir", tmp_path / "ddp", *args,
+                            config_file="accelerate_configs/cpu_2proc.yaml")  # fmt: skip
+    _assert_clean_multiprocess_run(ddp, tmp_path / "ddp", 4)
+
+    def run_of(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        ema = load_file(tmp_path / name / "diffusion_pytorch_model.safetensors")
+        return [r["loss"] for r in rows if "loss" in r], ema
+
+    (fsdp_loss, fsdp_ema), (ddp_loss, ddp_ema) = run_of("fsdp"), run_of("ddp")
+    assert len(fsdp_loss) == 4 and np.allclose(fsdp_loss, ddp_loss, rtol=1e-5, atol=0)
+    assert sorted(fsdp_ema) == sorted(ddp_ema)
+    assert max(float((fsdp_ema[k] - ddp_ema[k]).abs().max()) for k in ddp_ema) < 1e-5
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(shards.parent, resumed / "checkpoints" / "checkpoint-2")
+    launch_fsdp(resumed, "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(again[k], fsdp_ema[k]) for k in fsdp_ema)
+
+    with pytest.raises(SystemExit):
+        train_cfm.main(["--output_dir", str(resumed), *map(str, args), "--resume_from_checkpoint", str(shards.parent)])
+    assert "checkpoint-2 was written under FSDP and this run is without it" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
