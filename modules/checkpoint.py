@@ -114,15 +114,26 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
     """Restore model, optimizer and RNG states through Accelerate, and the EMA; returns training_state.json."""
     from safetensors.torch import load_file
 
-    sharded = any(Path(path).glob("pytorch_model_fsdp*"))
-    if sharded != (accelerator.distributed_type.name == "FSDP"):
-        written, now = ("under FSDP", "without it") if sharded else ("without FSDP", "under it")
-        raise UserError(f"checkpoint {path} was written {written} and this run is {now}: resume it with the "
-                        "accelerate config that wrote it")  # fmt: skip
+    written, now = _written_under(Path(path)), _KINDS.get(accelerator.distributed_type.name, _OTHER)
+    if written != now:
+        raise UserError(f"checkpoint {path} was written under {written} and this run is under {now}: resume it with "
+                        "the accelerate config that wrote it")  # fmt: skip
     accelerator.load_state(str(path))
     state = read_state(path)
     ema.load_state_dict(load_file(str(Path(path) / EMA_FILE), device=str(ema.device)), state["ema_step"])
     return state
+
+
+# How accelerate's save_state lays out model and optimizer: sharded under FSDP and DeepSpeed, whole otherwise.
+_KINDS, _OTHER = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}, "neither FSDP nor DeepSpeed"
+
+
+def _written_under(path: Path) -> str:
+    if any(path.glob("pytorch_model_fsdp*")):
+        return _KINDS["FSDP"]
+    if (path / "pytorch_model").is_dir():  # DeepSpeed's engine.save_checkpoint, under accelerate's tag
+        return _KINDS["DEEPSPEED"]
+    return _OTHER
 
 
 def _fsync_tree(root: Path):

@@ -413,13 +413,9 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    fsdp = accelerator.distributed_type.name == "FSDP"
-    if accelerator.distributed_type.name == "DEEPSPEED":
-        raise UserError(
-            "accelerate's DEEPSPEED is not supported yet (it takes the optimizer step inside backward, so the "
-            "non-finite guard cannot skip a step); launch with accelerate_configs/fsdp.yaml (FSDP2) or "
-            "accelerate_configs/multi_gpu.yaml (DDP) instead"
-        )
+    fsdp, deepspeed = (accelerator.distributed_type.name == kind for kind in ("FSDP", "DEEPSPEED"))
+    if deepspeed:
+        configure_deepspeed(accelerator, train_args)
     if fsdp and not accelerator.is_fsdp2:
         raise UserError("accelerate's FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
     decode = None
@@ -459,6 +455,11 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
     ema = EMA(model, train_args.ema_max_decay, train_args.ema_power, keep_copy=accelerator.is_main_process or not fsdp)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    compute = contextlib.nullcontext
+    if deepspeed and (dtype := next(unwrapped.parameters()).dtype) != torch.float32:
+        # DeepSpeed's bf16 (and fp16) hold the weights in that type and leave the inputs to the script: autocast
+        # feeds the model its weights' type and keeps norms and the loss in float32, as Accelerate does elsewhere.
+        compute = functools.partial(torch.autocast, device.type, dtype=dtype)
     if fsdp:
         ema.shard_like(unwrapped)
     if train_args.channels_last:
@@ -572,7 +573,8 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
             x0 = model_input(batch, data, generator, data_args.random_flip)
             cond = conditioning.batch(batch, generator, device)
             with accelerator.accumulate(model):
-                loss = objective.loss(model, x0, cond, generator).mean()
+                with compute():
+                    loss = objective.loss(model, x0, cond, generator).mean()
                 accelerator.backward(loss)
                 step_loss += loss.detach() / train_args.gradient_accumulation_steps
                 if accelerator.sync_gradients:
@@ -580,11 +582,14 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or math.inf)
                     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
                         grad_norm = grad_norm.full_tensor()
-                    nonfinite, stop = agree(accelerator, not bool(torch.isfinite(step_loss + grad_norm)),
+                    checked = step_loss if grad_norm is None else step_loss + grad_norm  # None: DeepSpeed did not say
+                    nonfinite, stop = agree(accelerator, not bool(torch.isfinite(checked)),
                                             stop_request.reason() is not None)  # fmt: skip
                     if stop and stop_reason is None:
                         stop_reason = stop_request.reason() or "a stop request on another process"
-                    if accelerator.scaler is not None:  # fp16: the gradient scaler skips overflowing steps itself
+                    if accelerator.scaler is not None or deepspeed:
+                        # fp16's gradient scaler skips overflowing steps itself; DeepSpeed has stepped in backward,
+                        # skipping a step whose gradients are not finite, and its optimizer.step() does nothing.
                         optimizer.step()
                         skipped = optimizer.step_was_skipped
                     elif nonfinite:
@@ -676,6 +681,19 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         pusher.finish()
     accelerator.end_training()
     return out
+
+
+def configure_deepspeed(accelerator, train_args: TrainingArguments):
+    """Fill what DeepSpeed's config leaves to the script ("auto" or absent): the batch per GPU (the data loader is the
+    script's own, not prepared by Accelerate) and the gradient clipping, from --max_grad_norm (0: none)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    batch = config.get("train_micro_batch_size_per_gpu", "auto")
+    if batch not in ("auto", train_args.train_batch_size):
+        raise UserError(f"the DeepSpeed config's train_micro_batch_size_per_gpu is {batch} but --train_batch_size is "
+                        f"{train_args.train_batch_size}: set it to \"auto\" (or to the same number)")  # fmt: skip
+    config["train_micro_batch_size_per_gpu"] = train_args.train_batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = train_args.max_grad_norm
 
 
 def peak_memory(device: torch.device) -> dict:

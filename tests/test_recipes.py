@@ -255,6 +255,6 @@ def test_deepspeed_zero2_in_bf16_needs_no_deepspeed_config_file(launch):
     config = plugin.deepspeed_config
     assert plugin.zero_stage == 2 and config["zero_optimization"]["stage"] == 2
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "none"
-    assert config["gradient_clipping"] == 1.0
+    assert config["gradient_clipping"] == "auto"  # filled in from --max_grad_norm
     assert config["gradient_accumulation_steps"] == "auto"  # filled in from --gradient_accumulation_steps
     assert "mixed_precision" in env["ACCELERATE_CONFIG_DS_FIELDS"] and env["ACCELERATE_MIXED_PRECISION"] == "bf16"

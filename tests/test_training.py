@@ -146,50 +146,103 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
     assert np.array_equal(*grids)
 
 
-def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, capsys):
-    """accelerate_configs/fsdp.yaml (FSDP2, each DiT block sharded over 2 CPU processes) against cpu_2proc.yaml
-    (DDP): the same losses and EMA; a sharded checkpoint resumes to the same weights; the wrong launch is refused."""
+# A tiny DiT for 4 steps on 2 processes, checkpointed at step 2: run under DDP, FSDP2 and DeepSpeed ZeRO-2.
+SHARDED = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--max_train_steps", 4,
+           "--checkpointing_steps", 2, "--max_train_samples", 64, "--train_batch_size", 8, "--lr_warmup_steps", 2,
+           "--validation_samples", 8, "--num_sample_images", 4, "--num_inference_steps", 2, "--logging_steps", 1,
+           "--fid_num_samples", 0]  # fmt: skip
+
+
+def _losses_and_ema(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], load_file(out / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """SHARDED under cpu_2proc.yaml (DDP): what the sharded runs must reproduce."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    ddp = "accelerate_configs/cpu_2proc.yaml"
+    proc = accelerate_launch("train_cfm.py", "--output_dir", out, *SHARDED, config_file=ddp)
+    _assert_clean_multiprocess_run(proc, out, 4)
+    return _losses_and_ema(out)
+
+
+def _sharded_launch(config, out, *extra, script="train_cfm.py"):
+    """SHARDED under accelerate_configs/`config` on 2 CPU processes, launched as its header shows (tests/cpu_as_gpus.py
+    lets Accelerate's FSDP and DeepSpeed run without GPUs)."""
+    launch = ["--config_file", ROOT / "accelerate_configs" / config, "--num_processes", 2, "--mixed_precision", "no"]
+    proc = accelerate_launch("tests/cpu_as_gpus.py", script, "--output_dir", out, *SHARDED, *extra,
+                             launch_args=launch)  # fmt: skip
+    _assert_clean_multiprocess_run(proc, out, 4)
+
+
+def _assert_sharded_run_matches_ddp_and_resumes_exactly(config, out, ddp_run, capsys, written_under):
     import train_cfm
 
-    args = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--max_train_steps", 4,
-            "--checkpointing_steps", 2, "--max_train_samples", 64, "--train_batch_size", 8, "--lr_warmup_steps", 2,
-            "--validation_samples", 8, "--num_sample_images", 4, "--num_inference_steps", 2, "--logging_steps", 1,
-            "--fid_num_samples", 0]  # fmt: skip
-    fsdp = ["--config_file", ROOT / "accelerate_configs/fsdp.yaml", "--num_processes", 2, "--mixed_precision", "no"]
-    # (tests/cpu_fsdp.py lets Accelerate's FSDP run on CPU processes; the launch is otherwise the documented one)
-
-    def launch_fsdp(out, *extra):
-        proc = accelerate_launch("tests/cpu_fsdp.py", "train_cfm.py", "--output_dir", out, *args, *extra,
-                                 launch_args=fsdp)  # fmt: skip
-        _assert_clean_multiprocess_run(proc, out, 4)
-
-    launch_fsdp(tmp_path / "fsdp")
-    shards = tmp_path / "fsdp" / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp_0"
-    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per process
-    ddp = accelerate_launch("train_cfm.py", "--output_dir", tmp_path / "ddp", *args,
-                            config_file="accelerate_configs/cpu_2proc.yaml")  # fmt: skip
-    _assert_clean_multiprocess_run(ddp, tmp_path / "ddp", 4)
-
-    def run_of(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        ema = load_file(tmp_path / name / "diffusion_pytorch_model.safetensors")
-        return [r["loss"] for r in rows if "loss" in r], ema
-
-    (fsdp_loss, fsdp_ema), (ddp_loss, ddp_ema) = run_of("fsdp"), run_of("ddp")
-    assert len(fsdp_loss) == 4 and np.allclose(fsdp_loss, ddp_loss, rtol=1e-5, atol=0)
-    assert sorted(fsdp_ema) == sorted(ddp_ema)
-    assert max(float((fsdp_ema[k] - ddp_ema[k]).abs().max()) for k in ddp_ema) < 1e-5
-
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(shards.parent, resumed / "checkpoints" / "checkpoint-2")
-    launch_fsdp(resumed, "--resume_from_checkpoint", "latest")
+    losses, ema = _losses_and_ema(out)
+    ddp_losses, ddp_ema = ddp_run
+    assert len(losses) == 4 and np.allclose(losses, ddp_losses, rtol=1e-5, atol=0)
+    assert sorted(ema) == sorted(ddp_ema)
+    assert max(float((ema[k] - ddp_ema[k]).abs().max()) for k in ddp_ema) < 1e-5
+    # the same run resumed from its step-2 checkpoint ends with the same weights, bit for bit
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    resumed = out.parent / "resumed"
+    shutil.copytree(checkpoint, resumed / "checkpoints" / "checkpoint-2")
+    _sharded_launch(config, resumed, "--resume_from_checkpoint", "latest")
     again = load_file(resumed / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(again[k], fsdp_ema[k]) for k in fsdp_ema)
-
+    assert all(torch.equal(again[k], ema[k]) for k in ema)
+    # resumed without the launch that wrote it: one line
     with pytest.raises(SystemExit):
-        train_cfm.main(["--output_dir", str(resumed), *map(str, args), "--resume_from_checkpoint", str(shards.parent)])
-    assert "checkpoint-2 was written under FSDP and this run is without it" in capsys.readouterr().err
+        train_cfm.main(["--output_dir", str(resumed), *map(str, SHARDED), "--resume_from_checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert f"was written under {written_under} and this run is under neither FSDP nor DeepSpeed" in err
+
+
+def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_run, capsys):
+    """accelerate_configs/fsdp.yaml: FSDP2, each DiT block sharded over the 2 processes, the EMA sharded alike."""
+    out = tmp_path / "fsdp"
+    _sharded_launch("fsdp.yaml", out)
+    shards = out / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per process
+    _assert_sharded_run_matches_ddp_and_resumes_exactly("fsdp.yaml", out, ddp_run, capsys, "FSDP")
+
+
+# Makes the loss of the third call on the second process not finite (call 1 measures FLOPs: that is step 2).
+NAN_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+import modules.flow
+real, calls = modules.flow.FlowObjective.loss, [0]
+def loss(self, *args, **kwargs):
+    calls[0] += 1
+    value = real(self, *args, **kwargs)
+    return value * float("nan") if calls[0] == 3 and os.environ["RANK"] == "1" else value
+modules.flow.FlowObjective.loss = loss
+import train_cfm
+train_cfm.main(sys.argv[1:])
+"""
+
+
+def test_deepspeed_zero2_trains_as_ddp_does_skips_nonfinite_steps_and_resumes_exactly(tmp_path, ddp_run, capsys):
+    """accelerate_configs/deepspeed_zero2.yaml: gradients and AdamW state split over the 2 processes; DeepSpeed steps
+    inside backward and skips a step whose gradients are not finite, which the non-finite guard counts."""
+    out = tmp_path / "zero2"
+    _sharded_launch("deepspeed_zero2.yaml", out)
+    optimizer_shards = (out / "checkpoints" / "checkpoint-2" / "pytorch_model").glob("*optim_states.pt")
+    assert len(list(optimizer_shards)) == 2  # one per process
+    _assert_sharded_run_matches_ddp_and_resumes_exactly("deepspeed_zero2.yaml", out, ddp_run, capsys, "DeepSpeed")
+
+    runner = tmp_path / "nan_on_rank_1.py"
+    runner.write_text(NAN_ON_RANK_1.format(root=str(ROOT)))
+    _sharded_launch("deepspeed_zero2.yaml", tmp_path / "nan", script=runner)
+    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r.get("nonfinite_steps", 0) for r in rows] == [0, 1, 1, 1]
+    assert rows[1]["lr"] == rows[0]["lr"]  # the skipped step did not advance the schedule
+    assert rows[2]["lr"] > rows[0]["lr"] and all(np.isfinite(r["loss"]) for r in rows if r is not rows[1])
+    ema = load_file(tmp_path / "nan" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in ema.values())
 
 
 @pytest.fixture(scope="module")
