@@ -32,7 +32,7 @@ class EMA:
         self.model = copy.deepcopy(model).requires_grad_(False).eval() if keep_copy else None
         self.device = next(model.parameters()).device
         self.max_decay, self.power, self.step = max_decay, power, 0
-        self.shards: dict[str, tuple[torch.Tensor, object]] | None = None  # name -> (local shard, its DTensor)
+        self.shards: dict[str, tuple[torch.Tensor, tuple]] | None = None  # name -> (local shard, _layout)
         self._gathered_step = 0
 
     def shard_like(self, model: torch.nn.Module):

@@ -118,15 +118,6 @@ def _assert_clean_multiprocess_run(proc, out, steps):
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_two_process_cfm(tmp_path):
-    out = tmp_path / "cfm2"
-    proc = accelerate_launch(
-        "train_cfm.py", "--output_dir", out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--ot_coupling", *TINY
-    )
-    _assert_clean_multiprocess_run(proc, out, 3)
-    assert (out / "checkpoints" / "checkpoint-2").is_dir()
-
-
 def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
     import sample
 
@@ -147,7 +138,7 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
 
 
 # A tiny DiT for 4 steps on 2 processes, checkpointed at step 2: run under DDP, FSDP2 and DeepSpeed ZeRO-2.
-SHARDED = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--max_train_steps", 4,
+SHARDED = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--ot_coupling", "--max_train_steps", 4,
            "--checkpointing_steps", 2, "--max_train_samples", 64, "--train_batch_size", 8, "--lr_warmup_steps", 2,
            "--validation_samples", 8, "--num_sample_images", 4, "--num_inference_steps", 2, "--logging_steps", 1,
            "--fid_num_samples", 0]  # fmt: skip
@@ -162,10 +153,18 @@ def _losses_and_ema(out):
 def ddp_run(tmp_path_factory):
     """SHARDED under cpu_2proc.yaml (DDP): what the sharded runs must reproduce."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    ddp = "accelerate_configs/cpu_2proc.yaml"
-    proc = accelerate_launch("train_cfm.py", "--output_dir", out, *SHARDED, config_file=ddp)
+    proc = accelerate_launch(
+        "train_cfm.py", "--output_dir", out, *SHARDED, config_file="accelerate_configs/cpu_2proc.yaml"
+    )
     _assert_clean_multiprocess_run(proc, out, 4)
-    return _losses_and_ema(out)
+    return out
+
+
+def test_two_process_cfm(ddp_run):
+    """Two DDP processes with minibatch OT coupling: each checkpoint holds both processes' RNG states."""
+    assert [p.name for p in list_checkpoints(ddp_run)] == ["checkpoint-2", "checkpoint-4"]
+    assert all((p / "random_states_1.pkl").is_file() for p in list_checkpoints(ddp_run))
+    assert json.loads((ddp_run / "objective.json").read_text())["args"]["ot_coupling"] is True
 
 
 def _sharded_launch(config, out, *extra, script="train_cfm.py"):
@@ -180,8 +179,7 @@ def _sharded_launch(config, out, *extra, script="train_cfm.py"):
 def _assert_sharded_run_matches_ddp_and_resumes_exactly(config, out, ddp_run, capsys, written_under):
     import train_cfm
 
-    losses, ema = _losses_and_ema(out)
-    ddp_losses, ddp_ema = ddp_run
+    (losses, ema), (ddp_losses, ddp_ema) = _losses_and_ema(out), _losses_and_ema(ddp_run)
     assert len(losses) == 4 and np.allclose(losses, ddp_losses, rtol=1e-5, atol=0)
     assert sorted(ema) == sorted(ddp_ema)
     assert max(float((ema[k] - ddp_ema[k]).abs().max()) for k in ddp_ema) < 1e-5
