@@ -6,8 +6,8 @@ shapes are assumed) and without writing anything, and a mistyped key stops it wi
 
 Each launch configuration is read by Accelerate's own launcher, as `accelerate launch` reads it, into the launcher,
 processes, machines, precision and sharding it promises, down to torchrun's rendezvous and the FSDP and DeepSpeed
-plugins the training processes would build. A real two-process training job from cpu_2proc.yaml runs in
-test_training.py::test_two_process_ddpm_from_the_accelerate_config.
+plugins the training processes would build. Real two-process training jobs run from cpu_2proc.yaml, fsdp.yaml and
+deepspeed_zero2.yaml in test_training.py (the last two on CPU processes through tests/cpu_as_gpus.py).
 """
 
 import os
