@@ -72,6 +72,11 @@ def in_process(name: str, *args):
     return importlib.import_module(Path(name).stem).main([str(a) for a in args])
 
 
+def read_metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged row."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def accelerate_launch(name: str, *args, config_file=None, launch_args=(), **kwargs) -> subprocess.CompletedProcess:
     """`accelerate launch` two processes, from `config_file`, from `launch_args` or from flags."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]

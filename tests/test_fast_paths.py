@@ -4,7 +4,7 @@ precision the flag gives up. Their speed is measured in bench/, not here."""
 import json
 
 import pytest
-from conftest import TINY
+from conftest import TINY, read_metrics
 
 import train_cfm
 
@@ -14,7 +14,7 @@ STEPS = 3
 def losses(out, *flags) -> list[float]:
     train_cfm.main(["--output_dir", str(out), "--max_train_steps", str(STEPS), *map(str, TINY), "--num_sample_images",
                     "0", "--checkpointing_steps", "0", "--validation_steps", "0", *flags])  # fmt: skip
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     return [r["loss"] for r in records if "loss" in r]
 
 

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import in_process
+from conftest import in_process, read_metrics
 from PIL import Image
 
 from modules.config import UserError
@@ -34,7 +34,7 @@ def test_train_vae_writes_model_grid_psnr_and_reconstruction_fid(vae_run):
     config = json.loads((vae_run / "config.json").read_text())
     assert config["_class_name"] == "KLVAE" and config["block_out_channels"] == [8, 16, 32]
     assert json.loads((vae_run / "objective.json").read_text())["objective"] == "vae"
-    records = [json.loads(line) for line in (vae_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(vae_run)
     validation = [r for r in records if "val_psnr" in r]
     assert [r["step"] for r in validation] == [2, 4] and all(r["val_psnr"] > 0 for r in validation)
     assert json.loads((vae_run / "fid.json").read_text())["fid"] > 0

@@ -2,7 +2,6 @@
 written, SIGTERM and the wall-clock limit, non-finite steps, a full disk, and a process that fails among two."""
 
 import errno
-import json
 import os
 import random
 import signal
@@ -12,13 +11,14 @@ import time
 
 import pytest
 import torch
-from conftest import RESUMABLE, ROOT, TINY, free_port, run, script
+from conftest import RESUMABLE, ROOT, TINY, free_port, read_metrics, run, script
 from safetensors.torch import load_file
 
 import train_cfm
 from modules.checkpoint import list_checkpoints, resolve_resume
 
-# Runs a training script with some of its library calls wrapped: how a test makes a step slow or fail on purpose.
+# Runs a training script with some of its library calls wrapped: how a test makes a step slow, fail or not finite
+# on purpose. The loss's third call (call 1 measures FLOPs) is step 2's.
 RUNNER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
@@ -37,16 +37,17 @@ def loss(self, *args, **kwargs):
     calls[0] += 1
     if os.environ.get("RANK") == {fail_rank!r} and calls[0] == 3:
         raise RuntimeError("injected failure on rank " + os.environ["RANK"])
-    return real_loss(self, *args, **kwargs)
+    value = real_loss(self, *args, **kwargs)
+    return value * float("nan") if os.environ.get("RANK") == {nan_rank!r} and calls[0] == 3 else value
 modules.flow.FlowObjective.loss = loss
 import train_cfm
 train_cfm.main(sys.argv[1:])
 """
 
 
-def runner(tmp_path, slow_in: str = "", fail_rank: str = "") -> str:
+def runner(tmp_path, slow_in: str = "", fail_rank: str = "", nan_rank: str = "") -> str:
     path = tmp_path / "runner.py"
-    path.write_text(RUNNER.format(root=str(ROOT), slow_in=slow_in, fail_rank=fail_rank))
+    path.write_text(RUNNER.format(root=str(ROOT), slow_in=slow_in, fail_rank=fail_rank, nan_rank=nan_rank))
     return str(path)
 
 
@@ -164,7 +165,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_after_the_limit(tm
     nan_loss(monkeypatch, lambda call: call in (3, 4))  # steps 3 and 4 (call 1 counts the FLOPs)
     out = tmp_path / "skips"
     train_cfm.main(["--output_dir", str(out), "--max_train_steps", "6", *args])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r.get("nonfinite_steps", 0) for r in records if "loss" in r] == [0, 1, 2, 2, 2, 2]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[1] != losses[1] and all(loss == loss for i, loss in enumerate(losses) if i not in (1, 2))

@@ -6,9 +6,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import RESUMABLE, ROOT, TINY, accelerate_launch, in_process, script
+from conftest import RESUMABLE, ROOT, TINY, accelerate_launch, in_process, read_metrics, script
 from PIL import Image
 from safetensors.torch import load_file
+from test_reliability import runner, weights
 
 from modules.checkpoint import list_checkpoints
 
@@ -44,7 +45,7 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
         assert (out / "samples" / f"step_0000006_{figure}").is_file(), figure
     grid = Image.open(out / "samples" / "step_0000006.png")
     assert grid.mode == "L" and grid.size[0] > 32
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 7))
     assert all(r["loss"] > 0 and r["img_per_s"] > 0 and r["tflops"] > 0 for r in train_rows)
@@ -145,8 +146,7 @@ SHARDED = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--o
 
 
 def _losses_and_ema(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r], load_file(out / "diffusion_pytorch_model.safetensors")
+    return [r["loss"] for r in read_metrics(out) if "loss" in r], weights(out)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def _assert_sharded_run_matches_ddp_and_resumes_exactly(config, out, ddp_run, ca
     resumed = out.parent / "resumed"
     shutil.copytree(checkpoint, resumed / "checkpoints" / "checkpoint-2")
     _sharded_launch(config, resumed, "--resume_from_checkpoint", "latest")
-    again = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    again = weights(resumed)
     assert all(torch.equal(again[k], ema[k]) for k in ema)
     # resumed without the launch that wrote it: one line
     with pytest.raises(SystemExit):
@@ -206,22 +206,6 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_run, capsys):
     _assert_sharded_run_matches_ddp_and_resumes_exactly("fsdp.yaml", out, ddp_run, capsys, "FSDP")
 
 
-# Makes the loss of the third call on the second process not finite (call 1 measures FLOPs: that is step 2).
-NAN_ON_RANK_1 = """
-import os, sys
-sys.path.insert(0, {root!r})
-import modules.flow
-real, calls = modules.flow.FlowObjective.loss, [0]
-def loss(self, *args, **kwargs):
-    calls[0] += 1
-    value = real(self, *args, **kwargs)
-    return value * float("nan") if calls[0] == 3 and os.environ["RANK"] == "1" else value
-modules.flow.FlowObjective.loss = loss
-import train_cfm
-train_cfm.main(sys.argv[1:])
-"""
-
-
 def test_deepspeed_zero2_trains_as_ddp_does_skips_nonfinite_steps_and_resumes_exactly(tmp_path, ddp_run, capsys):
     """accelerate_configs/deepspeed_zero2.yaml: gradients and AdamW state split over the 2 processes; DeepSpeed steps
     inside backward and skips a step whose gradients are not finite, which the non-finite guard counts."""
@@ -231,16 +215,13 @@ def test_deepspeed_zero2_trains_as_ddp_does_skips_nonfinite_steps_and_resumes_ex
     assert len(list(optimizer_shards)) == 2  # one per process
     _assert_sharded_run_matches_ddp_and_resumes_exactly("deepspeed_zero2.yaml", out, ddp_run, capsys, "DeepSpeed")
 
-    runner = tmp_path / "nan_on_rank_1.py"
-    runner.write_text(NAN_ON_RANK_1.format(root=str(ROOT)))
-    _sharded_launch("deepspeed_zero2.yaml", tmp_path / "nan", script=runner)
-    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
+    # the loss of step 2 on the second process is NaN
+    _sharded_launch("deepspeed_zero2.yaml", tmp_path / "nan", script=runner(tmp_path, nan_rank="1"))
+    rows = [r for r in read_metrics(tmp_path / "nan") if "loss" in r]
     assert [r.get("nonfinite_steps", 0) for r in rows] == [0, 1, 1, 1]
     assert rows[1]["lr"] == rows[0]["lr"]  # the skipped step did not advance the schedule
     assert rows[2]["lr"] > rows[0]["lr"] and all(np.isfinite(r["loss"]) for r in rows if r is not rows[1])
-    ema = load_file(tmp_path / "nan" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.isfinite(w).all() for w in ema.values())
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "nan").values())
 
 
 @pytest.fixture(scope="module")
