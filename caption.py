@@ -45,8 +45,9 @@ from modules.captioning import (
 from modules.config import DataArguments, UserError, _help, cli_entry, parse_args
 from modules.shards import ShardedFormat, ShardedOutputArguments, card_header, process_state, write_sharded_dataset
 
-FORMAT = ShardedFormat(script="caption.py", what="captions", metadata_file="captions.json",
-                       args_file=".caption_args.json")  # fmt: skip
+FORMAT = ShardedFormat(
+    script="caption.py", what="captions", metadata_file="captions.json", args_file=".caption_args.json"
+)
 
 
 class _AddUp(argparse.Action):
@@ -97,18 +98,25 @@ class CaptionArguments:
 
 def validate(data_args: DataArguments, args: CaptionArguments, out_args: ShardedOutputArguments) -> list[str] | None:
     """Check the flags; returns the templates of --captioner template."""
-    for name, value in (("batch_size", args.batch_size), ("shard_size", out_args.shard_size),
-                        ("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)):  # fmt: skip
+    for name, value in (
+        ("batch_size", args.batch_size),
+        ("shard_size", out_args.shard_size),
+        ("max_new_tokens", args.max_new_tokens),
+        ("num_beams", args.num_beams),
+    ):
         if value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
     if args.seed < 0:
         raise UserError(f"--seed must be non-negative, got {args.seed}")
     if data_args.latent_dataset:
-        raise UserError("--latent_dataset is for training; caption.py reads images (--dataset_name or "
-                        "--train_data_dir)")  # fmt: skip
+        raise UserError(
+            "--latent_dataset is for training; caption.py reads images (--dataset_name or --train_data_dir)"
+        )
     if args.captioner_id and args.captioner not in NAMED_CAPTIONERS:
-        raise UserError(f"--captioner_id is for --captioner {' or '.join(NAMED_CAPTIONERS)}; give the model itself as "
-                        f"--captioner {args.captioner_id}")  # fmt: skip
+        raise UserError(
+            f"--captioner_id is for --captioner {' or '.join(NAMED_CAPTIONERS)}; give the model itself as "
+            f"--captioner {args.captioner_id}"
+        )
     if args.captioner != "template":
         if args.template:
             raise UserError(f"--template is for --captioner template, not --captioner {args.captioner}")
@@ -120,10 +128,17 @@ def validate(data_args: DataArguments, args: CaptionArguments, out_args: Sharded
 
 def open_captioner(args: CaptionArguments, rows, templates, device):
     if templates is None:
-        return load_captioner(args.captioner, args.captioner_id, prompt=args.prompt, dtype=args.torch_dtype,
-                              device=device, revision=args.captioner_revision,
-                              trust_remote_code=args.trust_remote_code, max_new_tokens=args.max_new_tokens,
-                              num_beams=args.num_beams)  # fmt: skip
+        return load_captioner(
+            args.captioner,
+            args.captioner_id,
+            prompt=args.prompt,
+            dtype=args.torch_dtype,
+            device=device,
+            revision=args.captioner_revision,
+            trust_remote_code=args.trust_remote_code,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+        )
     if rows.labels is None:
         raise UserError(
             "--captioner template writes class names, but the images have no labels (pass --label_column, or a "
@@ -153,8 +168,10 @@ def dataset_card(meta: dict, features, paths) -> str:
     else:
         decoding = "greedy" if captioner["num_beams"] == 1 else f"beam search ({captioner['num_beams']} beams)"
         prompt = f"prompt `{captioner['prompt']}`" if captioner["prompt"] else "no prompt"
-        by = (f"the {captioner['model_type']} model `{captioner['model']}` ({prompt}, {decoding} decoding, at most "
-              f"{captioner['max_new_tokens']} new tokens, {captioner['dtype']})")  # fmt: skip
+        by = (
+            f"the {captioner['model_type']} model `{captioner['model']}` ({prompt}, {decoding} decoding, at most "
+            f"{captioner['max_new_tokens']} new tokens, {captioner['dtype']})"
+        )
     rows = "\n".join(f"| {name} | {column_content(name, feature)} |" for name, feature in features.items())
     empty = f" {meta['num_empty_captions']} captions are empty." if meta["num_empty_captions"] else ""
     header = card_header(f"Captions of {meta['source']}", ["image", "captions", "text-to-image"], paths)
@@ -188,12 +205,17 @@ def describer(rows, captioner, data_args: DataArguments, record: dict, out: Path
         if empty:
             print(f"warning: the captioner gave {empty} empty captions (of {len(captions)})", file=sys.stderr)
         meta = dict(
-            source=source_name(data_args), captioner=captioner.record(), num_images=len(rows),
-            num_empty_captions=empty, columns=record["columns"],
+            source=source_name(data_args),
+            captioner=captioner.record(),
+            num_images=len(rows),
+            num_empty_captions=empty,
+            columns=record["columns"],
             class_names=list(rows.data.class_names) if rows.data.class_names else None,
-            shards=[str(p.relative_to(out)) for p in paths], source_key=rows.data.key,
-            data_args=dataclasses.asdict(data_args), command=command,
-        )  # fmt: skip
+            shards=[str(p.relative_to(out)) for p in paths],
+            source_key=rows.data.key,
+            data_args=dataclasses.asdict(data_args),
+            command=command,
+        )
         summary = f"wrote {len(rows)} captioned images in {len(paths)} shard(s) to {out}"
         return dataset_card(meta, rows.output_features, paths), meta, summary
 
@@ -202,14 +224,23 @@ def describer(rows, captioner, data_args: DataArguments, record: dict, out: Path
 
 @cli_entry
 def main(argv=None):
-    data_args, args, out_args = parse_args((DataArguments, CaptionArguments, ShardedOutputArguments), argv,
-                                           defaults=dict(shard_size=1000), description=__doc__)  # fmt: skip
+    data_args, args, out_args = parse_args(
+        (DataArguments, CaptionArguments, ShardedOutputArguments),
+        argv,
+        defaults=dict(shard_size=1000),
+        description=__doc__,
+    )
     templates = validate(data_args, args, out_args)
     state = process_state()
     rows = open_image_rows(data_args)
     captioner = open_captioner(args, rows, templates, state.device)
-    record = dict(captioner=captioner.record(), data=rows.data.key, num_images=len(rows),
-                  shard_size=out_args.shard_size, columns=list(rows.output_features))  # fmt: skip
+    record = dict(
+        captioner=captioner.record(),
+        data=rows.data.key,
+        num_images=len(rows),
+        shard_size=out_args.shard_size,
+        columns=list(rows.output_features),
+    )
     out = Path(out_args.output_dir)
 
     def make_shard(indices: range, progress):

@@ -33,8 +33,9 @@ from modules.shards import ShardedFormat, ShardedOutputArguments, card_header, p
 from modules.vae import load_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FORMAT = ShardedFormat(script="encode_latents.py", what="latents", metadata_file=METADATA_FILE,
-                       args_file=".encode_args.json")  # fmt: skip
+FORMAT = ShardedFormat(
+    script="encode_latents.py", what="latents", metadata_file=METADATA_FILE, args_file=".encode_args.json"
+)
 
 
 @dataclass
@@ -45,15 +46,17 @@ class EncodeArguments:
     )
     vae_revision: str | None = _help("Hub revision (branch, tag or commit) of the VAE.", default=None)
     batch_size: int = _help("Images per VAE forward pass, per process.", default=64)
-    dtype: Literal["fp32", "fp16", "bf16"] = _help("Precision the VAE runs in; latents are stored as float16.",
-                                                   default="fp32")  # fmt: skip
+    dtype: Literal["fp32", "fp16", "bf16"] = _help(
+        "Precision the VAE runs in; latents are stored as float16.", default="fp32"
+    )
     text_encoder: str | None = _help(
         "Also store each caption's text embeddings (float16) from this frozen encoder: 'minilm' or a CLIP model's "
         "Hub id or folder. Train with the same --text_encoder to use them.",
         default=None,
     )
-    max_text_length: int | None = _help("Tokens per caption for --text_encoder (longer ones are truncated and "
-                                        "counted).", default=None)  # fmt: skip
+    max_text_length: int | None = _help(
+        "Tokens per caption for --text_encoder (longer ones are truncated and counted).", default=None
+    )
 
 
 def validate(data_args: DataArguments, args: EncodeArguments, out_args: ShardedOutputArguments):
@@ -61,8 +64,9 @@ def validate(data_args: DataArguments, args: EncodeArguments, out_args: ShardedO
         if value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
     if data_args.latent_dataset:
-        raise UserError("--latent_dataset is for training; encode_latents.py reads images (--dataset_name or "
-                        "--train_data_dir)")  # fmt: skip
+        raise UserError(
+            "--latent_dataset is for training; encode_latents.py reads images (--dataset_name or --train_data_dir)"
+        )
     spec = args.text_encoder or ""
     if spec == "own" or spec.startswith("own:"):
         raise UserError(
@@ -148,8 +152,9 @@ def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments, text
     `text`) of those images, as a pyarrow table."""
 
     def make_shard(rows: range, progress):
-        shard = latents.encode_shard(vae, data.dataset, rows, args.batch_size, data_args.dataloader_num_workers,
-                             data_args.random_flip, progress)  # fmt: skip
+        shard = latents.encode_shard(
+            vae, data.dataset, rows, args.batch_size, data_args.dataloader_num_workers, data_args.random_flip, progress
+        )
         if data.captions is not None:
             shard["caption"] = [str(data.captions[i]) for i in rows]
         if text is not None:
@@ -168,21 +173,32 @@ def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: P
             null = latents.encode_captions(text, [""], 1)  # the empty caption: dropout's and guidance's condition
             text_meta = dict(
                 text_encoder=text.config_record(),
-                text_null={"tokens": null["text_tokens"][0].astype(float).tolist(),
-                           "pooled": null["text_pooled"][0].astype(float).tolist()},
+                text_null={
+                    "tokens": null["text_tokens"][0].astype(float).tolist(),
+                    "pooled": null["text_pooled"][0].astype(float).tolist(),
+                },
                 text_truncated=truncated_captions(text, paths),
-            )  # fmt: skip
+            )
         res, f = data_args.resolution, vae.downsample_factor
         source_args = {k: v for k, v in dataclasses.asdict(data_args).items() if k != "latent_dataset"}  # for FID
         meta = dict(
             source=data_args.train_data_dir or f"{data_args.dataset_name} ({data_args.dataset_split} split)",
-            vae=vae.config_record(), vae_dtype=args.dtype, image_resolution=res, image_channels=data.num_channels,
-            latent_shape=[vae.latent_channels, res // f, res // f], num_images=len(data.dataset),
-            columns=record["columns"], shards=[str(p.relative_to(out)) for p in paths],
+            vae=vae.config_record(),
+            vae_dtype=args.dtype,
+            image_resolution=res,
+            image_channels=data.num_channels,
+            latent_shape=[vae.latent_channels, res // f, res // f],
+            num_images=len(data.dataset),
+            columns=record["columns"],
+            shards=[str(p.relative_to(out)) for p in paths],
             **channel_statistics(paths, vae.latent_channels),
-            num_classes=data.num_classes, class_names=list(data.class_names) if data.class_names else None,
-            source_key=data.key, data_args=source_args, command=command, **text_meta,
-        )  # fmt: skip
+            num_classes=data.num_classes,
+            class_names=list(data.class_names) if data.class_names else None,
+            source_key=data.key,
+            data_args=source_args,
+            command=command,
+            **text_meta,
+        )
         c, h, w = meta["latent_shape"]
         return (
             dataset_card(meta, paths),
@@ -209,8 +225,9 @@ def truncated_captions(text, paths) -> int:
 
 @cli_entry
 def main(argv=None):
-    data_args, args, out_args = parse_args((DataArguments, EncodeArguments, ShardedOutputArguments), argv,
-                                           description=__doc__)  # fmt: skip
+    data_args, args, out_args = parse_args(
+        (DataArguments, EncodeArguments, ShardedOutputArguments), argv, description=__doc__
+    )
     validate(data_args, args, out_args)
     state = process_state()
     data_args = dataclasses.replace(data_args, center_crop=True)  # no random crops: a rerun gives the same latents
@@ -232,14 +249,29 @@ def main(argv=None):
     columns = [*LATENT_COLUMNS, *(FLIP_COLUMNS if data_args.random_flip else ())]
     columns += ["label"] * (data.num_classes > 0) + ["caption"] * (data.captions is not None)
     columns += list(TEXT_COLUMNS) * (text is not None)
-    record = dict(vae=vae_source, vae_revision=args.vae_revision, dtype=args.dtype, data=data.key,
-                  resolution=data_args.resolution, num_images=len(data.dataset), shard_size=out_args.shard_size,
-                  columns=columns, **({"text_encoder": text.config_record()} if text else {}))  # fmt: skip
+    record = dict(
+        vae=vae_source,
+        vae_revision=args.vae_revision,
+        dtype=args.dtype,
+        data=data.key,
+        resolution=data_args.resolution,
+        num_images=len(data.dataset),
+        shard_size=out_args.shard_size,
+        columns=columns,
+        **({"text_encoder": text.config_record()} if text else {}),
+    )
     out = Path(out_args.output_dir)
     return write_sharded_dataset(
-        FORMAT, state, out_args, record, len(data.dataset), shard_maker(vae, data, data_args, args, text),
-        describer(vae, data, data_args, args, out, record, text), desc="encoding", argv=argv,
-    )  # fmt: skip
+        FORMAT,
+        state,
+        out_args,
+        record,
+        len(data.dataset),
+        shard_maker(vae, data, data_args, args, text),
+        describer(vae, data, data_args, args, out, record, text),
+        desc="encoding",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

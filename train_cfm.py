@@ -21,9 +21,15 @@ from modules.training import train
 
 # The main job: Fashion-MNIST at 32x32, measured in configs/fashion_mnist_unet_cfm.yaml.
 DEFAULTS = dict(
-    SCRIPT_DEFAULTS, output_dir="runs/fashion_mnist_unet_cfm", learning_rate=2e-3, time_sampling="logit_normal",
-    sampler="heun", num_inference_steps=20, fid_num_samples=200, fid_reference_samples=200,
-)  # fmt: skip
+    SCRIPT_DEFAULTS,
+    output_dir="runs/fashion_mnist_unet_cfm",
+    learning_rate=2e-3,
+    time_sampling="logit_normal",
+    sampler="heun",
+    num_inference_steps=20,
+    fid_num_samples=200,
+    fid_reference_samples=200,
+)
 
 
 @cli_entry

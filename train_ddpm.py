@@ -20,9 +20,12 @@ from modules.ddpm import DDPMObjective
 from modules.training import train
 
 DEFAULTS = dict(
-    SCRIPT_DEFAULTS, output_dir="runs/fashion_mnist_unet_ddpm", learning_rate=1e-3, sampler="ddim",
+    SCRIPT_DEFAULTS,
+    output_dir="runs/fashion_mnist_unet_ddpm",
+    learning_rate=1e-3,
+    sampler="ddim",
     num_inference_steps=50,
-)  # fmt: skip
+)
 
 
 @cli_entry

@@ -23,10 +23,15 @@ from modules.vae import VAEArguments, VAEObjective
 # The diffusion scripts' defaults, less what an autoencoder has no use for (labels, guidance).
 DEFAULTS = dict(
     {k: v for k, v in SCRIPT_DEFAULTS.items() if k not in ("class_conditional", "guidance_scale")},
-    output_dir="runs/fashion_mnist_vae", learning_rate=1e-3,
-    max_train_steps=1000, num_sample_images=32, sample_steps=500, checkpointing_steps=500, validation_steps=250,
+    output_dir="runs/fashion_mnist_vae",
+    learning_rate=1e-3,
+    max_train_steps=1000,
+    num_sample_images=32,
+    sample_steps=500,
+    checkpointing_steps=500,
+    validation_steps=250,
     eval_metrics="fid",
-)  # fmt: skip
+)
 
 
 @cli_entry

@@ -59,16 +59,27 @@ class BenchArguments:
     resolution: int = _help("Image size (the latents are smaller by the VAE's factor).", default=32)
     num_latents: int = _help("Fashion-MNIST images encoded into the latent dataset.", default=2048)
     device: str = _help("cpu or cuda.", default="cpu")
-    max_wait_share: float = _help("Goal: the largest acceptable share of step time spent waiting for data.",
-                                  default=0.05)  # fmt: skip
+    max_wait_share: float = _help(
+        "Goal: the largest acceptable share of step time spent waiting for data.", default=0.05
+    )
     no_goals: bool = _help("Only report: exit 0 even when a goal is missed.", default=False)
     seed: int = _help("Seed of weights, data order and noise.", default=0)
 
 
 def encode_latent_dataset(directory: Path, args: BenchArguments) -> Path:
     out = directory / "latents"
-    argv = ["--vae", tiny_vae(directory / "vae"), "--output_dir", str(out), "--dataset_name", "fashion_mnist",
-            "--max_train_samples", str(args.num_latents), "--resolution", str(args.resolution)]  # fmt: skip
+    argv = [
+        "--vae",
+        tiny_vae(directory / "vae"),
+        "--output_dir",
+        str(out),
+        "--dataset_name",
+        "fashion_mnist",
+        "--max_train_samples",
+        str(args.num_latents),
+        "--resolution",
+        str(args.resolution),
+    ]
     encode_latents.main(argv)
     return out
 
@@ -138,8 +149,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         latents = load_latent_data(str(encode_latent_dataset(Path(tmp), args)))
         images = load_train_data(DataArguments(resolution=args.resolution))
-        sources = [Source("Fashion-MNIST images", images, args.resolution, args, device),
-                   Source("cached latents (tiny VAE)", latents, latents.resolution, args, device)]  # fmt: skip
+        sources = [
+            Source("Fashion-MNIST images", images, args.resolution, args, device),
+            Source("cached latents (tiny VAE)", latents, latents.resolution, args, device),
+        ]
         for source in sources:
             for _ in range(args.warmup):
                 source.step(next(source.batches))
@@ -149,18 +162,38 @@ def main(argv=None):
                     source.timed(args.steps, from_loader)
 
     print_setting(__file__, argv, device)
-    print(f"model {args.model}, batch {args.batch_size}, {args.num_workers} workers, {args.repeats} repeats x "
-          f"{args.steps} steps after {args.warmup} warm-up steps; medians over the repeats\n")  # fmt: skip
+    print(
+        f"model {args.model}, batch {args.batch_size}, {args.num_workers} workers, {args.repeats} repeats x "
+        f"{args.steps} steps after {args.warmup} warm-up steps; medians over the repeats\n"
+    )
     rows, goals = [], []
     for s in sources:
         step, wait, fixed = (statistics.median(v) for v in (s.step_s, s.wait_s, s.fixed_step_s))
         share = statistics.median(w / t for w, t in zip(s.wait_s, s.step_s, strict=True))
         slowdown = statistics.median(t / f for t, f in zip(s.step_s, s.fixed_step_s, strict=True))
-        rows.append([s.name, f"{len(s.data.dataset):,}", s.input, f"{1e3 * step:.1f}", f"{1e3 * wait:.2f}",
-                     f"{100 * share:.2f} %", f"{1e3 * fixed:.1f}", f"{slowdown:.3f}"])  # fmt: skip
+        rows.append(
+            [
+                s.name,
+                f"{len(s.data.dataset):,}",
+                s.input,
+                f"{1e3 * step:.1f}",
+                f"{1e3 * wait:.2f}",
+                f"{100 * share:.2f} %",
+                f"{1e3 * fixed:.1f}",
+                f"{slowdown:.3f}",
+            ]
+        )
         goals.append(Goal(f"wait share, {s.name}", share, args.max_wait_share, at_least=False, percent=True))
-    headers = ["data", "items", "model input", "step ms (loader)", "wait ms", "wait share", "step ms (fixed batch)",
-               "loader / fixed"]  # fmt: skip
+    headers = [
+        "data",
+        "items",
+        "model input",
+        "step ms (loader)",
+        "wait ms",
+        "wait share",
+        "step ms (fixed batch)",
+        "loader / fixed",
+    ]
     finish(headers, rows, device, goals, args.no_goals)
 
 

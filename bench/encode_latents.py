@@ -46,9 +46,17 @@ def tiny_vae(directory: Path) -> str:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=8, sample_size=32).save_pretrained(directory)  # fmt: skip
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(directory)
     return str(directory)
 
 
@@ -92,8 +100,10 @@ def main(argv=None):
             rates["plain"].append(timed(plain, vae_fp32, args))
             rates["pipeline"].append(timed(pipeline, vae, args))
     best = {k: max(v) for k, v in rates.items()}
-    print(f"{args.num_images} images at {args.resolution} px, VAE {args.vae or 'tiny random AutoencoderKL'}, "
-          f"{args.device}, batch {args.batch_size}, {args.repeats} repeats (best)")  # fmt: skip
+    print(
+        f"{args.num_images} images at {args.resolution} px, VAE {args.vae or 'tiny random AutoencoderKL'}, "
+        f"{args.device}, batch {args.batch_size}, {args.repeats} repeats (best)"
+    )
     print(f"{'plain loop (PIL per image, fp32)':40s} {best['plain']:9.1f} img/s")
     print(f"{f'pipeline (encode_shard, {args.dtype})':40s} {best['pipeline']:9.1f} img/s")
     print(f"ratio pipeline / plain: {best['pipeline'] / best['plain']:.2f}")

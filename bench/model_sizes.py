@@ -21,10 +21,14 @@ import train_cfm  # noqa: E402
 from modules.dit import DIT_PRESETS  # noqa: E402
 from modules.unet import UNET_PRESETS  # noqa: E402
 
-UNET_SETTING = ("3x32x32 (CIFAR-10 shape), unconditional", ["--num_channels", "3", "--resolution", "32",
-                "--class_conditional", "false", "--train_batch_size", "128"])  # fmt: skip
-DIT_SETTING = ("4x32x32 latents (ImageNet-256), 1000 classes", ["--patch_size", "2", "--resolution", "256",
-               "--train_batch_size", "32", "--mixed_precision", "bf16"])  # fmt: skip
+UNET_SETTING = (
+    "3x32x32 (CIFAR-10 shape), unconditional",
+    ["--num_channels", "3", "--resolution", "32", "--class_conditional", "false", "--train_batch_size", "128"],
+)
+DIT_SETTING = (
+    "4x32x32 latents (ImageNet-256), 1000 classes",
+    ["--patch_size", "2", "--resolution", "256", "--train_batch_size", "32", "--mixed_precision", "bf16"],
+)
 
 
 def size(model: str, flags: list[str], missing: Path) -> dict:

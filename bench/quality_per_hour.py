@@ -66,8 +66,7 @@ class BenchArguments:
     recipe: str = _help("Our recipe (a train_cfm.py config).", default="configs/fashion_mnist_unet_cfm.yaml")
     budget_minutes: float = _help("Training wall-clock minutes of each side.", default=10.0)
     num_samples: int = _help("Generated images each side is scored on.", default=2000)
-    reference_samples: int = _help("Training images of the reference statistics. Default: --num_samples.",
-                                   default=0)  # fmt: skip
+    reference_samples: int = _help("Training images of the reference statistics. Default: --num_samples.", default=0)
     baseline_sampling_steps: int = _help("DDIM steps of the baseline.", default=50)
     output_dir: str = _help("Both runs and the report go here.", default="runs/bench_quality_per_hour")
     threads: int = _help("torch CPU threads of each side; 0: torch's default.", default=0)
@@ -101,21 +100,41 @@ def train_ours(args: BenchArguments, out: Path, reference_samples: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     script = [sys.executable, str(ROOT / "train_cfm.py"), "--config", args.recipe, "--output_dir", str(out)]
     quiet = ["--sample_steps", "0", "--validation_steps", "0", "--checkpointing_steps", "0"]
-    budget = ["--fid_num_samples", "0", "--max_train_steps", "1000000000",
-              "--max_train_minutes", str(args.budget_minutes)]  # fmt: skip
+    budget = [
+        "--fid_num_samples",
+        "0",
+        "--max_train_steps",
+        "1000000000",
+        "--max_train_minutes",
+        str(args.budget_minutes),
+    ]
     train_seconds = run([*script, *quiet, *budget], out / "train.log", args.threads)
     checkpoints = list_checkpoints(out)
     if not checkpoints:
         raise RuntimeError(f"our run stopped without a checkpoint; see {out / 'train.log'}")
     steps = read_state(checkpoints[-1])["step"]
-    evaluation = ["--fid_num_samples", str(args.num_samples), "--fid_reference_samples", str(reference_samples),
-                  "--eval_metrics", "fid,classifier"]  # fmt: skip
-    eval_seconds = run([*script, *quiet, *evaluation, "--max_train_steps", str(steps),
-                        "--resume_from_checkpoint", "latest"], out / "finish.log", args.threads)  # fmt: skip
+    evaluation = [
+        "--fid_num_samples",
+        str(args.num_samples),
+        "--fid_reference_samples",
+        str(reference_samples),
+        "--eval_metrics",
+        "fid,classifier",
+    ]
+    eval_seconds = run(
+        [*script, *quiet, *evaluation, "--max_train_steps", str(steps), "--resume_from_checkpoint", "latest"],
+        out / "finish.log",
+        args.threads,
+    )
     record = json.loads((out / "objective.json").read_text())
-    return {**json.loads((out / "fid.json").read_text()), "steps": steps, "images_seen": record["images_seen"],
-            "train_seconds": record["train_hours"] * 3600, "process_seconds": train_seconds,
-            "eval_seconds": eval_seconds}  # fmt: skip
+    return {
+        **json.loads((out / "fid.json").read_text()),
+        "steps": steps,
+        "images_seen": record["images_seen"],
+        "train_seconds": record["train_hours"] * 3600,
+        "process_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+    }
 
 
 class Baseline:
@@ -133,11 +152,20 @@ class Baseline:
         self.model = unet_twin(ours)  # its class embedding has our null class too: the same parameter count
         self.params = sum(p.numel() for p in self.model.parameters())
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_args.learning_rate,
-                                           betas=EXAMPLE["adam_betas"], weight_decay=EXAMPLE["weight_decay"],
-                                           eps=EXAMPLE["eps"])  # fmt: skip
-        self.ema = EMAModel(self.model.parameters(), decay=EXAMPLE["ema_max_decay"], use_ema_warmup=True,
-                            inv_gamma=1.0, power=EXAMPLE["ema_power"])  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=train_args.learning_rate,
+            betas=EXAMPLE["adam_betas"],
+            weight_decay=EXAMPLE["weight_decay"],
+            eps=EXAMPLE["eps"],
+        )
+        self.ema = EMAModel(
+            self.model.parameters(),
+            decay=EXAMPLE["ema_max_decay"],
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=EXAMPLE["ema_power"],
+        )
 
     def learning_rate(self, step: int, progress: float) -> float:
         warmup = min(1.0, (step + 1) / max(self.train_args.lr_warmup_steps, 1))
@@ -227,13 +255,33 @@ def main(argv=None):
     )
     rows = []
     for name, r in (("ours (recipe)", ours), ("baseline (diffusers example)", base)):
-        rows.append([name, f"{r['steps']:,}", f"{r['images_seen']:,}", f"{r['train_seconds'] / 60:.1f}",
-                     f"{r['images_seen'] / r['train_seconds']:.0f}", f"{r['fid']:.2f}", f"{r['fd_classifier']:.2f}",
-                     f"{r['class_accuracy']:.1%}", f"{r['eval_seconds'] / 60:.1f}"])  # fmt: skip
-    headers = ["", "steps", "images seen", "train min", "img/s", "FID", "FD classifier", "class acc.",
-               "sample + eval min"]  # fmt: skip
-    (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), "ours": ours, "baseline": base},
-                                                 indent=2))  # fmt: skip
+        rows.append(
+            [
+                name,
+                f"{r['steps']:,}",
+                f"{r['images_seen']:,}",
+                f"{r['train_seconds'] / 60:.1f}",
+                f"{r['images_seen'] / r['train_seconds']:.0f}",
+                f"{r['fid']:.2f}",
+                f"{r['fd_classifier']:.2f}",
+                f"{r['class_accuracy']:.1%}",
+                f"{r['eval_seconds'] / 60:.1f}",
+            ]
+        )
+    headers = [
+        "",
+        "steps",
+        "images seen",
+        "train min",
+        "img/s",
+        "FID",
+        "FD classifier",
+        "class acc.",
+        "sample + eval min",
+    ]
+    (out / "results.json").write_text(
+        json.dumps({"args": dataclasses.asdict(args), "ours": ours, "baseline": base}, indent=2)
+    )
     goals = [Goal("FID ours / baseline", ours["fid"] / base["fid"], args.goal, at_least=False)]
     print(f"parameters: ours {params[0]:,}, baseline {params[1]:,}\n")
     finish(headers, rows, torch.device("cpu"), goals, args.no_goals)

@@ -30,8 +30,10 @@ def device_name(device: torch.device) -> str:
 def print_setting(script: str, argv, device: torch.device) -> None:
     """Command line, date, torch version, device and thread count, as the first lines of the report."""
     print(f"`{command_line(f'bench/{Path(script).name}', argv)}`\n")
-    print(f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | torch {torch.__version__} | "
-          f"{device.type}: {device_name(device)} | threads: {torch.get_num_threads()}\n")  # fmt: skip
+    print(
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | torch {torch.__version__} | "
+        f"{device.type}: {device_name(device)} | threads: {torch.get_num_threads()}\n"
+    )
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -49,12 +49,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class BenchArguments:
-    models: str = _help("Comma-separated presets of ours, each timed against its diffusers twin.",
-                        default="unet_s,dit_tiny")  # fmt: skip
+    models: str = _help(
+        "Comma-separated presets of ours, each timed against its diffusers twin.", default="unet_s,dit_tiny"
+    )
     batch_size: int = _help("Images per step.", default=32)
     resolution: int = _help("Image (or latent) height and width.", default=32)
-    channels: int | None = _help("Input channels. Default: 1 for UNets (Fashion-MNIST), 4 for DiTs (latents).",
-                                 default=None)  # fmt: skip
+    channels: int | None = _help(
+        "Input channels. Default: 1 for UNets (Fashion-MNIST), 4 for DiTs (latents).", default=None
+    )
     patch_size: int = _help("DiT patch size.", default=2)
     match: Literal["shape", "params"] = _help(
         "DiT twin: the same depth as ours (shape) or the depth with the closest parameter count (params).",
@@ -96,13 +98,20 @@ def unet_twin(ours) -> nn.Module:
     attention = [c.sample_size // 2**level in c.attention_resolutions for level in range(len(c.channel_mult))]
     groups = group_norm(c.base_channels).num_groups  # divides every level's width, a multiple of the base
     return UNet2DModel(
-        sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
-        block_out_channels=tuple(c.base_channels * m for m in c.channel_mult), layers_per_block=c.num_res_blocks,
+        sample_size=c.sample_size,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        block_out_channels=tuple(c.base_channels * m for m in c.channel_mult),
+        layers_per_block=c.num_res_blocks,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        attention_head_dim=c.num_head_channels, norm_num_groups=groups, attn_norm_num_groups=groups,
-        resnet_time_scale_shift="scale_shift", dropout=c.dropout, num_class_embeds=NUM_CLASSES + 1,
-    )  # fmt: skip
+        attention_head_dim=c.num_head_channels,
+        norm_num_groups=groups,
+        attn_norm_num_groups=groups,
+        resnet_time_scale_shift="scale_shift",
+        dropout=c.dropout,
+        num_class_embeds=NUM_CLASSES + 1,
+    )
 
 
 def dit_twin(ours, match: str) -> nn.Module:
@@ -110,10 +119,15 @@ def dit_twin(ours, match: str) -> nn.Module:
 
     c = ours.config
     make = lambda depth: DiTTransformer2DModel(
-        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
-        out_channels=c.out_channels, num_layers=depth, sample_size=c.sample_size, patch_size=c.patch_size,
+        num_attention_heads=c.num_heads,
+        attention_head_dim=c.hidden_size // c.num_heads,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        num_layers=depth,
+        sample_size=c.sample_size,
+        patch_size=c.patch_size,
         num_embeds_ada_norm=NUM_CLASSES,
-    )  # fmt: skip
+    )
     depth = c.depth
     if match == "params":  # parameters grow by the same amount per block
         one, two = (sum(p.numel() for p in make(d).parameters()) for d in (1, 2))
@@ -184,8 +198,9 @@ def make_pair(preset: str, args: BenchArguments, device: torch.device) -> tuple[
     is_unet = preset in UNET_PRESETS
     channels = args.channels or (1 if is_unet else 4)
     torch.manual_seed(args.seed)
-    ours = build_model(ModelArguments(model=preset, patch_size=args.patch_size), channels, args.resolution,
-                       NUM_CLASSES)  # fmt: skip
+    ours = build_model(
+        ModelArguments(model=preset, patch_size=args.patch_size), channels, args.resolution, NUM_CLASSES
+    )
     twin = DiffusersTwin(unet_twin(ours) if is_unet else dit_twin(ours, args.match))
     g = torch.Generator().manual_seed(args.seed)
     x0 = torch.randn(args.batch_size, channels, args.resolution, args.resolution, generator=g).to(device)
@@ -210,9 +225,11 @@ def main(argv=None):
 
     print_setting(__file__, argv, device)
     peak, r = peak_tflops(device, args.mixed_precision), args.resolution
-    print(f"batch {args.batch_size}, precision {args.mixed_precision}, compile {args.torch_compile}, channels_last "
-          f"{args.channels_last}; {args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up steps; "
-          "TFLOP/s and MFU at the best repeat; ratios: median over repeats of ours / diffusers\n")  # fmt: skip
+    print(
+        f"batch {args.batch_size}, precision {args.mixed_precision}, compile {args.torch_compile}, channels_last "
+        f"{args.channels_last}; {args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up steps; "
+        "TFLOP/s and MFU at the best repeat; ratios: median over repeats of ours / diffusers\n"
+    )
     rows, goals = [], []
     for ours, twin in pairs:
         for t in (ours, twin):
@@ -220,15 +237,34 @@ def main(argv=None):
             mfu = f"{tflops / peak:.1%}" if peak else "-"
             memory = f"{t.peak_mib:.0f}" if device.type == "cuda" else "-"
             rates = f"{max(t.rates):.1f}", f"{statistics.median(t.rates):.1f}"
-            rows.append([t.name, f"{t.x0.shape[1]}x{r}x{r}", f"{t.params:,}", f"{t.flops / 1e9:.2f}", *rates,
-                         f"{tflops:.3f}", mfu, memory])  # fmt: skip
+            rows.append(
+                [
+                    t.name,
+                    f"{t.x0.shape[1]}x{r}x{r}",
+                    f"{t.params:,}",
+                    f"{t.flops / 1e9:.2f}",
+                    *rates,
+                    f"{tflops:.3f}",
+                    mfu,
+                    memory,
+                ]
+            )
         ratio = statistics.median(a / b for a, b in zip(ours.rates, twin.rates, strict=True))
         best = max(ours.rates) / max(twin.rates)
         target = args.unet_goal if ours.name in UNET_PRESETS else args.dit_goal
         name = f"img/s {ours.name} / {twin.name} (of the best: {best:.3f}; params {ours.params / twin.params:.3f}x)"
         goals.append(Goal(name, ratio, target))
-    headers = ["model", "input", "params", "train GFLOP/img", "img/s best", "img/s median", "TFLOP/s", "MFU",
-               "peak MiB (own)"]  # fmt: skip
+    headers = [
+        "model",
+        "input",
+        "params",
+        "train GFLOP/img",
+        "img/s best",
+        "img/s median",
+        "TFLOP/s",
+        "MFU",
+        "peak MiB (own)",
+    ]
     finish(headers, rows, device, goals, args.no_goals)
 
 

@@ -108,8 +108,9 @@ class ModelCaptioner:
     def model(self):
         if self._model is None:
             auto = _auto_model_class(self.config)
-            model = auto.from_pretrained(self.source, revision=self.revision, dtype=DTYPES[self.dtype],
-                                         trust_remote_code=self.trust_remote_code)  # fmt: skip
+            model = auto.from_pretrained(
+                self.source, revision=self.revision, dtype=DTYPES[self.dtype], trust_remote_code=self.trust_remote_code
+            )
             self._model = model.to(self.device).eval()
         return self._model
 
@@ -122,8 +123,15 @@ class ModelCaptioner:
 
     def record(self) -> dict:
         """Everything the captions depend on."""
-        return dict(kind="model", model=self.source, revision=self.revision, model_type=self.config.model_type,
-                    prompt=self.prompt, dtype=self.dtype, **self.generate_kwargs)  # fmt: skip
+        return dict(
+            kind="model",
+            model=self.source,
+            revision=self.revision,
+            model_type=self.config.model_type,
+            prompt=self.prompt,
+            dtype=self.dtype,
+            **self.generate_kwargs,
+        )
 
     @torch.inference_mode()
     def __call__(self, inputs) -> list[str]:
@@ -141,9 +149,18 @@ class ModelCaptioner:
         return [t.strip() for t in texts]
 
 
-def load_captioner(name: str, model_id: str | None = None, *, prompt: str | None = None, dtype: str | None = None,
-                   device=None, revision: str | None = None, trust_remote_code: bool = False,
-                   max_new_tokens: int = 30, num_beams: int = 1) -> ModelCaptioner:  # fmt: skip
+def load_captioner(
+    name: str,
+    model_id: str | None = None,
+    *,
+    prompt: str | None = None,
+    dtype: str | None = None,
+    device=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    max_new_tokens: int = 30,
+    num_beams: int = 1,
+) -> ModelCaptioner:
     """Open `name` (blip2, paligemma, a Hub id or a directory; `model_id` overrides the default id of blip2 and
     paligemma): its config and processor now, the weights on first use. Raise `UserError` if it is not one."""
     from transformers import AutoConfig, AutoProcessor
@@ -172,17 +189,23 @@ def load_captioner(name: str, model_id: str | None = None, *, prompt: str | None
     except Exception as e:  # noqa: BLE001
         raise _not_loadable(model_id, path, e) from None
     if not (hasattr(processor, "image_processor") and hasattr(processor, "batch_decode")):
-        raise UserError(f"--captioner '{model_id}': its processor ({type(processor).__name__}) does not take images "
-                        "and text")  # fmt: skip
+        raise UserError(
+            f"--captioner '{model_id}': its processor ({type(processor).__name__}) does not take images and text"
+        )
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # generation continues every prompt from its end
     device = torch.device(device or "cpu")
     return ModelCaptioner(
-        source=source, config=config, processor=processor,
+        source=source,
+        config=config,
+        processor=processor,
         prompt=DEFAULT_PROMPTS.get(config.model_type) if prompt is None else prompt,
-        dtype=dtype or default_dtype(device), device=device, revision=revision, trust_remote_code=trust_remote_code,
+        dtype=dtype or default_dtype(device),
+        device=device,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
         generate_kwargs=dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False),
-    )  # fmt: skip
+    )
 
 
 def class_phrase(name: str) -> str:
@@ -310,8 +333,10 @@ class _FolderRows(ImageRows):
 
     def columns(self, rows: range) -> dict:
         files = self.data.dataset.images
-        out = {"image": [files[i] for i in rows], "file_name": [Path(files[i]).relative_to(self.root).as_posix()
-                                                                for i in rows]}  # fmt: skip
+        out = {
+            "image": [files[i] for i in rows],
+            "file_name": [Path(files[i]).relative_to(self.root).as_posix() for i in rows],
+        }
         if "label" in self.features and "label" not in self.metadata:
             out["label"] = [int(self.labels[i]) for i in rows]
         return {**out, **{k: values[rows.start : rows.stop] for k, values in self.metadata.items()}}

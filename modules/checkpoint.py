@@ -116,8 +116,10 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
 
     written, now = _written_under(Path(path)), _KINDS.get(accelerator.distributed_type.name, _OTHER)
     if written != now:
-        raise UserError(f"checkpoint {path} was written under {written} and this run is under {now}: resume it with "
-                        "the accelerate config that wrote it")  # fmt: skip
+        raise UserError(
+            f"checkpoint {path} was written under {written} and this run is under {now}: resume it with "
+            "the accelerate config that wrote it"
+        )
     accelerator.load_state(str(path))
     state = read_state(path)
     ema.load_state_dict(load_file(str(Path(path) / EMA_FILE), device=str(ema.device)), state["ema_step"])

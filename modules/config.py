@@ -148,8 +148,9 @@ class TrainingArguments:
     adam_weight_decay: float = _help("AdamW weight decay.", default=0.0)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    use_8bit_adam: bool = _help("Use bitsandbytes' 8-bit AdamW: 2 bytes of optimizer state per parameter, not 8.",
-                                default=False)  # fmt: skip
+    use_8bit_adam: bool = _help(
+        "Use bitsandbytes' 8-bit AdamW: 2 bytes of optimizer state per parameter, not 8.", default=False
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
         "Autocast precision; default: what `accelerate launch` was given.", default=None
     )
@@ -157,8 +158,10 @@ class TrainingArguments:
     gradient_checkpointing: bool = _help("Trade compute for memory by recomputing activations.", default=False)
     torch_compile: bool = _help("Compile the model's forward with torch.compile; pays off on GPUs.", default=False)
     torch_compile_backend: str = _help("torch.compile backend for --torch_compile.", default="inductor")
-    channels_last: bool = _help("Keep the UNet's activations in channels-last memory format (faster convolutions "
-                                "with tensor cores).", default=False)  # fmt: skip
+    channels_last: bool = _help(
+        "Keep the UNet's activations in channels-last memory format (faster convolutions with tensor cores).",
+        default=False,
+    )
     ema_max_decay: float = _help("Largest EMA decay.", default=0.9999)
     ema_power: float = _help(
         "EMA warm-up: decay = min(ema_max_decay, 1 - (1 + step) ** -ema_power); 2/3 for long runs, 3/4 for short.",
@@ -219,8 +222,9 @@ class TrainingArguments:
     hub_model_id: str | None = _help(
         "Hub repo to push to (user/name). Default: the name of --output_dir.", default=None
     )
-    hub_token: str | None = _help("Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.",
-                                  default=None)  # fmt: skip
+    hub_token: str | None = _help(
+        "Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.", default=None
+    )
     hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
 
 
@@ -253,10 +257,20 @@ class DDPMArguments:
 # What both training scripts default to: Fashion-MNIST at 32x32, class-conditional, sized for a 2-core CPU run of
 # about five minutes (the main job, configs/fashion_mnist_unet_cfm.yaml). Each script adds its objective's own.
 SCRIPT_DEFAULTS = dict(
-    class_conditional=True, train_batch_size=64, max_train_steps=500, lr_scheduler="constant_with_warmup",
-    lr_warmup_steps=100, ema_max_decay=0.999, ema_power=0.75, sample_steps=250, checkpointing_steps=250,
-    checkpoints_total_limit=2, guidance_scale=1.5, num_sample_images=100, validation_steps=250,
-)  # fmt: skip
+    class_conditional=True,
+    train_batch_size=64,
+    max_train_steps=500,
+    lr_scheduler="constant_with_warmup",
+    lr_warmup_steps=100,
+    ema_max_decay=0.999,
+    ema_power=0.75,
+    sample_steps=250,
+    checkpointing_steps=250,
+    checkpoints_total_limit=2,
+    guidance_scale=1.5,
+    num_sample_images=100,
+    validation_steps=250,
+)
 
 
 def _field_names(dataclass_types) -> dict[str, type]:

@@ -556,8 +556,9 @@ def load_validation_data(args: DataArguments) -> TrainData | None:
                 f"--validation_split '{split}': an image folder has no splits; give a folder of held-out images, "
                 "or 'none'"
             )
-        held_out = dataclasses.replace(args, train_data_dir=split, max_train_samples=args.validation_samples,
-                                       validation_split="none")  # fmt: skip
+        held_out = dataclasses.replace(
+            args, train_data_dir=split, max_train_samples=args.validation_samples, validation_split="none"
+        )
         return _non_empty(load_train_data(held_out), split)
     if split == "auto":
         if args.dataset_name == "fashion_mnist":
@@ -572,8 +573,9 @@ def load_validation_data(args: DataArguments) -> TrainData | None:
             split = next((s for s in ("test", "validation") if s in names and s != args.dataset_split), None)
             if split is None:
                 return None
-    held_out = dataclasses.replace(args, dataset_split=split, max_train_samples=args.validation_samples,
-                                   validation_split="none")  # fmt: skip
+    held_out = dataclasses.replace(
+        args, dataset_split=split, max_train_samples=args.validation_samples, validation_split="none"
+    )
     try:
         data = load_train_data(held_out)
     except EmptySplitError:

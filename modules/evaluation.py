@@ -334,9 +334,13 @@ def kernel_inception_distance(generated_features, reference_features, subsets: i
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     size = min(subset_size, len(generated_features), len(reference_features))
-    metric = kid_features_to_metric(torch.as_tensor(np.asarray(generated_features, dtype=np.float64)),
-                                    torch.as_tensor(np.asarray(reference_features, dtype=np.float64)),
-                                    kid_subsets=subsets, kid_subset_size=size, verbose=False)  # fmt: skip
+    metric = kid_features_to_metric(
+        torch.as_tensor(np.asarray(generated_features, dtype=np.float64)),
+        torch.as_tensor(np.asarray(reference_features, dtype=np.float64)),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        verbose=False,
+    )
     return float(metric[KEY_METRIC_KID_MEAN]), float(metric[KEY_METRIC_KID_STD])
 
 
@@ -425,8 +429,9 @@ def compute_fid(
 
 
 @torch.no_grad()
-def validation_loss(model, objective, images: torch.Tensor, labels, seed: int, num_bins: int = 10,
-                    batch_size: int = 256) -> dict:  # fmt: skip
+def validation_loss(
+    model, objective, images: torch.Tensor, labels, seed: int, num_bins: int = 10, batch_size: int = 256
+) -> dict:
     """The objective's loss on held-out images at fixed times and fixed noise, so values compare across steps.
 
     Every image is evaluated at the centre of each of `num_bins` equal t-bins, t_j = (j + 1/2) / num_bins, with noise

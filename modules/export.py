@@ -66,10 +66,14 @@ def write_code(folder: Path, sources: dict[str, str], entry: str, cls: tuple[str
     for name, text in sources.items():
         (folder / package / f"{name}.py").write_text(text)
     module, class_name = cls
-    lines = [f'"""{class_name}, for diffusers\' custom code loading; the code is in {package}/."""', "",
-             "# diffusers copies to its module cache only the files imported here: so, every file of the package.",
-             *(f"from .{package}.{name} import __name__ as _  # noqa: F401" for name in sorted(sources)),
-             f"from .{package}.{module} import {class_name}  # noqa: F401", ""]  # fmt: skip
+    lines = [
+        f'"""{class_name}, for diffusers\' custom code loading; the code is in {package}/."""',
+        "",
+        "# diffusers copies to its module cache only the files imported here: so, every file of the package.",
+        *(f"from .{package}.{name} import __name__ as _  # noqa: F401" for name in sorted(sources)),
+        f"from .{package}.{module} import {class_name}  # noqa: F401",
+        "",
+    ]
     (folder / f"{entry}.py").write_text("\n".join(lines))
 
 
@@ -154,8 +158,10 @@ def _write_text_encoder(folder: Path, record: dict) -> dict:
     encoder = text_encoder_from_record(record)
     encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
     encoder.tokenizer.save_pretrained(folder / "tokenizer")
-    return {"text_encoder": ["transformers", type(encoder.model).__name__],
-            "tokenizer": ["transformers", type(encoder.tokenizer).__name__]}  # fmt: skip
+    return {
+        "text_encoder": ["transformers", type(encoder.model).__name__],
+        "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
+    }
 
 
 def _model_card(record: dict, index: dict) -> str:

@@ -97,8 +97,9 @@ def download_model(repo_id: str, revision: str | None = None, token: str | None 
     )
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, token=token,
-                                   ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES])  # fmt: skip
+        folder = snapshot_download(
+            repo_id, revision=revision, token=token, ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES]
+        )
     except RevisionNotFoundError:
         raise UserError(f"model {repo_id!r} has no revision {revision!r} on the Hub") from None
     except GatedRepoError:
@@ -219,13 +220,23 @@ def model_card(folder: Path, repo_id: str, run_config: dict, fid: dict | None) -
         space = f"{channels}x{size}x{size} latents of the VAE `{vae}` ({pixels}px images)"
     else:
         space = f"{size}x{size} images with {channels} channel(s)"
-    metrics = [("steps", record.get("steps")), ("images seen", record.get("images_seen")),
-               ("training hours", record.get("train_hours"))]  # fmt: skip
+    metrics = [
+        ("steps", record.get("steps")),
+        ("images seen", record.get("images_seen")),
+        ("training hours", record.get("train_hours")),
+    ]
     if fid:
-        metrics += [(k.upper() if k in ("fid", "kid") else k, v) for k, v in fid.items()
-                    if k not in ("step", "reference", "num_samples", "reference_samples")]  # fmt: skip
-        metrics.append(("evaluated on", f"{fid.get('num_samples')} samples vs {fid.get('reference_samples')} images "
-                                        f"at step {fid.get('step')}"))  # fmt: skip
+        metrics += [
+            (k.upper() if k in ("fid", "kid") else k, v)
+            for k, v in fid.items()
+            if k not in ("step", "reference", "num_samples", "reference_samples")
+        ]
+        metrics.append(
+            (
+                "evaluated on",
+                f"{fid.get('num_samples')} samples vs {fid.get('reference_samples')} images at step {fid.get('step')}",
+            )
+        )
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics if v is not None)
     usage = f"python sample.py --model {repo_id} --num_images 16 --output grid.png"
     if text:
@@ -320,8 +331,9 @@ class HubPusher:
     def push(self, step: int, write_model, final: bool = False):
         """Stage the model now (`write_model(folder)` writes it) and upload it in the background."""
         try:
-            folder = stage(self.staging / f"step-{step:07d}", write_model, self.repo_id, self.run_dir,
-                           latest_grid(self.run_dir))  # fmt: skip
+            folder = stage(
+                self.staging / f"step-{step:07d}", write_model, self.repo_id, self.run_dir, latest_grid(self.run_dir)
+            )
         except Exception as e:  # noqa: BLE001 - e.g. a full disk: the run and its checkpoints matter more
             self._failed(step, e)
             return

@@ -33,8 +33,16 @@ FLIP_COLUMNS = ("flip_mean", "flip_std")
 TEXT_COLUMNS = ("text_tokens", "text_pooled")
 # Parquet column -> batch key.
 BATCH_KEYS = {"mean": "latent_mean", "std": "latent_std", "flip_mean": "flip_mean", "flip_std": "flip_std"}
-REQUIRED_KEYS = ("vae", "image_resolution", "latent_shape", "num_images", "shards", "columns", "channel_mean",
-                 "channel_std")  # fmt: skip
+REQUIRED_KEYS = (
+    "vae",
+    "image_resolution",
+    "latent_shape",
+    "num_images",
+    "shards",
+    "columns",
+    "channel_mean",
+    "channel_std",
+)
 # Latents larger than this share of the machine's memory (split between the processes on it) are read lazily.
 MEMORY_FRACTION = 0.25
 
@@ -218,11 +226,16 @@ class LatentData:
         """The stored text embeddings of every distinct caption of the first len(dataset) rows, and of the empty
         caption: {caption: (tokens float32 (L, D), pooled float32 (P,))}."""
         if self.text_encoder is None:
-            raise UserError(f"the latent dataset '{self.key}' stores no text embeddings (encode_latents.py "
-                            "--text_encoder)")  # fmt: skip
+            raise UserError(
+                f"the latent dataset '{self.key}' stores no text embeddings (encode_latents.py --text_encoder)"
+            )
         null = self.metadata["text_null"]
-        stored = {"": (torch.tensor(null["tokens"], dtype=torch.float32).view(-1, self.text_encoder["token_dim"]),
-                       torch.tensor(null["pooled"], dtype=torch.float32))}  # fmt: skip
+        stored = {
+            "": (
+                torch.tensor(null["tokens"], dtype=torch.float32).view(-1, self.text_encoder["token_dim"]),
+                torch.tensor(null["pooled"], dtype=torch.float32),
+            )
+        }
         stored.update(_stored_text(self.root, self.metadata["shards"], len(self.dataset)))
         return stored
 
@@ -379,8 +392,10 @@ def _stored_text(root: Path, shards: list[str], n: int) -> dict[str, tuple[torch
         offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(tokens).to_numpy())])
         pooled = pooled.flatten().to_numpy(zero_copy_only=False).reshape(len(first), -1)
         for j, caption in enumerate(first):
-            out[caption] = (torch.from_numpy(flat[offsets[j] : offsets[j + 1]].astype(np.float32)),
-                            torch.from_numpy(pooled[j].astype(np.float32)))  # fmt: skip
+            out[caption] = (
+                torch.from_numpy(flat[offsets[j] : offsets[j + 1]].astype(np.float32)),
+                torch.from_numpy(pooled[j].astype(np.float32)),
+            )
     return out
 
 

@@ -112,8 +112,11 @@ def load_pretrained_weights(model, path_or_id: str, revision: str | None = None,
     own = model.state_dict()
     problems = [f"{k} missing" for k in own if k not in state]
     problems += [f"{k} unexpected" for k in state if k not in own]
-    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                 if k in state and state[k].shape != v.shape]  # fmt: skip
+    problems += [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if problems:
         raise UserError(
             f"--init_from '{path_or_id}' does not fit the model being trained ({len(problems)} parameter(s) differ: "

@@ -49,10 +49,16 @@ class DenoiserPipeline(DiffusionPipeline):
         latent_statistics: dict | None = None,
     ):
         super().__init__()
-        self.register_modules(unet=unet, transformer=transformer, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer)  # fmt: skip
-        self.register_to_config(objective=objective, class_names=class_names, text_encoder_record=text_encoder_record,
-                                sample_prompts=sample_prompts, latent_statistics=latent_statistics)  # fmt: skip
+        self.register_modules(
+            unet=unet, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self.register_to_config(
+            objective=objective,
+            class_names=class_names,
+            text_encoder_record=text_encoder_record,
+            sample_prompts=sample_prompts,
+            latent_statistics=latent_statistics,
+        )
 
     @property
     def denoiser(self) -> ModelMixin:
@@ -80,8 +86,9 @@ class DenoiserPipeline(DiffusionPipeline):
         """
         objective = objective_from_config(self.config.objective)
         if sampler is not None and sampler not in objective.samplers:
-            raise ValueError(f"sampler '{sampler}': this {objective.name} model samples with "
-                             f"{', '.join(objective.samplers)}")  # fmt: skip
+            raise ValueError(
+                f"sampler '{sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
         if guidance_scale is not None and guidance_scale < 0:
@@ -108,10 +115,22 @@ class DenoiserPipeline(DiffusionPipeline):
 
         shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
-        images_uint8 = generate_images(model, objective, num_images, seed, shape, batch_size, cond, device,
-                                       progress=progress, sampler=sampler, num_inference_steps=num_inference_steps,
-                                       guidance_scale=guidance_scale, decode=decode_and_keep,
-                                       null_cond=null_cond)  # fmt: skip
+        images_uint8 = generate_images(
+            model,
+            objective,
+            num_images,
+            seed,
+            shape,
+            batch_size,
+            cond,
+            device,
+            progress=progress,
+            sampler=sampler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            decode=decode_and_keep,
+            null_cond=null_cond,
+        )
         if output_type == "pil":
             images = self.numpy_to_pil(images_uint8.permute(0, 2, 3, 1).numpy() / 255.0)
         else:

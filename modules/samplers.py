@@ -51,8 +51,18 @@ class GuidedSampling:
 
     samplers: tuple[str, ...] = ()
 
-    def sample(self, model, noise, cond=None, num_inference_steps=None, sampler=None, guidance_scale=None,
-               generators=None, null_cond=None, callback=None):  # fmt: skip
+    def sample(
+        self,
+        model,
+        noise,
+        cond=None,
+        num_inference_steps=None,
+        sampler=None,
+        guidance_scale=None,
+        generators=None,
+        null_cond=None,
+        callback=None,
+    ):
         """From pure noise to x0. `generators`: one per sample, for samplers that draw noise on the way."""
         a = self.args
         fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
@@ -71,11 +81,35 @@ class GuidedSampling:
         bins = {f"val_loss_t{t:.2f}": v for t, v in zip(result["val_t"], result["val_loss_bins"], strict=True)}
         return {"val_loss": result["val_loss"], **bins}
 
-    def preview(self, model, num_images: int, seed: int, shape, labels, device, data=None, decode=None,
-                callback=None, progress: bool = False, null_cond=None) -> torch.Tensor:  # fmt: skip
+    def preview(
+        self,
+        model,
+        num_images: int,
+        seed: int,
+        shape,
+        labels,
+        device,
+        data=None,
+        decode=None,
+        callback=None,
+        progress: bool = False,
+        null_cond=None,
+    ) -> torch.Tensor:
         """What grids and FID look at: `num_images` samples from noise, uint8 (N, C, H, W)."""
-        return generate_images(model, self, num_images, seed, shape, 64, labels, device, progress=progress,
-                               decode=decode, callback=callback, null_cond=null_cond)  # fmt: skip
+        return generate_images(
+            model,
+            self,
+            num_images,
+            seed,
+            shape,
+            64,
+            labels,
+            device,
+            progress=progress,
+            decode=decode,
+            callback=callback,
+            null_cond=null_cond,
+        )
 
     def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int | None]:
         """A column per class for class-conditional previews."""

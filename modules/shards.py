@@ -35,8 +35,9 @@ class ShardedOutputArguments:
     push_to_hub: bool = _help("Upload the finished dataset to the Hub as a dataset repo.", default=False)
     hub_dataset_id: str | None = _help("Hub dataset repo to push to. Default: the name of --output_dir.", default=None)
     hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
-    hub_token: str | None = _help("Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.",
-                                  default=None)  # fmt: skip
+    hub_token: str | None = _help(
+        "Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.", default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,13 @@ def write_my_shards(state, out: Path, num_rows: int, shard_size: int, make_shard
     if done:
         state.print(f"resuming: {len(done)} of {len(ranges)} shards already complete, skipped")
     mine = [k for k in range(len(ranges)) if k % state.num_processes == state.process_index and k not in done]
-    progress = tqdm(total=sum(len(ranges[k]) for k in mine), unit="img", dynamic_ncols=True,
-                    desc=f"{desc} ({state.num_processes} processes)" if state.num_processes > 1 else desc,
-                    disable=not state.is_main_process)  # fmt: skip
+    progress = tqdm(
+        total=sum(len(ranges[k]) for k in mine),
+        unit="img",
+        dynamic_ncols=True,
+        desc=f"{desc} ({state.num_processes} processes)" if state.num_processes > 1 else desc,
+        disable=not state.is_main_process,
+    )
     with progress:  # closed on errors too, so an error message starts on a line of its own
         for k in mine:
             write_table(paths[k], make_shard(ranges[k], progress))
@@ -169,8 +174,10 @@ def push_to_hub(out: Path, args: ShardedOutputArguments):
         api.upload_folder(folder_path=out, repo_id=repo_id, repo_type="dataset", ignore_patterns=[".*", "*/.*"])
         print(f"pushed to https://huggingface.co/datasets/{repo_id}")
     except Exception as e:  # noqa: BLE001 - offline, no token, no rights: the local dataset is still complete
-        warn(f"could not push to the Hub ({describe_error(e, args.hub_token)}); {out} is complete: push it later "
-             f"with `hf upload {repo_id} {out} --repo-type dataset`")  # fmt: skip
+        warn(
+            f"could not push to the Hub ({describe_error(e, args.hub_token)}); {out} is complete: push it later "
+            f"with `hf upload {repo_id} {out} --repo-type dataset`"
+        )
 
 
 def write_sharded_dataset(

@@ -60,8 +60,12 @@ def text_settings(model_args: ModelArguments, notes: list) -> dict | None:
 
         with torch.device("meta"):
             encoder = OwnTextEncoder(own_config_from_spec(spec, model_args.max_text_length))
-        return dict(text_conditioning=model_args.text_conditioning, text_dim=encoder.token_dim,
-                    pooled_dim=encoder.pooled_dim, text_encoder=encoder.config_record())  # fmt: skip
+        return dict(
+            text_conditioning=model_args.text_conditioning,
+            text_dim=encoder.token_dim,
+            pooled_dim=encoder.pooled_dim,
+            text_encoder=encoder.config_record(),
+        )
     from modules.text import MINILM_SPECS
 
     if spec in MINILM_SPECS:
@@ -76,8 +80,9 @@ def text_settings(model_args: ModelArguments, notes: list) -> dict | None:
         except (OSError, ValueError):
             widths = CLIP_L_WIDTHS
             notes.append(f"text encoder {spec!r} not available offline: CLIP ViT-L/14's widths {widths} assumed")
-    return dict(text_conditioning=model_args.text_conditioning, text_dim=widths[0], pooled_dim=widths[1],
-                text_encoder=None)  # fmt: skip
+    return dict(
+        text_conditioning=model_args.text_conditioning, text_dim=widths[0], pooled_dim=widths[1], text_encoder=None
+    )
 
 
 def meta_condition(text: dict | None, num_classes: int, batch: int, max_text_length: int | None):
@@ -85,12 +90,16 @@ def meta_condition(text: dict | None, num_classes: int, batch: int, max_text_len
         return torch.zeros(batch, dtype=torch.long, device="meta") if num_classes else None
     if text["text_encoder"] is not None:  # the own encoder inside the model takes token ids
         length = text["text_encoder"]["max_length"]
-        return {"input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta"),
-                "input_mask": torch.ones(batch, length, dtype=torch.bool, device="meta")}  # fmt: skip
+        return {
+            "input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta"),
+            "input_mask": torch.ones(batch, length, dtype=torch.bool, device="meta"),
+        }
     length = max_text_length or 77
-    return {"tokens": torch.zeros(batch, length, text["text_dim"], device="meta"),
-            "mask": torch.ones(batch, length, dtype=torch.bool, device="meta"),
-            "pooled": torch.zeros(batch, text["pooled_dim"], device="meta")}  # fmt: skip
+    return {
+        "tokens": torch.zeros(batch, length, text["text_dim"], device="meta"),
+        "mask": torch.ones(batch, length, dtype=torch.bool, device="meta"),
+        "pooled": torch.zeros(batch, text["pooled_dim"], device="meta"),
+    }
 
 
 def activation_bytes(model, objective, x0, cond) -> int:

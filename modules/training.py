@@ -121,8 +121,11 @@ def resolve_trackers(report_to: str, out: Path) -> list[str]:
     trackers = []
     for name in wanted:
         if importlib.util.find_spec(name) is None:
-            warnings.warn(f"--report_to {report_to}: {name} is not installed (pip install {name}); "
-                          "not logging to it (metrics.jsonl is still written)", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"--report_to {report_to}: {name} is not installed (pip install {name}); "
+                "not logging to it (metrics.jsonl is still written)",
+                stacklevel=2,
+            )
             continue
         if name == "wandb" and wandb_login_state() == "none":
             warnings.warn(
@@ -255,8 +258,9 @@ def measure_flops(model, objective, data, conditioning: Conditioning, device) ->
     return model_flops_per_image(model, objective, x0, cond, generator)
 
 
-def sample_grid(ema_model, objective, data, conditioning, train: TrainingArguments, shape, device, path: Path,
-                decode=None):  # fmt: skip
+def sample_grid(
+    ema_model, objective, data, conditioning, train: TrainingArguments, shape, device, path: Path, decode=None
+):
     """A grid from the EMA model with fixed noise (seed `train.seed`), a column per class when conditional, and
     the denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
     n = train.num_sample_images
@@ -264,8 +268,18 @@ def sample_grid(ema_model, objective, data, conditioning, train: TrainingArgumen
         return
     cond, _ = conditioning.for_images(n)
     recorder = DenoisingRecorder(max_samples=min(n, data.num_classes or 8))
-    images = objective.preview(ema_model, n, train.seed, shape, cond, device, data, decode, callback=recorder,
-                               null_cond=conditioning.null(device))  # fmt: skip
+    images = objective.preview(
+        ema_model,
+        n,
+        train.seed,
+        shape,
+        cond,
+        device,
+        data,
+        decode,
+        callback=recorder,
+        null_cond=conditioning.null(device),
+    )
     images, nrow = objective.grid_layout(images, data)
     save_image_grid(images, path, nrow=nrow)
     if recorder.num_steps:  # objectives that sample record their path; an autoencoder has none
@@ -317,9 +331,14 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
             f"--resolution {data_args.resolution} is not used: the latent dataset holds {held}", stacklevel=2
         )
     source = dataclasses.replace(from_dict(DataArguments, data.metadata.get("data_args") or {}), latent_dataset=None)
-    latent = {"dataset": data_args.latent_dataset, "vae": vae, "channel_mean": data.channel_mean.tolist(),
-              "channel_std": data.channel_std.tolist(), "image_resolution": data.image_resolution,
-              "source_data_args": dataclasses.asdict(source)}  # fmt: skip
+    latent = {
+        "dataset": data_args.latent_dataset,
+        "vae": vae,
+        "channel_mean": data.channel_mean.tolist(),
+        "channel_std": data.channel_std.tolist(),
+        "image_resolution": data.image_resolution,
+        "source_data_args": dataclasses.asdict(source),
+    }
     reference = None
     if fid:
         try:
@@ -502,8 +521,10 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         f"{world} process(es), global batch {global_batch} | steps {start_step} -> {train_args.max_train_steps}"
     )
     if text is not None and text.encoder is None:
-        accelerator.print(f"text: the embeddings of {len(text.stored)} distinct captions stored with the latents "
-                          f"({text.record['source']}); the text encoder is not loaded")  # fmt: skip
+        accelerator.print(
+            f"text: the embeddings of {len(text.stored)} distinct captions stored with the latents "
+            f"({text.record['source']}); the text encoder is not loaded"
+        )
 
     clock = time.perf_counter()
 
@@ -549,8 +570,9 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
 
     def evaluate(step):
         ema.gather()
-        evaluate_fid(accelerator, ema.model, objective, data, conditioning, reference, train_args, shape, metrics,
-                     step, decode)  # fmt: skip
+        evaluate_fid(
+            accelerator, ema.model, objective, data, conditioning, reference, train_args, shape, metrics, step, decode
+        )
 
     progress = tqdm(
         total=train_args.max_train_steps,
@@ -583,8 +605,9 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
                     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
                         grad_norm = grad_norm.full_tensor()
                     checked = step_loss if grad_norm is None else step_loss + grad_norm  # None: DeepSpeed did not say
-                    nonfinite, stop = agree(accelerator, not bool(torch.isfinite(checked)),
-                                            stop_request.reason() is not None)  # fmt: skip
+                    nonfinite, stop = agree(
+                        accelerator, not bool(torch.isfinite(checked)), stop_request.reason() is not None
+                    )
                     if stop and stop_reason is None:
                         stop_reason = stop_request.reason() or "a stop request on another process"
                     if accelerator.scaler is not None or deepspeed:
@@ -671,8 +694,11 @@ def _train(script, data_args, model_args, train_args, objective, argv, stop_requ
         accelerator.print(f"saved the EMA model and samples to {out}")
         if text is not None and text.truncated:
             limit = text.record["max_length"]
-            warnings.warn(f"{text.truncated} caption(s) were longer than the text encoder's {limit} tokens and were "
-                          "truncated (--max_text_length)", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{text.truncated} caption(s) were longer than the text encoder's {limit} tokens and were "
+                "truncated (--max_text_length)",
+                stacklevel=2,
+            )
     accelerator.wait_for_everyone()
     if train_args.fid_num_samples:
         evaluate(final)
@@ -689,8 +715,10 @@ def configure_deepspeed(accelerator, train_args: TrainingArguments):
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     batch = config.get("train_micro_batch_size_per_gpu", "auto")
     if batch not in ("auto", train_args.train_batch_size):
-        raise UserError(f"the DeepSpeed config's train_micro_batch_size_per_gpu is {batch} but --train_batch_size is "
-                        f"{train_args.train_batch_size}: set it to \"auto\" (or to the same number)")  # fmt: skip
+        raise UserError(
+            f"the DeepSpeed config's train_micro_batch_size_per_gpu is {batch} but --train_batch_size is "
+            f'{train_args.train_batch_size}: set it to "auto" (or to the same number)'
+        )
     config["train_micro_batch_size_per_gpu"] = train_args.train_batch_size
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = train_args.max_grad_norm
@@ -712,14 +740,17 @@ def start_pusher(train_args: TrainingArguments, out: Path):
 
     problem = check_push(train_args.hub_model_id, train_args.hub_token, out)
     if problem:
-        warn(f"{problem}: training goes on without pushing; push the finished run with "
-             f"`{push_later(out, train_args.hub_model_id)}`")  # fmt: skip
+        warn(
+            f"{problem}: training goes on without pushing; push the finished run with "
+            f"`{push_later(out, train_args.hub_model_id)}`"
+        )
         return None
     return HubPusher(out, train_args.hub_model_id, train_args.hub_token, train_args.hub_private_repo)
 
 
-def evaluate_fid(accelerator, ema_model, objective, data, conditioning, reference, train_args, shape, metrics, step,
-                 decode=None):  # fmt: skip
+def evaluate_fid(
+    accelerator, ema_model, objective, data, conditioning, reference, train_args, shape, metrics, step, decode=None
+):
     """--eval_metrics of the EMA model's images (uint8, decoded when latent) against the reference images: Inception
     FID/KID with reference statistics cached on disk, and the Fashion-MNIST classifier's metrics. Main process only;
     writes fid.json."""
@@ -729,11 +760,27 @@ def evaluate_fid(accelerator, ema_model, objective, data, conditioning, referenc
 
     n = train_args.fid_num_samples
     cond, labels = conditioning.for_images(n)
-    images = objective.preview(ema_model, n, train_args.seed + 1, shape, cond, accelerator.device, data, decode,
-                               progress=True, null_cond=conditioning.null(accelerator.device))  # fmt: skip
+    images = objective.preview(
+        ema_model,
+        n,
+        train_args.seed + 1,
+        shape,
+        cond,
+        accelerator.device,
+        data,
+        decode,
+        progress=True,
+        null_cond=conditioning.null(accelerator.device),
+    )
     n_ref = train_args.fid_reference_samples or n
-    values = evaluate_generated(images, labels, reference, n_ref, parse_eval_metrics(train_args.eval_metrics),
-                                weights_path=train_args.fid_weights)  # fmt: skip
+    values = evaluate_generated(
+        images,
+        labels,
+        reference,
+        n_ref,
+        parse_eval_metrics(train_args.eval_metrics),
+        weights_path=train_args.fid_weights,
+    )
     metrics.log(step, {**values, "fid_num_samples": n, "fid_reference_samples": n_ref})
     result = {"step": step, **values, "num_samples": n, "reference_samples": n_ref, "reference": reference.key}
     Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))

@@ -278,8 +278,20 @@ class VAEObjective:
             db.append(psnr(rec.clamp(-1, 1), batch).cpu())
         return {"val_loss": torch.cat(loss).mean().item(), "val_psnr": torch.cat(db).mean().item()}
 
-    def preview(self, model, num_images: int, seed: int, shape, labels, device, data=None, decode=None,
-                callback=None, progress: bool = False, null_cond=None) -> torch.Tensor:  # fmt: skip
+    def preview(
+        self,
+        model,
+        num_images: int,
+        seed: int,
+        shape,
+        labels,
+        device,
+        data=None,
+        decode=None,
+        callback=None,
+        progress: bool = False,
+        null_cond=None,
+    ) -> torch.Tensor:
         """Reconstructions of the first `num_images` images of `data`, uint8 (N, C, H, W): what the grid shows
         (under the originals) and what the FID measures (rFID)."""
         from modules.data import to_model_range, to_uint8
@@ -433,8 +445,9 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
         raise UserError(f"'{name_or_path}' is a {class_name}, not an autoencoder ({' or '.join(AUTOENCODER_CLASSES)})")
     cls = AutoencoderKL if class_name == "AutoencoderKL" else KLVAE
     try:
-        model = cls.from_pretrained(location, subfolder=subfolder, revision=revision, use_safetensors=True,
-                                    torch_dtype=dtype)  # fmt: skip
+        model = cls.from_pretrained(
+            location, subfolder=subfolder, revision=revision, use_safetensors=True, torch_dtype=dtype
+        )
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"VAE '{name_or_path}': could not load its safetensors weights ({reason})") from None

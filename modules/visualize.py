@@ -37,8 +37,18 @@ def save_image_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | No
 
 # Small images are enlarged (nearest neighbour) to at least this many pixels, so labels fit and pixels show.
 MIN_CELL_PX, MIN_GIF_CELL_PX = 48, 96
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 class DenoisingRecorder:
@@ -227,8 +237,13 @@ def trajectory_pca_plot(recorder: DenoisingRecorder, size: int = 512) -> torch.T
     return _from_pil(image, 3)
 
 
-def save_gif(recorder: DenoisingRecorder, path: str | Path, which: str = "x0_pred", nrow: int | None = None,
-             duration_ms: int = 120):  # fmt: skip
+def save_gif(
+    recorder: DenoisingRecorder,
+    path: str | Path,
+    which: str = "x0_pred",
+    nrow: int | None = None,
+    duration_ms: int = 120,
+):
     """Write the samples' grid over the steps as a looping GIF, labelled with t, atomically like `save_image`.
 
     `which="x0_pred"`: one frame per step. `which="x_t"`: one per step, then the output (t=0). The last frame is held
@@ -248,8 +263,10 @@ def save_gif(recorder: DenoisingRecorder, path: str | Path, which: str = "x0_pre
         grid = image_grid(_enlarge(to_uint8(x), MIN_GIF_CELL_PX), nrow)
         images.append(Image.fromarray(_to_hwc(_add_labels(grid, [f"{which}  t={t:.2f}"], [grid.shape[-1] / 2]))))
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, 1000)]
-    write_atomically(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=durations, loop=0))  # fmt: skip
+    write_atomically(
+        path,
+        lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0),
+    )
 
 
 def write_denoising_figures(recorder: DenoisingRecorder, out_dir: str | Path, prefix: str) -> dict[str, Path]:

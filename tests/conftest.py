@@ -85,8 +85,17 @@ def accelerate_launch(name: str, *args, config_file=None, launch_args=(), **kwar
     elif launch_args:
         launch += list(map(str, launch_args))
     else:
-        launch += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no"]  # fmt: skip
+        launch += [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     return run([*launch, str(ROOT / name), *map(str, args)], **kwargs)
 
 
@@ -137,7 +146,10 @@ def captioned(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("captioned")
     images, labels = load_fashion_mnist("test")
-    rows = {"image": [Image.fromarray(images[i].numpy()) for i in range(24)], "label": labels[:24].tolist(),
-            "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:24]]}  # fmt: skip
+    rows = {
+        "image": [Image.fromarray(images[i].numpy()) for i in range(24)],
+        "label": labels[:24].tolist(),
+        "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:24]],
+    }
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(root / "train.parquet"))
     return root

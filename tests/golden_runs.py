@@ -32,30 +32,110 @@ PINNED_ENV = {
     "PYTHONHASHSEED": "0",
 }
 
-TINY = ["--max_train_samples", 64, "--train_batch_size", 8, "--max_train_steps", 4, "--logging_steps", 1,
-        "--lr_warmup_steps", 2, "--fid_num_samples", 0, "--validation_steps", 0, "--num_sample_images", 0,
-        "--checkpointing_steps", 0]  # fmt: skip
+TINY = [
+    "--max_train_samples",
+    64,
+    "--train_batch_size",
+    8,
+    "--max_train_steps",
+    4,
+    "--logging_steps",
+    1,
+    "--lr_warmup_steps",
+    2,
+    "--fid_num_samples",
+    0,
+    "--validation_steps",
+    0,
+    "--num_sample_images",
+    0,
+    "--checkpointing_steps",
+    0,
+]
 SAMPLES = ["--num_inference_steps", 2]
 TEXT_CAPTIONS = 24
 
 JOBS = {
     # Class-conditional flow UNet with OT coupling, and every source of training randomness; validation and grids
     # run between steps, so a duty that draws from the global RNG would change the weights.
-    "flow_unet_ot": ["train_cfm.py", *TINY, *SAMPLES, "--base_channels", 8, "--ot_coupling", "--dropout", 0.1,
-                     "--random_flip", "--cond_drop_prob", 0.3, "--validation_steps", 2, "--validation_samples", 8,
-                     "--sample_steps", 2, "--num_sample_images", 4],  # fmt: skip
-    "ddpm_dit_v": ["train_ddpm.py", *TINY, *SAMPLES, "--model", "dit_tiny", "--patch_size", 4, "--prediction_type",
-                   "v_prediction", "--snr_gamma", 5],  # fmt: skip
+    "flow_unet_ot": [
+        "train_cfm.py",
+        *TINY,
+        *SAMPLES,
+        "--base_channels",
+        8,
+        "--ot_coupling",
+        "--dropout",
+        0.1,
+        "--random_flip",
+        "--cond_drop_prob",
+        0.3,
+        "--validation_steps",
+        2,
+        "--validation_samples",
+        8,
+        "--sample_steps",
+        2,
+        "--num_sample_images",
+        4,
+    ],
+    "ddpm_dit_v": [
+        "train_ddpm.py",
+        *TINY,
+        *SAMPLES,
+        "--model",
+        "dit_tiny",
+        "--patch_size",
+        4,
+        "--prediction_type",
+        "v_prediction",
+        "--snr_gamma",
+        5,
+    ],
     "vae": ["train_vae.py", *TINY, "--vae_base_channels", 8],
-    "text_minilm_cross_attn": ["train_cfm.py", *TINY, "--dataset_name", "{captioned}", "--max_train_samples",
-                               TEXT_CAPTIONS, "--text_encoder", "minilm", "--text_conditioning", "cross_attn",
-                               "--class_conditional", "false", "--base_channels", 8],  # fmt: skip
-    "latent_dit": ["train_cfm.py", *TINY, "--latent_dataset", "{latents}", "--model", "dit_tiny", "--patch_size", 2,
-                   "--max_train_samples", 32],  # fmt: skip
+    "text_minilm_cross_attn": [
+        "train_cfm.py",
+        *TINY,
+        "--dataset_name",
+        "{captioned}",
+        "--max_train_samples",
+        TEXT_CAPTIONS,
+        "--text_encoder",
+        "minilm",
+        "--text_conditioning",
+        "cross_attn",
+        "--class_conditional",
+        "false",
+        "--base_channels",
+        8,
+    ],
+    "latent_dit": [
+        "train_cfm.py",
+        *TINY,
+        "--latent_dataset",
+        "{latents}",
+        "--model",
+        "dit_tiny",
+        "--patch_size",
+        2,
+        "--max_train_samples",
+        32,
+    ],
     "ddp_two_processes": ["train_cfm.py", *TINY, "--base_channels", 8, "--ot_coupling", "--dropout", 0.1],
 }
-LAUNCH_TWO = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+LAUNCH_TWO = [
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def captioned_dataset(root: Path) -> Path:
@@ -66,9 +146,11 @@ def captioned_dataset(root: Path) -> Path:
     from modules.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
-    rows = {"image": [Image.fromarray(images[i].numpy()) for i in range(TEXT_CAPTIONS)],
-            "label": labels[:TEXT_CAPTIONS].tolist(),
-            "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:TEXT_CAPTIONS]]}  # fmt: skip
+    rows = {
+        "image": [Image.fromarray(images[i].numpy()) for i in range(TEXT_CAPTIONS)],
+        "label": labels[:TEXT_CAPTIONS].tolist(),
+        "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:TEXT_CAPTIONS]],
+    }
     folder = root / "captioned"
     folder.mkdir()
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
@@ -87,8 +169,22 @@ def latent_dataset(root: Path) -> Path:
         root / "vae"
     )
     out = root / "latents"
-    encode_latents.main(["--vae", str(root / "vae"), "--output_dir", str(out), "--dataset_name", "fashion_mnist",
-                         "--max_train_samples", "32", "--resolution", "32", "--shard_size", "16"])  # fmt: skip
+    encode_latents.main(
+        [
+            "--vae",
+            str(root / "vae"),
+            "--output_dir",
+            str(out),
+            "--dataset_name",
+            "fashion_mnist",
+            "--max_train_samples",
+            "32",
+            "--resolution",
+            "32",
+            "--shard_size",
+            "16",
+        ]
+    )
     return out
 
 
@@ -116,8 +212,9 @@ def run_job(name: str, workdir: Path) -> dict[str, str]:
     script, args = argv[0], [*argv[1:], "--output_dir", str(out)]
     if name == "ddp_two_processes":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run([sys.executable, *LAUNCH_TWO, str(ROOT / script), *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, *LAUNCH_TWO, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
         if proc.returncode:
             raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     else:
@@ -130,10 +227,18 @@ def run_job(name: str, workdir: Path) -> dict[str, str]:
 def run_in_fresh_process(name: str, workdir: Path, timeout: float = 600) -> dict[str, str]:
     """`run_job` in a new interpreter with PINNED_ENV; returns its hashes."""
     env = {**os.environ, **PINNED_ENV}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), name, str(workdir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), name, str(workdir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode:
-        raise RuntimeError(f"golden job {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(
+            f"golden job {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -79,8 +79,10 @@ class FakeHub:
                     ok = isinstance(meta, dict)
                     return self._reply(200 if ok else 400, {"errors": [] if ok else ["no metadata"], "warnings": []})
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path):
-                    files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                             for f in json.loads(body)["files"]]  # fmt: skip
+                    files = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                        for f in json.loads(body)["files"]
+                    ]
                     return self._reply(200, {"files": files})
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path):
                     repo = m.group(1)
@@ -98,8 +100,9 @@ class FakeHub:
                         summary = next(line["value"]["summary"] for line in lines if line["key"] == "header")
                         hub.commits.append(dict(repo=repo, summary=summary, files=sorted(files)))
                     sha = hub.sha(repo)
-                    return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha,
-                                             "pullRequestUrl": None})  # fmt: skip
+                    return self._reply(
+                        200, {"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+                    )
                 return self._reply(404, {"error": f"no route {path}"})
 
             def do_HEAD(self):
@@ -115,8 +118,10 @@ class FakeHub:
                     return self._reply(200, {"id": repo, "modelId": repo, "sha": hub.sha(repo), "siblings": siblings})
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
                     repo = m.group(1)
-                    tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                            for name, data in sorted(hub.repos.get(repo, {}).items())]  # fmt: skip
+                    tree = [
+                        {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in sorted(hub.repos.get(repo, {}).items())
+                    ]
                     return self._reply(200, tree)
                 if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     repo, name = m.group(1), m.group(3)

@@ -99,10 +99,36 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
     """The same dataset with the right column names gets past every check and trains (a control for the above),
     through to the end-of-run FID against its own images."""
     run = tmp_path / "ok"
-    train_cfm.main(["--dataset_name", str(parquet_dataset), "--image_column", "img", "--label_column", "category",
-                    "--resolution", "16", "--output_dir", str(run), "--max_train_steps", "1", "--train_batch_size",
-                    "2", "--base_channels", "8", "--num_sample_images", "3", "--num_inference_steps", "1",
-                    "--fid_num_samples", "4", "--fid_reference_samples", "6", "--lr_warmup_steps", "0"])  # fmt: skip
+    train_cfm.main(
+        [
+            "--dataset_name",
+            str(parquet_dataset),
+            "--image_column",
+            "img",
+            "--label_column",
+            "category",
+            "--resolution",
+            "16",
+            "--output_dir",
+            str(run),
+            "--max_train_steps",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--base_channels",
+            "8",
+            "--num_sample_images",
+            "3",
+            "--num_inference_steps",
+            "1",
+            "--fid_num_samples",
+            "4",
+            "--fid_reference_samples",
+            "6",
+            "--lr_warmup_steps",
+            "0",
+        ]
+    )
     assert (run / "diffusion_pytorch_model.safetensors").is_file()
     fid = json.loads((run / "fid.json").read_text())
     assert fid["num_samples"] == 4 and fid["reference_samples"] == 6 and fid["fid"] > 0
@@ -206,24 +232,55 @@ def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):
 def test_unreadable_fid_weights_file(capsys, out, tmp_path):
     weights = tmp_path / "inception.pth"
     weights.write_text("not weights")
-    _fails(capsys, [*TINY, "--output_dir", str(out), "--fid_num_samples", "4", "--fid_weights", str(weights)],
-           "--fid_weights", "inception.pth': not a readable tensor file")  # fmt: skip
+    _fails(
+        capsys,
+        [*TINY, "--output_dir", str(out), "--fid_num_samples", "4", "--fid_weights", str(weights)],
+        "--fid_weights",
+        "inception.pth': not a readable tensor file",
+    )
 
 
 def test_empty_held_out_split_warns_and_training_goes_on(parquet_dataset, tmp_path):
     """A dataset whose test split is empty: a warning, no validation loss, the run completes."""
     root = tmp_path / "with_empty_test"
     shutil.copytree(parquet_dataset, root)
-    empty = datasets.Dataset.from_dict({"img": [], "category": []}, features=datasets.Features(
-        {"img": datasets.Image(), "category": datasets.Value("int64")}))  # fmt: skip
+    empty = datasets.Dataset.from_dict(
+        {"img": [], "category": []},
+        features=datasets.Features({"img": datasets.Image(), "category": datasets.Value("int64")}),
+    )
     empty.to_parquet(str(root / "test.parquet"))
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"held-out data .*\[test\] is empty: no validation loss"):
-        train_cfm.main(["--dataset_name", str(root), "--image_column", "img", "--label_column", "category",
-                        "--resolution", "16", "--output_dir", str(run), "--max_train_steps", "1",
-                        "--train_batch_size", "2", "--base_channels", "8", "--num_sample_images", "3",
-                        "--num_inference_steps", "1", "--fid_num_samples", "0", "--lr_warmup_steps", "0",
-                        "--validation_steps", "1"])  # fmt: skip
+        train_cfm.main(
+            [
+                "--dataset_name",
+                str(root),
+                "--image_column",
+                "img",
+                "--label_column",
+                "category",
+                "--resolution",
+                "16",
+                "--output_dir",
+                str(run),
+                "--max_train_steps",
+                "1",
+                "--train_batch_size",
+                "2",
+                "--base_channels",
+                "8",
+                "--num_sample_images",
+                "3",
+                "--num_inference_steps",
+                "1",
+                "--fid_num_samples",
+                "0",
+                "--lr_warmup_steps",
+                "0",
+                "--validation_steps",
+                "1",
+            ]
+        )
     assert (run / "diffusion_pytorch_model.safetensors").is_file()
     assert not any("val_loss" in line for line in (run / "metrics.jsonl").read_text().splitlines())
 
@@ -285,8 +342,10 @@ def test_truncated_image_in_a_folder_is_named_with_the_way_out(capsys, out, tmp_
         f"cannot read image {folder / 'b' / 'cut.jpg'}: OSError: image file is truncated",
         "pass --skip_corrupt_images",
     )
-    with pytest.warns(UserWarning, match=re.escape(f"left out 1 of 5 images that cannot be read, the first "
-                                                   f"{folder / 'b' / 'cut.jpg'}")):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=re.escape(f"left out 1 of 5 images that cannot be read, the first {folder / 'b' / 'cut.jpg'}"),
+    ):
         load_train_data(DataArguments(train_data_dir=str(folder), resolution=8, skip_corrupt_images=True))
 
 
@@ -304,11 +363,25 @@ def test_an_image_that_fails_only_when_decoded_stops_training_naming_it(capsys, 
     run = tmp_path / "run"
     _fails(
         capsys,
-        ["--train_data_dir", str(folder), "--output_dir", str(run), "--max_train_steps", "2", "--train_batch_size",
-         "5", "--base_channels", "8", "--num_sample_images", "0", "--fid_num_samples", "0"],
+        [
+            "--train_data_dir",
+            str(folder),
+            "--output_dir",
+            str(run),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "5",
+            "--base_channels",
+            "8",
+            "--num_sample_images",
+            "0",
+            "--fid_num_samples",
+            "0",
+        ],
         f"cannot read image {folder / 'b' / 'cut.png'}",
         "pass --skip_corrupt_images",
-    )  # fmt: skip
+    )
     assert not (run / "checkpoints").exists() and not (run / "config.json").exists()
 
 
@@ -323,8 +396,10 @@ def test_corrupt_image_in_a_dataset_names_row_and_column(capsys, out, corrupt_pa
 
 def test_skip_corrupt_images_leaves_dataset_rows_out(corrupt_parquet, tmp_path):
     args = DataArguments(dataset_name=str(corrupt_parquet), image_column="img", resolution=8, skip_corrupt_images=True)
-    with pytest.warns(UserWarning, match=re.escape(f"left out 1 of 4 images that cannot be read, the first "
-                                                   f"{corrupt_parquet}[train][2].img")):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=re.escape(f"left out 1 of 4 images that cannot be read, the first {corrupt_parquet}[train][2].img"),
+    ):
         data = load_train_data(args)
     assert len(data.dataset) == 3 and list(data.dataset.labels) == [0, 1, 3]
     red = [data.dataset[i]["pixel_values"][0, 0, 0].item() for i in range(3)]
@@ -348,15 +423,36 @@ def test_skip_corrupt_images_trains_on_a_folder_of_mixed_and_small_images(tmp_pa
     _truncated_jpeg(folder / "b" / "cut.jpg")
     run = tmp_path / "run"
     with pytest.warns(UserWarning) as record:
-        train_cfm.main(["--train_data_dir", str(folder), "--skip_corrupt_images", "--resolution", "8",
-                        "--output_dir", str(run), "--max_train_steps", "1", "--train_batch_size", "2",
-                        "--base_channels", "8", "--num_sample_images", "0", "--fid_num_samples", "0",
-                        "--lr_warmup_steps", "0"])  # fmt: skip
+        train_cfm.main(
+            [
+                "--train_data_dir",
+                str(folder),
+                "--skip_corrupt_images",
+                "--resolution",
+                "8",
+                "--output_dir",
+                str(run),
+                "--max_train_steps",
+                "1",
+                "--train_batch_size",
+                "2",
+                "--base_channels",
+                "8",
+                "--num_sample_images",
+                "0",
+                "--fid_num_samples",
+                "0",
+                "--lr_warmup_steps",
+                "0",
+            ]
+        )
     messages = [str(w.message) for w in record]
     assert f"left out 1 of 5 images that cannot be read, the first {folder / 'b' / 'cut.jpg'}" in " ".join(messages)
     small = [m for m in messages if "smaller than --resolution" in m]
-    assert small == [f"1 of 4 images are smaller than --resolution 8 (the first, {folder / 'b' / 'deep.tif'}, is "
-                     "6x6): they are upscaled"]  # fmt: skip
+    assert small == [
+        f"1 of 4 images are smaller than --resolution 8 (the first, {folder / 'b' / 'deep.tif'}, is "
+        "6x6): they are upscaled"
+    ]
     assert (run / "diffusion_pytorch_model.safetensors").is_file()
     assert "4 images" in capsys.readouterr().out
 
@@ -394,8 +490,13 @@ def test_mixed_modes_convert_like_pil(tmp_path):
     assert modes["P.png"] == "P" and modes["CMYK.jpg"] == "CMYK" and modes["I16.png"] == modes["I16.tif"] == "I;16"
     data = load_train_data(DataArguments(train_data_dir=str(folder), resolution=8))
     assert data.num_channels == 3  # not all grey
-    got = dict(zip([Path(data.dataset.names(i)).name for i in range(len(cases))],
-                   data.dataset.uint8_images(len(cases)), strict=True))  # fmt: skip
+    got = dict(
+        zip(
+            [Path(data.dataset.names(i)).name for i in range(len(cases))],
+            data.dataset.uint8_images(len(cases)),
+            strict=True,
+        )
+    )
     for file, (_, expected) in cases.items():
         want = np.asarray(expected(Image.open(folder / file))).transpose(2, 0, 1)  # (C, H, W)
         assert np.array_equal(got[file].numpy(), want), file
@@ -418,8 +519,9 @@ def test_small_images_are_upscaled_with_one_warning(tmp_path):
     with pytest.warns(UserWarning) as record:
         data = load_train_data(DataArguments(train_data_dir=str(folder), resolution=16))
     small = [str(w.message) for w in record if "smaller than" in str(w.message)]
-    assert small == [f"3 of 4 images are smaller than --resolution 16 (the first, {folder / '0.png'}, is 6x8): they "
-                     "are upscaled"]  # fmt: skip
+    assert small == [
+        f"3 of 4 images are smaller than --resolution 16 (the first, {folder / '0.png'}, is 6x8): they are upscaled"
+    ]
     assert data.dataset[0]["pixel_values"].shape == (1, 16, 16)
 
 
@@ -443,8 +545,11 @@ def captions_parquet(tmp_path_factory):
 
 def test_misnamed_caption_column_suggests_the_close_one(capsys, out, captions_parquet):
     argv = ["--dataset_name", str(captions_parquet), "--image_column", "img", "--class_conditional", "false"]
-    _fails(capsys, [*argv, "--caption_column", "captions", "--output_dir", str(out)],
-           "no caption column 'captions' (columns: img, caption); did you mean 'caption'?")  # fmt: skip
+    _fails(
+        capsys,
+        [*argv, "--caption_column", "captions", "--output_dir", str(out)],
+        "no caption column 'captions' (columns: img, caption); did you mean 'caption'?",
+    )
 
 
 def test_no_caption_column_for_a_text_model(capsys, out, captions_parquet):
@@ -454,8 +559,12 @@ def test_no_caption_column_for_a_text_model(capsys, out, captions_parquet):
 
 
 def test_empty_captions_are_counted_in_one_warning(captions_parquet):
-    with pytest.warns(UserWarning, match=re.escape(f"caption column 'caption': 2 of 4 captions are empty (the first: "
-                                                   f"{captions_parquet}[train][1].caption)")):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=re.escape(
+            f"caption column 'caption': 2 of 4 captions are empty (the first: {captions_parquet}[train][1].caption)"
+        ),
+    ):
         data = load_train_data(DataArguments(dataset_name=str(captions_parquet), image_column="img", resolution=8))
     assert list(data.captions) == ["a cat", "", "a dog", " "]
 
@@ -468,10 +577,15 @@ def test_caption_that_is_not_a_string_is_named(capsys, out, tmp_path):
         Image.new("RGB", (8, 8)).save(folder / row["file_name"])
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     argv = ["--train_data_dir", str(folder), "--class_conditional", "false", "--resolution", "8"]
-    _fails(capsys, [*argv, "--output_dir", str(out)],
-           f"caption column 'caption': {folder / 'metadata.jsonl'} (1.png) holds None (NoneType), not a string",
-           "--caption_column none")  # fmt: skip
+    _fails(
+        capsys,
+        [*argv, "--output_dir", str(out)],
+        f"caption column 'caption': {folder / 'metadata.jsonl'} (1.png) holds None (NoneType), not a string",
+        "--caption_column none",
+    )
     listed = _parquet(tmp_path / "listed", img=[_png_bytes(Image.new("L", (8, 8)))] * 2, text=[["a", "b"], ["c"]])
-    with pytest.raises(UserError, match=re.escape(f"caption column 'text': {listed}[train][0].text holds "
-                                                  "['a', 'b'] (list), not a string")):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=re.escape(f"caption column 'text': {listed}[train][0].text holds ['a', 'b'] (list), not a string"),
+    ):
         load_train_data(DataArguments(dataset_name=str(listed), image_column="img", resolution=8))

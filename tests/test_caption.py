@@ -32,8 +32,14 @@ def tiny_tokenizer(pad: str, eos: str, bos: str):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, eos_token=eos, bos_token=bos,
-                                   unk_token="<unk>", additional_special_tokens=["<image>"])  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +52,39 @@ def tiny_blip2(tmp_path_factory):
     tokenizer = tiny_tokenizer("<pad>", "</s>", "<s>")
     ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     config = Blip2Config(
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=4, initializer_range=1.0),
-        qformer_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                            intermediate_size=37, encoder_hidden_size=32),
-        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=4, ffn_dim=32, word_embed_proj_dim=16, max_position_embeddings=64,
-                         init_std=1.0, **ids),
-        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), initializer_range=1.0,
-    )  # fmt: skip
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            initializer_range=1.0,
+        ),
+        qformer_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=37,
+            encoder_hidden_size=32,
+        ),
+        text_config=dict(
+            model_type="opt",
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            ffn_dim=32,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+            init_std=1.0,
+            **ids,
+        ),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=1.0,
+    )
     torch.manual_seed(0)
     Blip2ForConditionalGeneration(config).save_pretrained(path)
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
@@ -81,13 +111,35 @@ def tiny_paligemma(tmp_path_factory):
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     vocab_size = len(processor.tokenizer)  # with the location and segmentation tokens it adds
     config = PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", image_size=32, patch_size=8, hidden_size=32,
-                           intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, vision_use_head=False),
-        text_config=dict(model_type="gemma2", vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2),
-        image_token_index=processor.image_token_id, projection_dim=16, hidden_size=16, vocab_size=vocab_size,
-    )  # fmt: skip
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="gemma2",
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        image_token_index=processor.image_token_id,
+        projection_dim=16,
+        hidden_size=16,
+        vocab_size=vocab_size,
+    )
     torch.manual_seed(0)
     model = PaliGemmaForConditionalGeneration(config)
     with torch.no_grad():
@@ -204,15 +256,29 @@ def test_resume_skips_finished_shards_and_equals_an_uninterrupted_run(blip2_fash
     assert sorted(p.name for p in (out / "data").iterdir()) == [first.name, last.name]
     assert table(out) == table(blip2_fashion)
     # Other arguments are refused by name, before anything is touched.
-    fails(capsys, ["--captioner", "blip2", "--captioner_id", tiny_blip2, "--output_dir", out, *FASHION,
-                   "--max_new_tokens", 5], "other arguments", "max_new_tokens")  # fmt: skip
+    fails(
+        capsys,
+        ["--captioner", "blip2", "--captioner_id", tiny_blip2, "--output_dir", out, *FASHION, "--max_new_tokens", 5],
+        "other arguments",
+        "max_new_tokens",
+    )
     assert (out / "captions.json").is_file()
 
 
 def test_templates_name_the_class_and_vary_by_seed(tmp_path, capsys):
     assert class_phrase("T-shirt/top") == "t-shirt or top" and class_phrase("ankle boot") == "ankle boot"
-    argv = ["--captioner", "template", "--dataset_name", "fashion_mnist", "--max_train_samples", 40,
-            "--template", "a photo of a {label}", "--template", "a {label}|{label}, studio shot"]  # fmt: skip
+    argv = [
+        "--captioner",
+        "template",
+        "--dataset_name",
+        "fashion_mnist",
+        "--max_train_samples",
+        40,
+        "--template",
+        "a photo of a {label}",
+        "--template",
+        "a {label}|{label}, studio shot",
+    ]
     run(*argv, "--output_dir", tmp_path / "a")
     rows = table(tmp_path / "a")
     variants = ["a photo of a {label}", "a {label}", "{label}, studio shot"]
@@ -229,8 +295,12 @@ def test_templates_name_the_class_and_vary_by_seed(tmp_path, capsys):
 
     out = tmp_path / "bad"
     fails(capsys, [*argv, "--label_column", "none", "--output_dir", out], "no labels")
-    fails(capsys, ["--captioner", "template", "--template", "a {labels}", "--output_dir", out],
-          "unknown placeholder {labels}", "'a {labels}'")  # fmt: skip
+    fails(
+        capsys,
+        ["--captioner", "template", "--template", "a {labels}", "--output_dir", out],
+        "unknown placeholder {labels}",
+        "'a {labels}'",
+    )
     fails(capsys, ["--captioner", "template", "--template", "a {} thing", "--output_dir", out], "placeholder {}")
     fails(capsys, ["--captioner", "template", "--template", "a {label", "--output_dir", out], "'a {label'")
     fails(capsys, ["--captioner", "template", "--output_dir", out], "needs --template")
@@ -282,8 +352,21 @@ def test_folders_and_datasets_keep_their_columns(tiny_blip2, tmp_path, capsys):
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     out = tmp_path / "folder_out"
     # Offline, the push fails with a warning; the dataset is complete anyway and the token is nowhere.
-    run("--captioner", tiny_blip2, "--train_data_dir", folder, "--output_dir", out, "--shard_size", 2,
-        "--push_to_hub", "--hub_dataset_id", "someone/captions", "--hub_token", "hf_secret123")  # fmt: skip
+    run(
+        "--captioner",
+        tiny_blip2,
+        "--train_data_dir",
+        folder,
+        "--output_dir",
+        out,
+        "--shard_size",
+        2,
+        "--push_to_hub",
+        "--hub_dataset_id",
+        "someone/captions",
+        "--hub_token",
+        "hf_secret123",
+    )
     err = capsys.readouterr().err
     assert "warning: could not push to the Hub" in err and "hf upload someone/captions" in err
     assert not any("hf_secret123" in p.read_text() for p in out.iterdir() if p.is_file()) and "hf_secret123" not in err
@@ -298,14 +381,37 @@ def test_folders_and_datasets_keep_their_columns(tiny_blip2, tmp_path, capsys):
     # A `datasets` dataset keeps every column as it is; a template reads its ClassLabel names.
     hub = tmp_path / "hub"
     hub.mkdir()
-    features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string"),
-                                  "kind": datasets.ClassLabel(names=["Ankle_Boot", "Bag"])})  # fmt: skip
-    ds = datasets.Dataset.from_dict({"img": [Image.new("L", (8, 8), 30 * i) for i in range(4)],
-                                     "text": list("abcd"), "kind": [0, 1, 1, 0]}, features=features)  # fmt: skip
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "text": datasets.Value("string"),
+            "kind": datasets.ClassLabel(names=["Ankle_Boot", "Bag"]),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"img": [Image.new("L", (8, 8), 30 * i) for i in range(4)], "text": list("abcd"), "kind": [0, 1, 1, 0]},
+        features=features,
+    )
     ds.to_parquet(str(hub / "train.parquet"))
     out = tmp_path / "hub_out"
-    run("--captioner", "template", "--template", "{label}", "--dataset_name", hub, "--image_column", "img",
-        "--label_column", "kind", "--max_train_samples", 3, "--shard_size", 2, "--output_dir", out)  # fmt: skip
+    run(
+        "--captioner",
+        "template",
+        "--template",
+        "{label}",
+        "--dataset_name",
+        hub,
+        "--image_column",
+        "img",
+        "--label_column",
+        "kind",
+        "--max_train_samples",
+        3,
+        "--shard_size",
+        2,
+        "--output_dir",
+        out,
+    )
     got = datasets.load_dataset(str(out), split="train")
     assert got.column_names == ["img", "text", "kind", "caption"] and got.features["kind"] == features["kind"]
     assert got["caption"] == ["ankle boot", "bag", "bag"] and got["text"] == list("abc")
@@ -316,11 +422,19 @@ def test_folders_and_datasets_keep_their_columns(tiny_blip2, tmp_path, capsys):
     (tmp_path / "ints").mkdir()
     shutil.move(tmp_path / "ints.parquet", tmp_path / "ints" / "train.parquet")
     bad = tmp_path / "bad"
-    fails(capsys, ["--captioner", tiny_blip2, "--dataset_name", tmp_path / "ints", "--output_dir", bad],
-          "column 'image' holds", "not images")  # fmt: skip
+    fails(
+        capsys,
+        ["--captioner", tiny_blip2, "--dataset_name", tmp_path / "ints", "--output_dir", bad],
+        "column 'image' holds",
+        "not images",
+    )
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("metadata.jsonl"))
     (broken / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    fails(capsys, ["--captioner", tiny_blip2, "--train_data_dir", broken, "--output_dir", bad], "cannot read image",
-          str(broken / "3.png"))  # fmt: skip
+    fails(
+        capsys,
+        ["--captioner", tiny_blip2, "--train_data_dir", broken, "--output_dir", bad],
+        "cannot read image",
+        str(broken / "3.png"),
+    )
     assert not bad.exists()

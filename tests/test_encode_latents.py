@@ -29,9 +29,17 @@ def tiny_vae(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vae") / "tiny"
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=8, sample_size=32).save_pretrained(path)  # fmt: skip
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(path)
     return path
 
 
@@ -182,8 +190,12 @@ def test_bad_input_is_refused_before_writing(tiny_vae, tmp_path, capsys):
     folder = _folder(tmp_path / "images")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     out = tmp_path / "out"
-    fails(capsys, ["--vae", tiny_vae, "--train_data_dir", folder, "--output_dir", out], "cannot read image",
-          str(folder / "broken.png"))  # fmt: skip
+    fails(
+        capsys,
+        ["--vae", tiny_vae, "--train_data_dir", folder, "--output_dir", out],
+        "cannot read image",
+        str(folder / "broken.png"),
+    )
     assert not out.exists()
     fails(capsys, ["--vae", tiny_vae, "--output_dir", out, "--batch_size", 0], "--batch_size must be positive")
     fails(
@@ -221,8 +233,21 @@ def test_captions_pass_through(tiny_vae, tmp_path, capsys):
         load_train_data(DataArguments(train_data_dir=str(folder), caption_column="alt_text"))
     out = tmp_path / "out"
     # Offline, the push fails with a warning; the dataset is complete anyway and the token is nowhere.
-    encode("--vae", tiny_vae, "--train_data_dir", folder, "--output_dir", out, "--shard_size", 4, "--push_to_hub",
-           "--hub_dataset_id", "someone/latents", "--hub_token", "hf_secret123")  # fmt: skip
+    encode(
+        "--vae",
+        tiny_vae,
+        "--train_data_dir",
+        folder,
+        "--output_dir",
+        out,
+        "--shard_size",
+        4,
+        "--push_to_hub",
+        "--hub_dataset_id",
+        "someone/latents",
+        "--hub_token",
+        "hf_secret123",
+    )
     err = capsys.readouterr().err
     assert "warning: could not push to the Hub" in err and "hf upload someone/latents" in err
     meta = json.loads((out / "latents.json").read_text())
@@ -253,8 +278,10 @@ def test_random_flip_stores_flipped_latents_that_sample_latents_uses(encoded, ti
     no_noise = {k: torch.zeros_like(v) if k.endswith("std") else v for k, v in batch.items()}
     z = sample_latents(no_noise, torch.Generator().manual_seed(0), data, flip=True)
     assert torch.equal(z, sample_latents(no_noise, torch.Generator().manual_seed(0), data, flip=True))
-    normalised = {k: (batch[k] - data.channel_mean[:, None, None]) / data.channel_std[:, None, None]
-                  for k in ("latent_mean", "flip_mean")}  # fmt: skip
+    normalised = {
+        k: (batch[k] - data.channel_mean[:, None, None]) / data.channel_std[:, None, None]
+        for k in ("latent_mean", "flip_mean")
+    }
     took = [torch.allclose(z[i], normalised["flip_mean"][i], atol=1e-5) for i in range(16)]
     kept = [torch.allclose(z[i], normalised["latent_mean"][i], atol=1e-5) for i in range(16)]
     assert all(a != b for a, b in zip(took, kept, strict=True)) and 0 < sum(took) < 16
@@ -272,12 +299,28 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_pat
 
     from conftest import ROOT
 
-    args = ["--vae", tiny_vae, "--dataset_name", "fashion_mnist", "--max_train_samples", 800, "--resolution", 32,
-            "--shard_size", 40, "--batch_size", 1]  # fmt: skip
+    args = [
+        "--vae",
+        tiny_vae,
+        "--dataset_name",
+        "fashion_mnist",
+        "--max_train_samples",
+        800,
+        "--resolution",
+        32,
+        "--shard_size",
+        40,
+        "--batch_size",
+        1,
+    ]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "encode_latents.py"), *map(str, args), "--output_dir",
-                             str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "encode_latents.py"), *map(str, args), "--output_dir", str(killed)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while len(list(killed.glob("data/train-*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -303,8 +346,22 @@ def test_text_embeddings_are_stored_and_training_never_loads_the_encoder(
     from modules.text import TextConditioner, load_text_encoder
 
     out = tmp_path / "latents"
-    encode("--vae", tiny_vae, "--dataset_name", captioned, "--resolution", 32, "--shard_size", 8, "--output_dir", out,
-           "--text_encoder", clip_text_folder, "--max_text_length", 6)  # fmt: skip
+    encode(
+        "--vae",
+        tiny_vae,
+        "--dataset_name",
+        captioned,
+        "--resolution",
+        32,
+        "--shard_size",
+        8,
+        "--output_dir",
+        out,
+        "--text_encoder",
+        clip_text_folder,
+        "--max_text_length",
+        6,
+    )
     meta = json.loads((out / "latents.json").read_text())
     assert meta["columns"] == ["mean", "std", "label", "caption", "text_tokens", "text_pooled"]
     assert meta["text_encoder"]["source"] == str(clip_text_folder) and meta["text_encoder"]["max_length"] == 6
@@ -330,11 +387,38 @@ def test_text_embeddings_are_stored_and_training_never_loads_the_encoder(
     monkeypatch.setattr(text_module, "load_text_encoder", refuse)
     monkeypatch.setattr(text_module, "text_encoder_from_record", refuse)
     run = tmp_path / "run"
-    train_cfm.main(["--latent_dataset", str(out), "--text_encoder", str(clip_text_folder), "--class_conditional",
-                    "false", "--model", "dit_tiny", "--patch_size", "4", "--output_dir", str(run),
-                    "--max_train_steps", "2", "--train_batch_size", "4", "--num_sample_images", "2",
-                    "--num_inference_steps", "1", "--lr_warmup_steps", "0", "--fid_num_samples", "0",
-                    "--cond_drop_prob", "0.5", "--checkpointing_steps", "0"])  # fmt: skip
+    train_cfm.main(
+        [
+            "--latent_dataset",
+            str(out),
+            "--text_encoder",
+            str(clip_text_folder),
+            "--class_conditional",
+            "false",
+            "--model",
+            "dit_tiny",
+            "--patch_size",
+            "4",
+            "--output_dir",
+            str(run),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "4",
+            "--num_sample_images",
+            "2",
+            "--num_inference_steps",
+            "1",
+            "--lr_warmup_steps",
+            "0",
+            "--fid_num_samples",
+            "0",
+            "--cond_drop_prob",
+            "0.5",
+            "--checkpointing_steps",
+            "0",
+        ]
+    )
     assert "the text encoder is not loaded" in capsys.readouterr().out
     record = json.loads((run / "objective.json").read_text())
     assert record["text_encoder"] == meta["text_encoder"]  # sample.py encodes prompts with the same encoder
@@ -342,18 +426,48 @@ def test_text_embeddings_are_stored_and_training_never_loads_the_encoder(
     # Another encoder than the stored one: it runs, with a warning.
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="stores text embeddings of .*, not of --text_encoder 'minilm'"):
-        train_cfm.main(["--latent_dataset", str(out), "--text_encoder", "minilm", "--class_conditional", "false",
-                        "--model", "dit_tiny", "--patch_size", "4", "--output_dir", str(tmp_path / "minilm"),
-                        "--max_train_steps", "1", "--train_batch_size", "4", "--num_sample_images", "0",
-                        "--fid_num_samples", "0", "--checkpointing_steps", "0", "--lr_warmup_steps", "0"])  # fmt: skip
+        train_cfm.main(
+            [
+                "--latent_dataset",
+                str(out),
+                "--text_encoder",
+                "minilm",
+                "--class_conditional",
+                "false",
+                "--model",
+                "dit_tiny",
+                "--patch_size",
+                "4",
+                "--output_dir",
+                str(tmp_path / "minilm"),
+                "--max_train_steps",
+                "1",
+                "--train_batch_size",
+                "4",
+                "--num_sample_images",
+                "0",
+                "--fid_num_samples",
+                "0",
+                "--checkpointing_steps",
+                "0",
+                "--lr_warmup_steps",
+                "0",
+            ]
+        )
 
 
 def test_text_embeddings_bad_input(tiny_vae, captioned, tmp_path, capsys):
     out = tmp_path / "out"
-    fails(capsys, ["--vae", tiny_vae, "--output_dir", out, *FASHION, "--text_encoder", "minilm"],
-          "--text_encoder needs captions")  # fmt: skip
-    fails(capsys, ["--vae", tiny_vae, "--output_dir", out, "--dataset_name", captioned, "--text_encoder", "own"],
-          "own text encoder trains with the denoiser")  # fmt: skip
+    fails(
+        capsys,
+        ["--vae", tiny_vae, "--output_dir", out, *FASHION, "--text_encoder", "minilm"],
+        "--text_encoder needs captions",
+    )
+    fails(
+        capsys,
+        ["--vae", tiny_vae, "--output_dir", out, "--dataset_name", captioned, "--text_encoder", "own"],
+        "own text encoder trains with the denoiser",
+    )
     fails(capsys, ["--vae", tiny_vae, "--output_dir", out, *FASHION, "--max_text_length", 8], "needs --text_encoder")
     assert not out.exists()
 

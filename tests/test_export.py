@@ -96,8 +96,11 @@ def latent_run(tmp_path_factory):
     model = DiTModel(in_channels=2, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3)
     for p in model.parameters():  # DiT starts with a zero output, which would hide wrong weights
         torch.nn.init.normal_(p, std=0.1)
-    latent = {"vae": VAE(vae, str(root / "vae")).config_record(), "channel_mean": [0.1, -0.2],
-              "channel_std": [1.5, 0.5]}  # fmt: skip
+    latent = {
+        "vae": VAE(vae, str(root / "vae")).config_record(),
+        "channel_mean": [0.1, -0.2],
+        "channel_std": [1.5, 0.5],
+    }
     objective = FlowObjective(FlowArguments(sampler="euler_maruyama", num_inference_steps=2, guidance_scale=2.0))
     save_model(model, objective, root / "run", {"latent": latent, "class_names": ["a", "b", "c"]})
     return root / "run"
@@ -111,35 +114,94 @@ def own_text_run(captioned, tmp_path_factory):
 
 
 def train_text_model(captioned, run, encoder, mode):
-    train_cfm.main(["--dataset_name", str(captioned), "--text_encoder", str(encoder), "--text_conditioning", mode,
-                    "--output_dir", str(run), "--max_train_steps", "2", "--train_batch_size", "4",
-                    "--base_channels", "8", "--num_sample_images", "4", "--num_inference_steps", "2",
-                    "--lr_warmup_steps", "0", "--fid_num_samples", "0", "--class_conditional", "false",
-                    "--validation_steps", "0", "--checkpointing_steps", "0"])  # fmt: skip
+    train_cfm.main(
+        [
+            "--dataset_name",
+            str(captioned),
+            "--text_encoder",
+            str(encoder),
+            "--text_conditioning",
+            mode,
+            "--output_dir",
+            str(run),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "4",
+            "--base_channels",
+            "8",
+            "--num_sample_images",
+            "4",
+            "--num_inference_steps",
+            "2",
+            "--lr_warmup_steps",
+            "0",
+            "--fid_num_samples",
+            "0",
+            "--class_conditional",
+            "false",
+            "--validation_steps",
+            "0",
+            "--checkpointing_steps",
+            "0",
+        ]
+    )
 
 
 def test_class_conditional_flow_unet(tiny_cfm_run, tmp_path):
     pipe = export_and_load(tiny_cfm_run, tmp_path / "pipe")
     assert type(pipe).__name__ == "DenoiserPipeline" and type(pipe.unet).__name__ == "UNetModel"
     assert pipe.config.class_names[0] == "T-shirt/top"
-    assert_same_as_sample_py(pipe, tiny_cfm_run, tmp_path, class_labels=[3, 0, 7], num_images=4, seed=1,
-                             sampler="heun", num_inference_steps=2, guidance_scale=2.0, batch_size=3)  # fmt: skip
+    assert_same_as_sample_py(
+        pipe,
+        tiny_cfm_run,
+        tmp_path,
+        class_labels=[3, 0, 7],
+        num_images=4,
+        seed=1,
+        sampler="heun",
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        batch_size=3,
+    )
     assert pipe(class_labels=[1], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
-    for bad, needle in [(dict(prompt="a bag"), "not text-conditional"), (dict(class_labels=[10]), "[0, 10)"),
-                        (dict(sampler="ddim"), "samples with euler, heun, euler_maruyama")]:  # fmt: skip
+    for bad, needle in [
+        (dict(prompt="a bag"), "not text-conditional"),
+        (dict(class_labels=[10]), "[0, 10)"),
+        (dict(sampler="ddim"), "samples with euler, heun, euler_maruyama"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(needle)):
             pipe(**bad)
 
 
 def test_ddpm_each_sampler(tmp_path):
     run = tmp_path / "ddpm"
-    train_ddpm.main(["--output_dir", str(run), "--max_train_steps", "2", "--validation_steps", "0",
-                     "--checkpointing_steps", "0", *TINY])  # fmt: skip
+    train_ddpm.main(
+        [
+            "--output_dir",
+            str(run),
+            "--max_train_steps",
+            "2",
+            "--validation_steps",
+            "0",
+            "--checkpointing_steps",
+            "0",
+            *TINY,
+        ]
+    )
     pipe = export_and_load(run, tmp_path / "pipe")
     assert pipe.config.objective["objective"] == "ddpm"
     for sampler in ("ddpm", "ddim", "dpm_solver"):
-        assert_same_as_sample_py(pipe, run, tmp_path / sampler, class_labels=[2, 5], num_images=2, seed=3,
-                                 sampler=sampler, num_inference_steps=2)  # fmt: skip
+        assert_same_as_sample_py(
+            pipe,
+            run,
+            tmp_path / sampler,
+            class_labels=[2, 5],
+            num_images=2,
+            seed=3,
+            sampler=sampler,
+            num_inference_steps=2,
+        )
 
 
 @pytest.mark.parametrize("vae_class", ["KLVAE", "AutoencoderKL"])
@@ -151,9 +213,16 @@ def test_latent_dit_with_its_vae(latent_run, tmp_path, vae_class):
         from modules.vae import VAE
 
         torch.manual_seed(1)
-        vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 8),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=4, sample_size=16)  # fmt: skip
+        vae = AutoencoderKL(
+            in_channels=1,
+            out_channels=1,
+            latent_channels=2,
+            block_out_channels=(8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=4,
+            sample_size=16,
+        )
         vae.save_pretrained(tmp_path / "vae")
         record = json.loads((latent_run / "objective.json").read_text())
         record["latent"]["vae"] = VAE(vae, str(tmp_path / "vae")).config_record()
@@ -173,8 +242,15 @@ def test_latent_dit_with_its_vae(latent_run, tmp_path, vae_class):
 def test_text_model_with_its_own_encoder(own_text_run, tmp_path):
     pipe = export_and_load(own_text_run, tmp_path / "pipe")
     assert pipe.text_encoder is None and pipe.config.text_encoder_record["kind"] == "own"
-    assert_same_as_sample_py(pipe, own_text_run, tmp_path, prompt=["a photo of a bag", "a sneaker"], num_images=3,
-                             num_inference_steps=2, guidance_scale=3.0)  # fmt: skip
+    assert_same_as_sample_py(
+        pipe,
+        own_text_run,
+        tmp_path,
+        prompt=["a photo of a bag", "a sneaker"],
+        num_images=3,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+    )
 
 
 @pytest.mark.parametrize("kind", ["clip", "minilm"])
@@ -191,8 +267,10 @@ def test_text_model_with_a_frozen_encoder(captioned, clip_text_folder, tmp_path,
 def test_the_export_loads_without_this_repository(latent_run, own_text_run, tmp_path):
     """A process that cannot import `modules` loads two exports (custom code in two components; a tokenizer of
     our own) and generates sample.py's images."""
-    settings = [(latent_run, dict(class_labels=[2, 1], num_images=2, seed=4)),
-                (own_text_run, dict(prompt=["a photo of a coat"], num_images=2, num_inference_steps=2))]  # fmt: skip
+    settings = [
+        (latent_run, dict(class_labels=[2, 1], num_images=2, seed=4)),
+        (own_text_run, dict(prompt=["a photo of a coat"], num_images=2, num_inference_steps=2)),
+    ]
     for i, (run, _) in enumerate(settings):
         sample.main(["--model", str(run), "--export_pipeline", str(tmp_path / f"pipe{i}")])
     code = f"""
@@ -205,8 +283,9 @@ for i, settings in enumerate({[s for _, s in settings]!r}):
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf-modules")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i, (run, s) in enumerate(settings):
         floats, _ = sample_py(run, tmp_path / f"sample_py{i}", **s)
@@ -218,8 +297,9 @@ def test_refusals_leave_nothing_behind(tmp_path, capsys, monkeypatch, latent_run
     from modules.vae import KLVAE, VAEArguments, VAEObjective
 
     vae_run = tmp_path / "vae_run"
-    save_model(KLVAE(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8), VAEObjective(VAEArguments()),
-               vae_run)  # fmt: skip
+    save_model(
+        KLVAE(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8), VAEObjective(VAEArguments()), vae_run
+    )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("")
     for run, out, needle in [

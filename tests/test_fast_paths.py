@@ -12,8 +12,22 @@ STEPS = 3
 
 
 def losses(out, *flags) -> list[float]:
-    train_cfm.main(["--output_dir", str(out), "--max_train_steps", str(STEPS), *map(str, TINY), "--num_sample_images",
-                    "0", "--checkpointing_steps", "0", "--validation_steps", "0", *flags])  # fmt: skip
+    train_cfm.main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            str(STEPS),
+            *map(str, TINY),
+            "--num_sample_images",
+            "0",
+            "--checkpointing_steps",
+            "0",
+            "--validation_steps",
+            "0",
+            *flags,
+        ]
+    )
     records = read_metrics(out)
     return [r["loss"] for r in records if "loss" in r]
 

@@ -22,8 +22,15 @@ REPO = "someone/tiny-fm"
 
 def hub_env(hub_url: str, home) -> dict:
     """The Hub at `hub_url` and nothing else: its own HF_HOME (no saved login, an empty cache), no $HF_TOKEN."""
-    return {"HF_ENDPOINT": hub_url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_HOME": str(home), "HF_TOKEN": "", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    return {
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(home),
+        "HF_TOKEN": "",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +39,26 @@ def pushed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub")
     with FakeHub() as hub:
         out = tmp / "run"
-        proc = script("train_cfm.py", "--output_dir", out, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                      "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN, *TINY, "--fid_num_samples", 2,
-                      "--fid_reference_samples", 2, env=hub_env(hub.url, tmp / "home"))  # fmt: skip
+        proc = script(
+            "train_cfm.py",
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--push_to_hub",
+            "--hub_model_id",
+            REPO,
+            "--hub_token",
+            TOKEN,
+            *TINY,
+            "--fid_num_samples",
+            2,
+            "--fid_reference_samples",
+            2,
+            env=hub_env(hub.url, tmp / "home"),
+        )
         yield out, hub, proc, tmp
 
 
@@ -42,16 +66,27 @@ def test_each_checkpoint_and_the_end_push_the_model_card_and_grid(pushed):
     out, hub, proc, _ = pushed
     assert [c["summary"] for c in hub.commits] == ["Checkpoint at step 2", "Final model at step 4"]
     files = hub.repos[REPO]
-    assert sorted(files) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "objective.json",
-                             "run_config.json", "sample.png"]  # fmt: skip
+    assert sorted(files) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "objective.json",
+        "run_config.json",
+        "sample.png",
+    ]
     assert hub.commits[0]["files"] == sorted(files)
     # The final push holds the EMA weights saved at the end, and the grid of the last step.
     assert files["diffusion_pytorch_model.safetensors"] == (out / "diffusion_pytorch_model.safetensors").read_bytes()
     assert files["sample.png"] == (out / "samples" / "step_0000004.png").read_bytes()
     card = files["README.md"].decode()
     header = card.split("---")[1]
-    for needed in ("library_name: pytorch", "- flow-matching", "- class-conditional", "- unet",
-                   "- zalando-datasets/fashion_mnist"):  # fmt: skip
+    for needed in (
+        "library_name: pytorch",
+        "- flow-matching",
+        "- class-conditional",
+        "- unet",
+        "- zalando-datasets/fashion_mnist",
+    ):
         assert needed in header, needed
     assert f"python sample.py --model {REPO}" in card and "--hub_token '***'" in card
     assert "| steps | 4 |" in card and "| FID |" in card and "| training hours |" in card
@@ -96,16 +131,31 @@ def test_the_pushed_model_samples_from_its_hub_id_like_the_local_run(pushed):
 def test_an_unreachable_hub_does_not_stop_training_and_the_run_pushes_later(tmp_path):
     out = tmp_path / "run"
     dead = f"http://127.0.0.1:{free_port()}"
-    proc = script("train_cfm.py", "--output_dir", out, "--max_train_steps", 2, "--checkpointing_steps", 1,
-                  "--push_to_hub", "--hub_model_id", "someone/later", "--hub_token", TOKEN, *TINY,
-                  env=hub_env(dead, tmp_path / "home"))  # fmt: skip
+    proc = script(
+        "train_cfm.py",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        2,
+        "--checkpointing_steps",
+        1,
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/later",
+        "--hub_token",
+        TOKEN,
+        *TINY,
+        env=hub_env(dead, tmp_path / "home"),
+    )
     assert "warning: could not push step 1 to the Hub repo 'someone/later'" in proc.stderr
     later = f"python -m modules.hub {out} --hub_model_id someone/later"
     assert later in proc.stderr and TOKEN not in proc.stderr
     assert (out / "checkpoints" / "checkpoint-2").is_dir() and (out / "diffusion_pytorch_model.safetensors").is_file()
     with FakeHub() as hub:
-        done = run([sys.executable, "-m", "modules.hub", str(out), "--hub_model_id", "someone/later", "--hub_token",
-                    TOKEN], env=hub_env(hub.url, tmp_path / "home"))  # fmt: skip
+        done = run(
+            [sys.executable, "-m", "modules.hub", str(out), "--hub_model_id", "someone/later", "--hub_token", TOKEN],
+            env=hub_env(hub.url, tmp_path / "home"),
+        )
         assert "pushed" in done.stdout and "README.md" in hub.repos["someone/later"]
         assert hub.repos["someone/later"]["config.json"] == (out / "config.json").read_bytes()
 
@@ -148,9 +198,13 @@ def test_offline_hub_id_says_how_to_get_it(capsys, tmp_path):
 
 def test_model_card_names_components_and_latent_space(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "DiTModel", "sample_size": 32, "in_channels": 4}))
-    record = {"objective": "flow", "steps": 10, "images_seen": 640,
-              "latent": {"vae": {"source": "stabilityai/sd-vae-ft-ema"}, "image_resolution": 256},
-              "text_encoder": {"kind": "clip", "source": "openai/clip-vit-large-patch14"}}  # fmt: skip
+    record = {
+        "objective": "flow",
+        "steps": 10,
+        "images_seen": 640,
+        "latent": {"vae": {"source": "stabilityai/sd-vae-ft-ema"}, "image_resolution": 256},
+        "text_encoder": {"kind": "clip", "source": "openai/clip-vit-large-patch14"},
+    }
     (tmp_path / "objective.json").write_text(json.dumps(record))
     card = model_card(tmp_path, "me/text-dit", {"command": "python train_cfm.py", "config": {}}, None)
     assert "pipeline_tag: text-to-image" in card and "- latent-diffusion" in card
@@ -171,8 +225,13 @@ def test_a_local_vae_and_text_encoder_travel_with_the_pushed_model(tiny_cfm_run,
     from modules.vae import load_vae
 
     vae_dir = tmp_path / "my_vae"
-    AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), norm_num_groups=8,
-                  up_block_types=("UpDecoderBlock2D",), latent_channels=4).save_pretrained(vae_dir)  # fmt: skip
+    AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        norm_num_groups=8,
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+    ).save_pretrained(vae_dir)
     (vae_dir / "checkpoints").mkdir()  # a run directory's other contents stay behind
     (vae_dir / "stray.bin").write_bytes(b"pickled")
     record = json.loads((tiny_cfm_run / "objective.json").read_text())

@@ -10,23 +10,64 @@ from PIL import Image
 
 from modules.config import UserError
 
-TINY_VAE = ["--max_train_samples", 64, "--train_batch_size", 8, "--vae_base_channels", 8, "--num_sample_images", 8,
-            "--logging_steps", 1, "--lr_warmup_steps", 0, "--validation_samples", 16]  # fmt: skip
+TINY_VAE = [
+    "--max_train_samples",
+    64,
+    "--train_batch_size",
+    8,
+    "--vae_base_channels",
+    8,
+    "--num_sample_images",
+    8,
+    "--logging_steps",
+    1,
+    "--lr_warmup_steps",
+    0,
+    "--validation_samples",
+    16,
+]
 
 
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae") / "run"
-    in_process("train_vae.py", "--output_dir", out, "--max_train_steps", 4, "--validation_steps", 2,
-           "--checkpointing_steps", 2, "--fid_num_samples", 4, "--fid_reference_samples", 4, *TINY_VAE)  # fmt: skip
+    in_process(
+        "train_vae.py",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        4,
+        "--validation_steps",
+        2,
+        "--checkpointing_steps",
+        2,
+        "--fid_num_samples",
+        4,
+        "--fid_reference_samples",
+        4,
+        *TINY_VAE,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def latents(vae_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents") / "fashion"
-    in_process("encode_latents.py", "--vae", vae_run, "--output_dir", out, "--dataset_name", "fashion_mnist",
-           "--max_train_samples", 32, "--resolution", 32, "--shard_size", 16)  # fmt: skip
+    in_process(
+        "encode_latents.py",
+        "--vae",
+        vae_run,
+        "--output_dir",
+        out,
+        "--dataset_name",
+        "fashion_mnist",
+        "--max_train_samples",
+        32,
+        "--resolution",
+        32,
+        "--shard_size",
+        16,
+    )
     return out
 
 
@@ -53,10 +94,33 @@ def test_a_vae_is_not_a_generator(vae_run, capsys, tmp_path):
 
 def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
     run = tmp_path / "dit"
-    in_process("train_cfm.py", "--latent_dataset", latents, "--model", "dit_tiny", "--patch_size", 2,
-           "--output_dir", run, "--max_train_steps", 3, "--train_batch_size", 8, "--num_sample_images", 4,
-           "--num_inference_steps", 2, "--logging_steps", 1, "--lr_warmup_steps", 0, "--fid_num_samples", 4,
-           "--fid_reference_samples", 4)  # fmt: skip
+    in_process(
+        "train_cfm.py",
+        "--latent_dataset",
+        latents,
+        "--model",
+        "dit_tiny",
+        "--patch_size",
+        2,
+        "--output_dir",
+        run,
+        "--max_train_steps",
+        3,
+        "--train_batch_size",
+        8,
+        "--num_sample_images",
+        4,
+        "--num_inference_steps",
+        2,
+        "--logging_steps",
+        1,
+        "--lr_warmup_steps",
+        0,
+        "--fid_num_samples",
+        4,
+        "--fid_reference_samples",
+        4,
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["in_channels"] == 4 and config["sample_size"] == 8  # 32x32 images, f4 latents
     record = json.loads((run / "objective.json").read_text())["latent"]
@@ -76,8 +140,11 @@ def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
 def test_latent_decoder_refuses_another_vae(vae_run):
     from modules.vae import latent_decoder
 
-    record = {"vae": {"source": str(vae_run), "kind": "KLVAE", "latent_channels": 16}, "channel_mean": [0.0] * 16,
-              "channel_std": [1.0] * 16}  # fmt: skip
+    record = {
+        "vae": {"source": str(vae_run), "kind": "KLVAE", "latent_channels": 16},
+        "channel_mean": [0.0] * 16,
+        "channel_std": [1.0] * 16,
+    }
     with pytest.raises(UserError, match="latent_channels 4, but the latents were encoded by one with 16"):
         latent_decoder(record)
 
@@ -115,13 +182,49 @@ def test_latent_bad_input_stops_before_the_run_dir(latents, tmp_path, capsys):
 def test_text_model_trains_on_captioned_latents(vae_run, captioned, tmp_path):
     """Captions pass through encode_latents.py and condition a DiT trained on the latents."""
     latents = tmp_path / "captioned_latents"
-    in_process("encode_latents.py", "--vae", vae_run, "--output_dir", latents, "--dataset_name", captioned,
-           "--caption_column", "caption", "--resolution", 32, "--shard_size", 16)  # fmt: skip
+    in_process(
+        "encode_latents.py",
+        "--vae",
+        vae_run,
+        "--output_dir",
+        latents,
+        "--dataset_name",
+        captioned,
+        "--caption_column",
+        "caption",
+        "--resolution",
+        32,
+        "--shard_size",
+        16,
+    )
     run, own = tmp_path / "text", "own:width=32,layers=1,heads=2,max_length=16"
-    in_process("train_cfm.py", "--latent_dataset", latents, "--text_encoder", own,
-           "--model", "dit_tiny", "--patch_size", 2, "--output_dir", run, "--max_train_steps", 2, "--train_batch_size",
-           4, "--num_sample_images", 4, "--num_inference_steps", 2, "--lr_warmup_steps", 0, "--fid_num_samples", 0,
-           "--class_conditional", "false")  # fmt: skip
+    in_process(
+        "train_cfm.py",
+        "--latent_dataset",
+        latents,
+        "--text_encoder",
+        own,
+        "--model",
+        "dit_tiny",
+        "--patch_size",
+        2,
+        "--output_dir",
+        run,
+        "--max_train_steps",
+        2,
+        "--train_batch_size",
+        4,
+        "--num_sample_images",
+        4,
+        "--num_inference_steps",
+        2,
+        "--lr_warmup_steps",
+        0,
+        "--fid_num_samples",
+        0,
+        "--class_conditional",
+        "false",
+    )
     record = json.loads((run / "objective.json").read_text())
     assert record["text_encoder"]["kind"] == "own" and record["sample_prompts"][0].startswith("a photo of a ")
     assert "latent" in record and (run / "samples" / "step_0000002.png").is_file()

@@ -189,8 +189,13 @@ def test_sampler_callback_sees_the_x0_estimate(objective, sampler):
         obj = DDPMObjective(DDPMArguments())
         model = DeltaEpsilon(x0, obj.alphas_cumprod, 1000, "epsilon")
     frames = []
-    obj.sample(model, torch.randn(2, 1, 4, 4, dtype=torch.float64), num_inference_steps=5, sampler=sampler,
-               callback=lambda i, t, x, x0_pred: frames.append((i, t, x0_pred)))  # fmt: skip
+    obj.sample(
+        model,
+        torch.randn(2, 1, 4, 4, dtype=torch.float64),
+        num_inference_steps=5,
+        sampler=sampler,
+        callback=lambda i, t, x, x0_pred: frames.append((i, t, x0_pred)),
+    )
     assert [f[0] for f in frames] == list(range(5))
     times = [f[1] for f in frames]
     assert times == sorted(times, reverse=True) and 0 <= times[-1] < times[0] <= 1

@@ -247,12 +247,34 @@ def dry_run(capsys, *argv) -> dict:
 def test_dry_run_counts_the_pinned_parameters_without_the_data(capsys, tmp_path):
     """DiT-XL/2 on ImageNet-256 latents and the DDPM CIFAR-10 UNet, sized without their data (not available here:
     the shapes are assumed and said so) and without allocating them."""
-    xl = dry_run(capsys, "--model", "dit_xl", "--patch_size", 2, "--latent_dataset", "someone/imagenet-latents",
-                 "--resolution", 256, "--output_dir", tmp_path / "xl")  # fmt: skip
+    xl = dry_run(
+        capsys,
+        "--model",
+        "dit_xl",
+        "--patch_size",
+        2,
+        "--latent_dataset",
+        "someone/imagenet-latents",
+        "--resolution",
+        256,
+        "--output_dir",
+        tmp_path / "xl",
+    )
     assert xl["parameters"] == DIT_PARAMS["dit_xl"] and xl["num_classes"] == 1000 and xl["input"] == [4, 32, 32]
     assert any("4-channel latents" in note for note in xl["assumed"])
-    unet = dry_run(capsys, "--model", "unet_l", "--dataset_name", str(tmp_path / "cifar10"), "--num_channels", 3,
-                   "--class_conditional", "false", "--output_dir", tmp_path / "l")  # fmt: skip
+    unet = dry_run(
+        capsys,
+        "--model",
+        "unet_l",
+        "--dataset_name",
+        str(tmp_path / "cifar10"),
+        "--num_channels",
+        3,
+        "--class_conditional",
+        "false",
+        "--output_dir",
+        tmp_path / "l",
+    )
     assert unet["parameters"] == UNET_PARAMS["unet_l"] and unet["input"] == [3, 32, 32]
     assert not (tmp_path / "xl").exists() and not (tmp_path / "l").exists()
 

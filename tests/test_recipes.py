@@ -111,8 +111,13 @@ def test_a_mistyped_recipe_key_stops_with_one_line_naming_it(recipe, tmp_path, c
     broken = tmp_path / recipe.name
     broken.write_text(re.sub(rf"^{key}:", f"{typo}:", recipe.read_text(), count=1, flags=re.M))
     main = importlib.import_module(header(recipe)["script"].removesuffix(".py")).main
-    _fails(capsys, ["--config", str(broken), "--dry_run", "--output_dir", str(tmp_path / "run")],
-           f"{broken}: unknown key '{typo}'", f"did you mean '{key}'?", main=main)  # fmt: skip
+    _fails(
+        capsys,
+        ["--config", str(broken), "--dry_run", "--output_dir", str(tmp_path / "run")],
+        f"{broken}: unknown key '{typo}'",
+        f"did you mean '{key}'?",
+        main=main,
+    )
     assert not (tmp_path / "run").exists()
 
 

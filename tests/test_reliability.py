@@ -108,8 +108,9 @@ def test_sigkill_at_a_random_step_after_a_checkpoint_then_rerun_equals_an_uninte
 
 def test_killed_while_writing_a_checkpoint_latest_is_the_previous_one(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = start([sys.executable, runner(tmp_path, slow_in=".checkpoint-6.partial"), "--output_dir", str(out),
-                  *SIX_STEPS])  # fmt: skip
+    proc = start(
+        [sys.executable, runner(tmp_path, slow_in=".checkpoint-6.partial"), "--output_dir", str(out), *SIX_STEPS]
+    )
     wait_for(lambda: (out / "checkpoints" / ".checkpoint-6.partial").is_dir(), proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
@@ -141,8 +142,21 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_continues(tmp_path):
 
 def test_max_train_minutes_stops_with_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    train_cfm.main(["--output_dir", str(out), "--max_train_steps", "50", *map(str, TINY), "--num_sample_images", "0",
-                    "--checkpointing_steps", "0", "--max_train_minutes", "0.0001"])  # fmt: skip
+    train_cfm.main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "50",
+            *map(str, TINY),
+            "--num_sample_images",
+            "0",
+            "--checkpointing_steps",
+            "0",
+            "--max_train_minutes",
+            "0.0001",
+        ]
+    )
     assert "(--max_train_minutes 0.0001)" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "config.json").exists()
 
@@ -194,8 +208,19 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_stops(tmp_pa
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        train_cfm.main(["--output_dir", str(out), "--max_train_steps", "6", *map(str, TINY), "--num_sample_images",
-                        "0", "--checkpointing_steps", "2"])  # fmt: skip
+        train_cfm.main(
+            [
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "6",
+                *map(str, TINY),
+                "--num_sample_images",
+                "0",
+                "--checkpointing_steps",
+                "2",
+            ]
+        )
     err = capsys.readouterr().err
     assert "could not write checkpoint-4" in err and "No space left on device" in err
     assert f"the last complete checkpoint, {out / 'checkpoints' / 'checkpoint-2'}, is intact" in err
@@ -206,11 +231,37 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_stops(tmp_pa
 def test_a_failure_on_one_process_ends_both_with_an_error(tmp_path):
     out = tmp_path / "run"
     started = time.monotonic()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
-              "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]  # fmt: skip
-    proc = run([*launch, runner(tmp_path, fail_rank="1"), "--output_dir", str(out), "--max_train_steps", "20",
-                *map(str, TINY), "--num_sample_images", "0"], check=False, timeout=240)  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--main_process_port",
+        str(free_port()),
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    proc = run(
+        [
+            *launch,
+            runner(tmp_path, fail_rank="1"),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "20",
+            *map(str, TINY),
+            "--num_sample_images",
+            "0",
+        ],
+        check=False,
+        timeout=240,
+    )
     assert proc.returncode != 0 and time.monotonic() - started < 200
     assert "injected failure on rank 1" in proc.stdout + proc.stderr
     assert not (out / "config.json").exists()

@@ -17,11 +17,39 @@ TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
 
 
 def train(captioned, out, encoder, mode, *extra):
-    train_cfm.main(["--dataset_name", str(captioned), "--text_encoder", str(encoder), "--text_conditioning", mode,
-                    "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "4",
-                    "--base_channels", "8", "--num_sample_images", "4", "--num_inference_steps", "2",
-                    "--lr_warmup_steps", "0", "--fid_num_samples", "0", "--class_conditional", "false",
-                    "--validation_steps", "0", "--checkpointing_steps", "0", *extra])  # fmt: skip
+    train_cfm.main(
+        [
+            "--dataset_name",
+            str(captioned),
+            "--text_encoder",
+            str(encoder),
+            "--text_conditioning",
+            mode,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "4",
+            "--base_channels",
+            "8",
+            "--num_sample_images",
+            "4",
+            "--num_inference_steps",
+            "2",
+            "--lr_warmup_steps",
+            "0",
+            "--fid_num_samples",
+            "0",
+            "--class_conditional",
+            "false",
+            "--validation_steps",
+            "0",
+            "--checkpointing_steps",
+            "0",
+            *extra,
+        ]
+    )
     return json.loads((out / "config.json").read_text())
 
 
@@ -43,14 +71,41 @@ def test_dit_with_own_encoder_and_sample_prompts(captioned, tmp_path):
     run = tmp_path / "dit"
     config = train(captioned, run, TINY_OWN, "cross_attn", "--model", "dit_tiny", "--patch_size", "8")
     assert config["_class_name"] == "DiTModel"
-    sample.main(["--model", str(run), "--prompt", "a photo of a bag", "--prompt", "a photo of a sneaker",
-                 "--num_images", "4", "--num_inference_steps", "2", "--guidance_scale", "3",
-                 "--output", str(tmp_path / "grid.png")])  # fmt: skip
+    sample.main(
+        [
+            "--model",
+            str(run),
+            "--prompt",
+            "a photo of a bag",
+            "--prompt",
+            "a photo of a sneaker",
+            "--num_images",
+            "4",
+            "--num_inference_steps",
+            "2",
+            "--guidance_scale",
+            "3",
+            "--output",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     assert Image.open(tmp_path / "grid.png").size[0] > 32
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a coat\n\na photo of a dress\n")
-    sample.main(["--model", str(run), "--prompt_file", str(prompts), "--num_images", "2", "--num_inference_steps",
-                 "1", "--output", str(tmp_path / "out")])  # fmt: skip
+    sample.main(
+        [
+            "--model",
+            str(run),
+            "--prompt_file",
+            str(prompts),
+            "--num_images",
+            "2",
+            "--num_inference_steps",
+            "1",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
@@ -60,8 +115,11 @@ def test_text_layers_start_as_identity_and_learn(make):
     torch.manual_seed(0)
     model = make(in_channels=1, sample_size=16, text_conditioning="cross_attn", text_dim=12, pooled_dim=6)
     x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
-    cond = {"tokens": torch.randn(2, 5, 12), "mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool(),
-            "pooled": torch.randn(2, 6)}  # fmt: skip
+    cond = {
+        "tokens": torch.randn(2, 5, 12),
+        "mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool(),
+        "pooled": torch.randn(2, 6),
+    }
     other = dict(cond, tokens=torch.randn(2, 5, 12))
     assert torch.equal(model(x, t, cond), model(x, t, other))
     model(x, t, cond).square().mean().backward()

@@ -105,8 +105,17 @@ def test_sample_is_independent_of_batch_size(tiny_cfm_run, tmp_path):
         a = torch.tensor(np.array(Image.open(tmp_path / "bs1" / name)))
         b = torch.tensor(np.array(Image.open(tmp_path / "bs8" / name)))
         assert torch.equal(a, b), name
-    sample.main(["--model", str(tiny_cfm_run), "--num_images", "10", "--output", str(tmp_path / "grid.png"),
-                 "--denoising_path"])  # fmt: skip
+    sample.main(
+        [
+            "--model",
+            str(tiny_cfm_run),
+            "--num_images",
+            "10",
+            "--output",
+            str(tmp_path / "grid.png"),
+            "--denoising_path",
+        ]
+    )
     assert (tmp_path / "grid_denoising.png").is_file() and (tmp_path / "grid_trajectories.png").is_file()
     assert Image.open(tmp_path / "grid.png").size[0] > 10 * 32
 
@@ -124,25 +133,74 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
 
     out = tmp_path / "ddpm2"
     proc = accelerate_launch(
-        "train_ddpm.py", "--output_dir", out, "--max_train_steps", 3, "--checkpointing_steps", 3,
-        "--prediction_type", "v_prediction", "--snr_gamma", 5, *TINY, config_file="accelerate_configs/cpu_2proc.yaml",
-    )  # fmt: skip
+        "train_ddpm.py",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        3,
+        "--checkpointing_steps",
+        3,
+        "--prediction_type",
+        "v_prediction",
+        "--snr_gamma",
+        5,
+        *TINY,
+        config_file="accelerate_configs/cpu_2proc.yaml",
+    )
     _assert_clean_multiprocess_run(proc, out, 3)
     assert json.loads((out / "objective.json").read_text())["objective"] == "ddpm"
     # ancestral sampling draws fresh noise every step: still per image, whatever the batch size
     grids = []
     for bs in (1, 3):
-        sample.main(["--model", str(out), "--num_images", "3", "--batch_size", str(bs), "--sampler", "ddpm",
-                     "--num_inference_steps", "4", "--output", str(tmp_path / f"bs{bs}.png")])  # fmt: skip
+        sample.main(
+            [
+                "--model",
+                str(out),
+                "--num_images",
+                "3",
+                "--batch_size",
+                str(bs),
+                "--sampler",
+                "ddpm",
+                "--num_inference_steps",
+                "4",
+                "--output",
+                str(tmp_path / f"bs{bs}.png"),
+            ]
+        )
         grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
     assert np.array_equal(*grids)
 
 
 # A tiny DiT for 4 steps on 2 processes, checkpointed at step 2: run under DDP, FSDP2 and DeepSpeed ZeRO-2.
-SHARDED = ["--model", "dit_tiny", "--patch_size", 4, "--class_conditional", "--ot_coupling", "--max_train_steps", 4,
-           "--checkpointing_steps", 2, "--max_train_samples", 64, "--train_batch_size", 8, "--lr_warmup_steps", 2,
-           "--validation_samples", 8, "--num_sample_images", 4, "--num_inference_steps", 2, "--logging_steps", 1,
-           "--fid_num_samples", 0]  # fmt: skip
+SHARDED = [
+    "--model",
+    "dit_tiny",
+    "--patch_size",
+    4,
+    "--class_conditional",
+    "--ot_coupling",
+    "--max_train_steps",
+    4,
+    "--checkpointing_steps",
+    2,
+    "--max_train_samples",
+    64,
+    "--train_batch_size",
+    8,
+    "--lr_warmup_steps",
+    2,
+    "--validation_samples",
+    8,
+    "--num_sample_images",
+    4,
+    "--num_inference_steps",
+    2,
+    "--logging_steps",
+    1,
+    "--fid_num_samples",
+    0,
+]
 
 
 def _losses_and_ema(out):
@@ -171,8 +229,7 @@ def _sharded_launch(config, out, *extra, script="train_cfm.py"):
     """SHARDED under accelerate_configs/`config` on 2 CPU processes, launched as its header shows (tests/cpu_as_gpus.py
     lets Accelerate's FSDP and DeepSpeed run without GPUs)."""
     launch = ["--config_file", ROOT / "accelerate_configs" / config, "--num_processes", 2, "--mixed_precision", "no"]
-    proc = accelerate_launch("tests/cpu_as_gpus.py", script, "--output_dir", out, *SHARDED, *extra,
-                             launch_args=launch)  # fmt: skip
+    proc = accelerate_launch("tests/cpu_as_gpus.py", script, "--output_dir", out, *SHARDED, *extra, launch_args=launch)
     _assert_clean_multiprocess_run(proc, out, 4)
 
 
@@ -240,11 +297,29 @@ def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path, monkeypatch, quick_cla
 
     monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick_classifier)
     prefix = tmp_path / "sweep"
-    sample.main(["--model", str(tiny_cfm_run), "--num_images", "4", "--nfe_sweep", "1,2", "--samplers",
-                 "euler,heun", "--eval_metrics", "fid,kid,classifier", "--output", str(prefix)])  # fmt: skip
+    sample.main(
+        [
+            "--model",
+            str(tiny_cfm_run),
+            "--num_images",
+            "4",
+            "--nfe_sweep",
+            "1,2",
+            "--samplers",
+            "euler,heun",
+            "--eval_metrics",
+            "fid,kid,classifier",
+            "--output",
+            str(prefix),
+        ]
+    )
     rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
-    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 2, 2),
-                                                                     ("heun", 1, 1), ("heun", 2, 3)]  # fmt: skip
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("euler", 1, 1),
+        ("euler", 2, 2),
+        ("heun", 1, 1),
+        ("heun", 2, 3),
+    ]
     assert all(r["fid"] > 0 and r["kid_std"] >= 0 and r["fd_classifier"] > 0 for r in rows)
     assert all(0 <= r["class_accuracy"] <= 1 for r in rows)
     table = prefix.with_suffix(".md").read_text()
@@ -259,8 +334,21 @@ def test_in_training_metrics_kid_and_classifier(monkeypatch, tmp_path, quick_cla
 
     monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick_classifier)
     out = tmp_path / "metrics"
-    train_cfm.main([*map(str, TINY), "--output_dir", str(out), "--max_train_steps", "2", "--fid_num_samples", "8",
-                    "--fid_reference_samples", "8", "--eval_metrics", "fid,kid,classifier"])  # fmt: skip
+    train_cfm.main(
+        [
+            *map(str, TINY),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--fid_num_samples",
+            "8",
+            "--fid_reference_samples",
+            "8",
+            "--eval_metrics",
+            "fid,kid,classifier",
+        ]
+    )
     result = json.loads((out / "fid.json").read_text())
     assert set(result) >= {"fid", "kid", "kid_std", "fd_classifier", "class_accuracy"}
     assert result["fid"] > 0 and result["fd_classifier"] > 0 and 0 <= result["class_accuracy"] <= 1

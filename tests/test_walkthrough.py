@@ -37,10 +37,21 @@ WALKTHROUGH = [
 ]
 
 README_VALUES = dict(
-    IMAGES="my_images/", CAPTIONS="data/my_captions", VAE="stabilityai/sd-vae-ft-ema", RESOLUTION="256",
-    TEXT_ENCODER="openai/clip-vit-large-patch14", LATENTS="data/my_latents", MODEL="dit_s", BATCH="64",
-    STEPS="20000", SAMPLING_STEPS="20", FID_SAMPLES="500", RUN="runs/mine", GRID="grid.png", HUB_MODEL_ID="me/mine",
-)  # fmt: skip
+    IMAGES="my_images/",
+    CAPTIONS="data/my_captions",
+    VAE="stabilityai/sd-vae-ft-ema",
+    RESOLUTION="256",
+    TEXT_ENCODER="openai/clip-vit-large-patch14",
+    LATENTS="data/my_latents",
+    MODEL="dit_s",
+    BATCH="64",
+    STEPS="20000",
+    SAMPLING_STEPS="20",
+    FID_SAMPLES="500",
+    RUN="runs/mine",
+    GRID="grid.png",
+    HUB_MODEL_ID="me/mine",
+)
 
 TOKEN = "hf_WalkthroughToken0123456789"
 
@@ -71,15 +82,34 @@ def test_train_on_your_own_images_walkthrough(tmp_path, clip_text_folder, capsys
 
     torch.manual_seed(0)
     vae = tmp_path / "tiny_vae"
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=8, sample_size=32).save_pretrained(vae)  # fmt: skip
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(vae)
     image_folder(tmp_path / "my_images")
     values = dict(
-        IMAGES=tmp_path / "my_images", CAPTIONS=tmp_path / "captions", VAE=vae, RESOLUTION=32,
-        TEXT_ENCODER=clip_text_folder, LATENTS=tmp_path / "latents", MODEL="dit_tiny", BATCH=4, STEPS=2,
-        SAMPLING_STEPS=2, FID_SAMPLES=0, RUN=tmp_path / "run", GRID=tmp_path / "grid.png", HUB_MODEL_ID="someone/mine",
-    )  # fmt: skip
+        IMAGES=tmp_path / "my_images",
+        CAPTIONS=tmp_path / "captions",
+        VAE=vae,
+        RESOLUTION=32,
+        TEXT_ENCODER=clip_text_folder,
+        LATENTS=tmp_path / "latents",
+        MODEL="dit_tiny",
+        BATCH=4,
+        STEPS=2,
+        SAMPLING_STEPS=2,
+        FID_SAMPLES=0,
+        RUN=tmp_path / "run",
+        GRID=tmp_path / "grid.png",
+        HUB_MODEL_ID="someone/mine",
+    )
     assert values.keys() == README_VALUES.keys()
     commands = [line for line in render(values) if not line.startswith("#")]
     with FakeHub() as hub:
@@ -102,8 +132,14 @@ def test_train_on_your_own_images_walkthrough(tmp_path, clip_text_folder, capsys
     assert Image.open(tmp_path / "grid.png").size[0] > 32
     # The repo holds the model with its local VAE and CLIP text encoder, so that it samples anywhere.
     files = hub.repos["someone/mine"]
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "objective.json", "README.md",
-                 "vae/config.json", "text_encoder/config.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "objective.json",
+        "README.md",
+        "vae/config.json",
+        "text_encoder/config.json",
+    ):
         assert name in files, sorted(files)
     weights = "diffusion_pytorch_model.safetensors"
     assert files[weights] == (tmp_path / "run" / weights).read_bytes()
