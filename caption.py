@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from modules.captioning import (
+from modules.config import DataArguments, UserError, cli_entry, help_field, parse_args
+from modules.data.captioning import (
     NAMED_CAPTIONERS,
     ORIGINAL_CAPTION,
     TemplateCaptioner,
@@ -42,8 +43,13 @@ from modules.captioning import (
     open_image_rows,
     parse_templates,
 )
-from modules.config import DataArguments, UserError, _help, cli_entry, parse_args
-from modules.shards import ShardedFormat, ShardedOutputArguments, card_header, process_state, write_sharded_dataset
+from modules.data.shards import (
+    ShardedFormat,
+    ShardedOutputArguments,
+    card_header,
+    process_state,
+    write_sharded_dataset,
+)
 
 FORMAT = ShardedFormat(
     script="caption.py", what="captions", metadata_file="captions.json", args_file=".caption_args.json"
@@ -62,17 +68,17 @@ class _AddUp(argparse.Action):
 
 @dataclass
 class CaptionArguments:
-    captioner: str = _help(
+    captioner: str = help_field(
         "blip2, paligemma, template, or the Hub id or local directory of another image-text-to-text model.",
         default="blip2",
     )
-    captioner_id: str | None = _help(
+    captioner_id: str | None = help_field(
         "The model of --captioner blip2 or paligemma instead of its default (Salesforce/blip2-opt-2.7b, "
         "google/paligemma2-3b-pt-224): a Hub id or a local directory.",
         default=None,
     )
-    captioner_revision: str | None = _help("Hub revision (branch, tag or commit) of the captioner.", default=None)
-    prompt: str | None = _help(
+    captioner_revision: str | None = help_field("Hub revision (branch, tag or commit) of the captioner.", default=None)
+    prompt: str | None = help_field(
         "Text given to the model with each image, cut from its captions. Default: 'caption en' for PaliGemma, none "
         "for BLIP-2 (a prompt there is a prefix it continues, e.g. 'a photo of') and other models.",
         default=None,
@@ -85,15 +91,17 @@ class CaptionArguments:
             "action": _AddUp,
         },
     )
-    seed: int = _help("Seed of the choice among several templates.", default=0)
-    max_new_tokens: int = _help("Longest caption, in tokens.", default=30)
-    num_beams: int = _help("Beam search with this many beams (1: greedy).", default=1)
-    batch_size: int = _help("Images per generate call, per process.", default=16)
-    torch_dtype: Literal["bf16", "fp16", "fp32"] | None = _help(
+    seed: int = help_field("Seed of the choice among several templates.", default=0)
+    max_new_tokens: int = help_field("Longest caption, in tokens.", default=30)
+    num_beams: int = help_field("Beam search with this many beams (1: greedy).", default=1)
+    batch_size: int = help_field("Images per generate call, per process.", default=16)
+    torch_dtype: Literal["bf16", "fp16", "fp32"] | None = help_field(
         "Precision the model runs in. Default: bf16 on GPUs (fp16 where bf16 is not supported), fp32 on CPUs.",
         default=None,
     )
-    trust_remote_code: bool = _help("Allow a captioner whose Hub repo ships its own modelling code.", default=False)
+    trust_remote_code: bool = help_field(
+        "Allow a captioner whose Hub repo ships its own modelling code.", default=False
+    )
 
 
 def validate(data_args: DataArguments, args: CaptionArguments, out_args: ShardedOutputArguments) -> list[str] | None:

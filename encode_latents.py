@@ -25,12 +25,19 @@ from typing import Literal
 
 import torch
 
-from modules import latents
-from modules.config import DataArguments, UserError, _help, cli_entry, parse_args
-from modules.data import load_train_data
-from modules.latents import FLIP_COLUMNS, LATENT_COLUMNS, METADATA_FILE, TEXT_COLUMNS, channel_statistics
-from modules.shards import ShardedFormat, ShardedOutputArguments, card_header, process_state, write_sharded_dataset
-from modules.vae import load_vae
+from modules.config import DataArguments, UserError, cli_entry, help_field, parse_args
+from modules.data import latents
+from modules.data.images import load_train_data
+from modules.data.latents import FLIP_COLUMNS, LATENT_COLUMNS, METADATA_FILE, TEXT_COLUMNS, channel_statistics
+from modules.data.shards import (
+    ShardedFormat,
+    ShardedOutputArguments,
+    card_header,
+    process_state,
+    write_sharded_dataset,
+)
+from modules.networks.text import load_text_encoder
+from modules.networks.vae import load_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT = ShardedFormat(
@@ -40,21 +47,21 @@ FORMAT = ShardedFormat(
 
 @dataclass
 class EncodeArguments:
-    vae: str = _help(
+    vae: str = help_field(
         "The VAE: a Hub id (e.g. stabilityai/sd-vae-ft-ema, or a pipeline with vae/) or a local directory written by "
         "save_pretrained."
     )
-    vae_revision: str | None = _help("Hub revision (branch, tag or commit) of the VAE.", default=None)
-    batch_size: int = _help("Images per VAE forward pass, per process.", default=64)
-    dtype: Literal["fp32", "fp16", "bf16"] = _help(
+    vae_revision: str | None = help_field("Hub revision (branch, tag or commit) of the VAE.", default=None)
+    batch_size: int = help_field("Images per VAE forward pass, per process.", default=64)
+    dtype: Literal["fp32", "fp16", "bf16"] = help_field(
         "Precision the VAE runs in; latents are stored as float16.", default="fp32"
     )
-    text_encoder: str | None = _help(
+    text_encoder: str | None = help_field(
         "Also store each caption's text embeddings (float16) from this frozen encoder: 'minilm' or a CLIP model's "
         "Hub id or folder. Train with the same --text_encoder to use them.",
         default=None,
     )
-    max_text_length: int | None = _help(
+    max_text_length: int | None = help_field(
         "Tokens per caption for --text_encoder (longer ones are truncated and counted).", default=None
     )
 
@@ -238,8 +245,6 @@ def main(argv=None):
     check_fits(vae, data, data_args.resolution)
     text = None
     if args.text_encoder:
-        from modules.text import load_text_encoder
-
         if data.captions is None:
             raise UserError(
                 "--text_encoder needs captions, but the images have none: pass --caption_column, or make them with "

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import torch
 
-from modules.config import UserError, cli_entry, parse_args
+from modules.artifacts.export import export_pipeline
+from modules.artifacts.model_folder import load_model, model_dir
+from modules.artifacts.visualize import DenoisingRecorder, save_image, save_image_grid, write_denoising_figures
+from modules.config import DataArguments, UserError, cli_entry, parse_args
+from modules.data.captioning import class_phrase
+from modules.data.images import load_train_data
+from modules.data.latents import latent_decoder
+from modules.evaluation.fid import InceptionFeatures, check_inception_weights
+from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
+from modules.networks.text import TextConditioner, text_encoder_from_record
+from modules.objectives.samplers import generate_images
+from modules.records import from_dict
 
 
 @dataclass
@@ -119,7 +130,6 @@ def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[
 def prompt_labels(prompts: list[str], class_names) -> list[int] | None:
     """The class each prompt names (the longest class name it contains, as caption.py's templates write it), or None
     unless every prompt names one: lets the classifier metrics score a text model prompted with class names."""
-    from modules.captioning import class_phrase
 
     if not class_names:
         return None
@@ -149,16 +159,10 @@ def parse_prompts(args, record: dict) -> list[str] | None:
 
 @cli_entry
 def main(argv=None):
-    from modules.hub import model_dir
-    from modules.models import load_model
-    from modules.samplers import generate_images
-    from modules.visualize import DenoisingRecorder, save_image, save_image_grid, write_denoising_figures
 
     (args,) = parse_args((SampleArguments,), argv, description=__doc__)
     folder = model_dir(args.model, args.revision, args.hub_token)  # a Hub id is downloaded (cached) once
     if args.export_pipeline:  # no sampling: the model, its sampler and its settings as a diffusers pipeline
-        from modules.export import export_pipeline
-
         out = export_pipeline(folder, args.export_pipeline)
         print(f"wrote {out}: DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True) loads it")
         return
@@ -176,8 +180,6 @@ def main(argv=None):
         )
     decode = None
     if "latent" in record:  # trained on a latent dataset: decode through the VAE that encoded it
-        from modules.vae import latent_decoder
-
         decode = latent_decoder(record["latent"], device)
     if args.sampler and args.sampler not in objective.samplers:
         raise UserError(
@@ -188,8 +190,6 @@ def main(argv=None):
     labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
     cond, prompts, null_cond = labels, parse_prompts(args, record), None
     if prompts is not None:
-        from modules.text import TextConditioner, text_encoder_from_record
-
         text = TextConditioner(text_encoder_from_record(record["text_encoder"], device=device))
         cycle = [prompts[i % len(prompts)] for i in range(args.num_images)]
         cond, null_cond = text(cycle, "cpu"), text.null(device)
@@ -244,10 +244,6 @@ class Evaluator:
         import dataclasses
         import json
 
-        from modules.config import DataArguments, from_dict
-        from modules.data import load_train_data
-        from modules.evaluation import check_inception_weights, parse_eval_metrics
-
         try:
             self.metrics = parse_eval_metrics(args.eval_metrics)
         except ValueError as e:
@@ -275,7 +271,6 @@ class Evaluator:
         self.features = None
 
     def __call__(self, images, labels) -> dict[str, float]:
-        from modules.evaluation import InceptionFeatures, evaluate_generated
 
         if self.features is None and {"fid", "kid"} & set(self.metrics):
             self.features = InceptionFeatures(weights_path=self.weights_path)
@@ -288,8 +283,6 @@ class Evaluator:
 def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, out: Path, decode=None, null_cond=None):
     """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
     import json
-
-    from modules.samplers import generate_images
 
     samplers = (args.samplers or args.sampler or objective.args.sampler).split(",")
     for name in samplers:

@@ -16,8 +16,8 @@ from modules.config import (
     cli_entry,
     parse_args,
 )
-from modules.flow import FlowObjective
-from modules.training import train
+from modules.objectives.flow import FlowObjective
+from modules.training.loop import train
 
 # The main job: Fashion-MNIST at 32x32, measured in configs/fashion_mnist_unet_cfm.yaml.
 DEFAULTS = dict(

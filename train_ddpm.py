@@ -16,8 +16,8 @@ from modules.config import (
     cli_entry,
     parse_args,
 )
-from modules.ddpm import DDPMObjective
-from modules.training import train
+from modules.objectives.ddpm import DDPMObjective
+from modules.training.loop import train
 
 DEFAULTS = dict(
     SCRIPT_DEFAULTS,

@@ -14,11 +14,12 @@ from modules.config import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
+    VAEArguments,
     cli_entry,
     parse_args,
 )
-from modules.training import train
-from modules.vae import VAEArguments, VAEObjective
+from modules.objectives.autoencoder import VAEObjective
+from modules.training.loop import train
 
 # The diffusion scripts' defaults, less what an autoencoder has no use for (labels, guidance).
 DEFAULTS = dict(

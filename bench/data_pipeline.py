@@ -30,40 +30,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import encode_latents  # noqa: E402
-from bench.encode_latents import tiny_vae  # noqa: E402
-from bench.report import Goal, finish, print_setting  # noqa: E402
-from modules.config import (  # noqa: E402
-    DataArguments,
-    FlowArguments,
-    ModelArguments,
-    TrainingArguments,
-    _help,
-    parse_args,
-)
-from modules.data import ResumableBatchSampler, collate_examples, load_train_data  # noqa: E402
-from modules.flow import FlowObjective  # noqa: E402
-from modules.latents import load_latent_data  # noqa: E402
-from modules.models import build_model  # noqa: E402
-from modules.training import Conditioning, make_optimizer, model_input, step_generator  # noqa: E402
+import encode_latents
+from bench.encode_latents import tiny_vae
+from bench.report import Goal, finish, print_setting
+from modules.config import DataArguments, FlowArguments, ModelArguments, TrainingArguments, help_field, parse_args
+from modules.data.batches import model_input
+from modules.data.conditions import Conditioning
+from modules.data.images import collate_examples, load_train_data
+from modules.data.latents import load_latent_data
+from modules.data.order import ResumableBatchSampler, step_generator
+from modules.networks.presets import build_model
+from modules.objectives.flow import FlowObjective
+from modules.training.loop import make_optimizer
 
 
 @dataclass
 class BenchArguments:
-    model: str = _help("Preset trained on both sources (class-conditional).", default="unet_s")
-    batch_size: int = _help("Images per step.", default=64)
-    num_workers: int = _help("DataLoader worker processes (training's --dataloader_num_workers).", default=0)
-    steps: int = _help("Timed steps per repeat, from the loader and from the fixed batch alike.", default=8)
-    warmup: int = _help("Untimed steps first (worker start-up, first batches).", default=2)
-    repeats: int = _help("Timed runs of each way, interleaved.", default=4)
-    resolution: int = _help("Image size (the latents are smaller by the VAE's factor).", default=32)
-    num_latents: int = _help("Fashion-MNIST images encoded into the latent dataset.", default=2048)
-    device: str = _help("cpu or cuda.", default="cpu")
-    max_wait_share: float = _help(
+    model: str = help_field("Preset trained on both sources (class-conditional).", default="unet_s")
+    batch_size: int = help_field("Images per step.", default=64)
+    num_workers: int = help_field("DataLoader worker processes (training's --dataloader_num_workers).", default=0)
+    steps: int = help_field("Timed steps per repeat, from the loader and from the fixed batch alike.", default=8)
+    warmup: int = help_field("Untimed steps first (worker start-up, first batches).", default=2)
+    repeats: int = help_field("Timed runs of each way, interleaved.", default=4)
+    resolution: int = help_field("Image size (the latents are smaller by the VAE's factor).", default=32)
+    num_latents: int = help_field("Fashion-MNIST images encoded into the latent dataset.", default=2048)
+    device: str = help_field("cpu or cuda.", default="cpu")
+    max_wait_share: float = help_field(
         "Goal: the largest acceptable share of step time spent waiting for data.", default=0.05
     )
-    no_goals: bool = _help("Only report: exit 0 even when a goal is missed.", default=False)
-    seed: int = _help("Seed of weights, data order and noise.", default=0)
+    no_goals: bool = help_field("Only report: exit 0 even when a goal is missed.", default=False)
+    seed: int = help_field("Seed of weights, data order and noise.", default=0)
 
 
 def encode_latent_dataset(directory: Path, args: BenchArguments) -> Path:

@@ -24,22 +24,23 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.config import DataArguments, _help, parse_args  # noqa: E402
-from modules.data import load_fashion_mnist, load_train_data, to_model_range  # noqa: E402
-from modules.latents import encode_shard  # noqa: E402
-from modules.vae import load_vae  # noqa: E402
+from modules.config import DataArguments, help_field, parse_args
+from modules.data.images import load_fashion_mnist, load_train_data
+from modules.data.latents import encode_shard
+from modules.networks.vae import load_vae
+from modules.pixels import to_model_range
 
 
 @dataclass
 class BenchArguments:
-    vae: str | None = _help("VAE (Hub id or directory). Default: a tiny random AutoencoderKL.", default=None)
-    num_images: int = _help("Fashion-MNIST training images to encode.", default=512)
-    resolution: int = _help("Image size.", default=32)
-    batch_size: int = _help("Images per VAE forward pass.", default=64)
-    num_workers: int = _help("DataLoader workers of the pipeline (used for images decoded on access).", default=2)
-    device: str = _help("cpu or cuda.", default="cuda" if torch.cuda.is_available() else "cpu")
-    dtype: str = _help("Pipeline precision: fp32, fp16 or bf16 (the plain loop is fp32).", default="fp32")
-    repeats: int = _help("Timed runs of each way.", default=3)
+    vae: str | None = help_field("VAE (Hub id or directory). Default: a tiny random AutoencoderKL.", default=None)
+    num_images: int = help_field("Fashion-MNIST training images to encode.", default=512)
+    resolution: int = help_field("Image size.", default=32)
+    batch_size: int = help_field("Images per VAE forward pass.", default=64)
+    num_workers: int = help_field("DataLoader workers of the pipeline (used for images decoded on access).", default=2)
+    device: str = help_field("cpu or cuda.", default="cuda" if torch.cuda.is_available() else "cpu")
+    dtype: str = help_field("Pipeline precision: fp32, fp16 or bf16 (the plain loop is fp32).", default="fp32")
+    repeats: int = help_field("Timed runs of each way.", default=3)
 
 
 def tiny_vae(directory: Path) -> str:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_cfm  # noqa: E402
-from modules.dit import DIT_PRESETS  # noqa: E402
-from modules.unet import UNET_PRESETS  # noqa: E402
+import train_cfm
+from modules.networks.dit import DIT_PRESETS
+from modules.networks.unet import UNET_PRESETS
 
 UNET_SETTING = (
     "3x32x32 (CIFAR-10 shape), unconditional",

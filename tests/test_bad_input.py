@@ -18,7 +18,7 @@ from PIL import Image
 import train_cfm
 import train_ddpm
 from modules.config import DataArguments, UserError
-from modules.data import load_train_data
+from modules.data.images import load_train_data
 
 
 def _fails(capsys, argv, *needles, main=train_cfm.main):
@@ -135,9 +135,9 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
     # The logged FID is the EMA model's: recomputed from the saved EMA weights it matches, from the raw ones not.
     from safetensors.torch import load_file
 
-    from modules.evaluation import compute_fid
-    from modules.models import load_model
-    from modules.samplers import generate_images
+    from modules.artifacts.model_folder import load_model
+    from modules.evaluation.fid import compute_fid
+    from modules.objectives.samplers import generate_images
 
     model, objective, record = load_model(run)
     config = json.loads((run / "run_config.json").read_text())["config"]

@@ -15,9 +15,9 @@ from PIL import Image
 from test_bad_input import _fails
 
 import caption
-from modules.captioning import class_phrase
 from modules.config import DataArguments
-from modules.data import FASHION_MNIST_CLASSES, load_fashion_mnist, load_train_data
+from modules.data.captioning import class_phrase
+from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist, load_train_data
 
 FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 16, "--shard_size", 8, "--batch_size", 4]
 WORDS = "a photo of the shirt dress shoe bag coat on white black background grey small large caption en".split()
@@ -310,7 +310,7 @@ def test_templates_name_the_class_and_vary_by_seed(tmp_path, capsys):
 
 
 def test_empty_captions_are_counted(tiny_blip2, tmp_path, capsys, monkeypatch):
-    from modules.captioning import ModelCaptioner
+    from modules.data.captioning import ModelCaptioner
 
     model_call = ModelCaptioner.__call__
     monkeypatch.setattr(ModelCaptioner, "__call__", lambda self, inputs: ["", *model_call(self, inputs)[1:]])

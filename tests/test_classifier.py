@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from modules import classifier
-from modules.classifier import (
+from modules.data.images import load_fashion_mnist
+from modules.evaluation import classifier
+from modules.evaluation.classifier import (
     FEATURE_DIM,
     NUM_CLASSES,
     class_accuracy,
@@ -20,7 +21,7 @@ from modules.classifier import (
     load_or_train_classifier,
     train_classifier,
 )
-from modules.data import load_fashion_mnist, resize_uint8
+from modules.pixels import resize_uint8
 
 NUM_TRAIN = 2000
 NUM_TEST = 1000

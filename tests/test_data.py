@@ -9,16 +9,10 @@ import torch
 from PIL import Image
 
 from modules.config import DataArguments, UserError
-from modules.data import (
-    FASHION_MNIST_DIR,
-    ResumableBatchSampler,
-    collate_examples,
-    load_train_data,
-    random_flip,
-    read_idx,
-    to_model_range,
-    to_uint8,
-)
+from modules.data.batches import random_flip
+from modules.data.images import FASHION_MNIST_DIR, collate_examples, load_train_data, read_idx
+from modules.data.order import ResumableBatchSampler
+from modules.pixels import to_model_range, to_uint8
 
 
 def _write_idx(path, array):
@@ -48,7 +42,7 @@ def test_fashion_mnist_from_debian_files():
 
 
 def test_fashion_mnist_without_any_source_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr("modules.data.FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr("modules.data.images.FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(UserError, match="dataset-fashion-mnist"):
         load_train_data(DataArguments())
 

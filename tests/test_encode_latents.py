@@ -3,6 +3,7 @@ number of processes and after a resume; bad input is refused by name; captions a
 
 import json
 import shutil
+import sys
 import zlib
 
 import datasets
@@ -15,9 +16,9 @@ from test_bad_input import _fails
 
 import encode_latents
 from modules.config import DataArguments, UserError
-from modules.data import load_train_data
-from modules.latents import denormalize_latents, load_latent_data, sample_latents
-from modules.vae import load_vae
+from modules.data.images import load_train_data
+from modules.data.latents import denormalize_latents, load_latent_data, sample_latents
+from modules.networks.vae import load_vae
 
 FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 48, "--resolution", 32, "--shard_size", 16]
 
@@ -109,7 +110,7 @@ def test_latents_are_the_vaes_in_image_order(encoded, tiny_vae):
 
 def test_latents_too_large_for_memory_are_read_lazily(encoded, monkeypatch):
     in_memory = rows(encoded)
-    monkeypatch.setattr("modules.latents.MEMORY_FRACTION", 0)
+    monkeypatch.setattr("modules.data.latents.MEMORY_FRACTION", 0)
     data = load_latent_data(str(encoded), max_samples=20)
     assert not isinstance(data.dataset.rows, dict) and len(data.dataset) == 20
     batch = data.dataset.__getitems__([19, 0, 7])
@@ -342,8 +343,8 @@ def test_text_embeddings_are_stored_and_training_never_loads_the_encoder(
     tiny_vae, captioned, clip_text_folder, tmp_path, capsys, monkeypatch
 ):
     import train_cfm
-    from modules import text as text_module
-    from modules.text import TextConditioner, load_text_encoder
+    from modules.networks import text as text_module
+    from modules.networks.text import TextConditioner, load_text_encoder
 
     out = tmp_path / "latents"
     encode(
@@ -384,8 +385,14 @@ def test_text_embeddings_are_stored_and_training_never_loads_the_encoder(
     def refuse(*args, **kwargs):
         raise AssertionError("training loaded the text encoder")
 
-    monkeypatch.setattr(text_module, "load_text_encoder", refuse)
-    monkeypatch.setattr(text_module, "text_encoder_from_record", refuse)
+    # Wherever a module of ours took these loaders in by name.
+    loaders = ("load_text_encoder", "text_encoder_from_record")
+    users = [m for name, m in list(sys.modules.items()) if name.startswith("modules.") and hasattr(m, loaders[0])]
+    assert text_module in users and any(m.__name__.startswith("modules.training.") for m in users)
+    for module in users:
+        for loader in loaders:
+            if hasattr(module, loader):
+                monkeypatch.setattr(module, loader, refuse)
     run = tmp_path / "run"
     train_cfm.main(
         [
@@ -473,7 +480,7 @@ def test_text_embeddings_bad_input(tiny_vae, captioned, tmp_path, capsys):
 
 
 def test_stored_text_matches_only_the_same_encoder(clip_text_folder):
-    from modules.text import stored_text_matches
+    from modules.networks.text import stored_text_matches
 
     clip = {"kind": "clip", "source": str(clip_text_folder), "max_length": 77}
     assert stored_text_matches(clip, str(clip_text_folder)) and stored_text_matches(clip, clip_text_folder, 77)

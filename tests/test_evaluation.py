@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import evaluation
-from modules.evaluation import (
+from modules.evaluation import fid
+from modules.evaluation.fid import (
     InceptionFeatures,
     compute_fid,
     fid_helper_torchscript_path,
@@ -125,7 +125,7 @@ def test_reference_statistics_are_computed_once_then_read_from_disk(features, ca
 
 
 def test_weights_path_is_none_without_fid_helper(monkeypatch, tmp_path):
-    monkeypatch.setattr(evaluation, "fid_helper_torchscript_path", lambda: None)
+    monkeypatch.setattr(fid, "fid_helper_torchscript_path", lambda: None)
     assert inception_weights_path(tmp_path) is None  # torch-fidelity then downloads its own copy
 
 
@@ -180,14 +180,14 @@ def test_bad_weights_files_are_named(features, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pth': not a readable tensor file"):
-        evaluation.check_inception_weights(garbage)
+        fid.check_inception_weights(garbage)
     with pytest.raises(ValueError, match="no such file"):
-        evaluation.check_inception_weights(tmp_path / "missing.pth")
+        fid.check_inception_weights(tmp_path / "missing.pth")
     partial = tmp_path / "partial.pth"
     state_dict = torch.load(features.weights_path, weights_only=True)
     torch.save({k: v for k, v in state_dict.items() if not k.startswith("Mixed_7c")}, partial)
     with pytest.raises(ValueError, match="partial.pth': .* keys missing, e.g. 'Mixed_7c"):
-        evaluation.check_inception_weights(partial)
+        fid.check_inception_weights(partial)
 
 
 @needs_fid_helper

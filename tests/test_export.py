@@ -16,9 +16,9 @@ from PIL import Image
 import sample
 import train_cfm
 import train_ddpm
+from modules.artifacts.model_folder import save_model
 from modules.config import FlowArguments
-from modules.flow import FlowObjective
-from modules.models import save_model
+from modules.objectives.flow import FlowObjective
 
 TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
 
@@ -47,8 +47,6 @@ def export_and_load(run, folder):
 
 def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
     """sample.py's images for the pipeline's `settings`: the floats in [-1, 1] it quantises, and its PNGs."""
-    from modules import samplers
-
     flags = []
     for key, value in settings.items():
         if key == "class_labels":
@@ -57,7 +55,7 @@ def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
             flags += ["--prompt", *value]
         else:
             flags += [f"--{key}", str(value)]
-    kept, generate = [], samplers.generate_images
+    kept, generate = [], sample.generate_images
 
     def generate_and_keep(*args, decode=None, **kwargs):
         def decode_and_keep(x0):
@@ -68,7 +66,7 @@ def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
         return generate(*args, decode=decode_and_keep, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(samplers, "generate_images", generate_and_keep)
+        patch.setattr(sample, "generate_images", generate_and_keep)
         sample.main(["--model", str(run), "--output", str(out), *flags])
     return torch.cat(kept), np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
 
@@ -86,8 +84,8 @@ def assert_same_as_sample_py(pipe, run, tmp_path, **settings):
 def latent_run(tmp_path_factory):
     """A class-conditional DiT on the latents of a tiny KL-VAE of ours, weights random but not zero, as training
     would save it; the SDE sampler draws noise from the per-image generators on the way."""
-    from modules.dit import DiTModel
-    from modules.vae import KLVAE, VAE
+    from modules.networks.dit import DiTModel
+    from modules.networks.vae import KLVAE, VAE
 
     root = tmp_path_factory.mktemp("latent")
     torch.manual_seed(0)
@@ -210,7 +208,7 @@ def test_latent_dit_with_its_vae(latent_run, tmp_path, vae_class):
     if vae_class == "AutoencoderKL":  # the same DiT, decoded by a diffusers autoencoder (a native component)
         from diffusers import AutoencoderKL
 
-        from modules.vae import VAE
+        from modules.networks.vae import VAE
 
         torch.manual_seed(1)
         vae = AutoencoderKL(
@@ -293,8 +291,10 @@ for i, settings in enumerate({[s for _, s in settings]!r}):
 
 
 def test_refusals_leave_nothing_behind(tmp_path, capsys, monkeypatch, latent_run):
-    from modules import export
-    from modules.vae import KLVAE, VAEArguments, VAEObjective
+    from modules.artifacts import export
+    from modules.config import VAEArguments
+    from modules.networks.vae import KLVAE
+    from modules.objectives.autoencoder import VAEObjective
 
     vae_run = tmp_path / "vae_run"
     save_model(

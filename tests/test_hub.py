@@ -12,9 +12,11 @@ from conftest import TINY, free_port, run, script
 from hub_server import FakeHub
 from PIL import Image
 
+from modules.artifacts.hub import check_push, model_card
+from modules.artifacts.model_folder import load_model, load_pretrained_weights
 from modules.config import ModelArguments, UserError
-from modules.hub import check_push, command_line, model_card
-from modules.models import build_model, load_model, load_pretrained_weights
+from modules.networks.presets import build_model
+from modules.records import command_line
 
 TOKEN = "hf_TestToken0123456789abcdef"
 REPO = "someone/tiny-fm"
@@ -148,12 +150,21 @@ def test_an_unreachable_hub_does_not_stop_training_and_the_run_pushes_later(tmp_
         env=hub_env(dead, tmp_path / "home"),
     )
     assert "warning: could not push step 1 to the Hub repo 'someone/later'" in proc.stderr
-    later = f"python -m modules.hub {out} --hub_model_id someone/later"
+    later = f"python -m modules.artifacts.hub {out} --hub_model_id someone/later"
     assert later in proc.stderr and TOKEN not in proc.stderr
     assert (out / "checkpoints" / "checkpoint-2").is_dir() and (out / "diffusion_pytorch_model.safetensors").is_file()
     with FakeHub() as hub:
         done = run(
-            [sys.executable, "-m", "modules.hub", str(out), "--hub_model_id", "someone/later", "--hub_token", TOKEN],
+            [
+                sys.executable,
+                "-m",
+                "modules.artifacts.hub",
+                str(out),
+                "--hub_model_id",
+                "someone/later",
+                "--hub_token",
+                TOKEN,
+            ],
             env=hub_env(hub.url, tmp_path / "home"),
         )
         assert "pushed" in done.stdout and "README.md" in hub.repos["someone/later"]
@@ -220,9 +231,10 @@ def test_a_local_vae_and_text_encoder_travel_with_the_pushed_model(tiny_cfm_run,
 
     from diffusers import AutoencoderKL
 
-    from modules.hub import resolve_components, stage
-    from modules.text import load_text_encoder
-    from modules.vae import load_vae
+    from modules.artifacts.hub import stage
+    from modules.artifacts.model_folder import resolve_components
+    from modules.networks.text import load_text_encoder
+    from modules.networks.vae import load_vae
 
     vae_dir = tmp_path / "my_vae"
     AutoencoderKL(

@@ -138,7 +138,7 @@ def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
 
 
 def test_latent_decoder_refuses_another_vae(vae_run):
-    from modules.vae import latent_decoder
+    from modules.data.latents import latent_decoder
 
     record = {
         "vae": {"source": str(vae_run), "kind": "KLVAE", "latent_channels": 16},

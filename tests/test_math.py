@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from modules.config import DDPMArguments, FlowArguments
-from modules.ddpm import BETA_SCHEDULES, DDPMObjective, add_noise, make_scheduler, min_snr_weight, training_target
-from modules.flow import FlowObjective, flow_interpolate, flow_velocity, ot_pair, sample_time
-from modules.samplers import ddim_step, per_sample_randn, predict_x0_eps, sample_generators
+from modules.objectives.ddpm import (
+    BETA_SCHEDULES,
+    DDPMObjective,
+    add_noise,
+    make_scheduler,
+    min_snr_weight,
+    training_target,
+)
+from modules.objectives.flow import FlowObjective, flow_interpolate, flow_velocity, ot_pair, sample_time
+from modules.objectives.samplers import ddim_step, per_sample_randn, predict_x0_eps, sample_generators
 
 
 class DeltaFlowVelocity(torch.nn.Module):

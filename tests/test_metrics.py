@@ -5,8 +5,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from modules.data import FASHION_MNIST_DIR, load_fashion_mnist, resize_uint8
-from modules.evaluation import InceptionFeatures, fid_statistics, frechet_distance, image_metrics
+from modules.data.images import FASHION_MNIST_DIR, load_fashion_mnist
+from modules.evaluation.fid import InceptionFeatures, fid_statistics, frechet_distance, image_metrics
+from modules.pixels import resize_uint8
 
 
 @pytest.fixture(scope="module")

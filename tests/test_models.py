@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
-from modules.conditioning import drop_labels, timestep_embedding
-from modules.dit import DIT_PRESETS, DiTModel, apply_rope, rope_2d_angles
-from modules.unet import UNET_PRESETS, UNetModel
+from modules.networks.conditioning import drop_labels, timestep_embedding
+from modules.networks.dit import DIT_PRESETS, DiTModel, apply_rope, rope_2d_angles
+from modules.networks.unet import UNET_PRESETS, UNetModel
 
 # UNets at in_channels=3, sample_size=32, unconditional (CIFAR-10 shape). unet_l is the DDPM CIFAR-10 network:
 # 35.7M in the paper, plus 2,560,896 for the scale half of the scale-shift conditioning.
@@ -286,9 +286,9 @@ def test_dry_run_flops_match_a_real_forward_and_backward(capsys, model):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from modules.config import FlowArguments, ModelArguments
-    from modules.flops import training_flops_per_image
-    from modules.flow import FlowObjective
-    from modules.models import build_model
+    from modules.networks.presets import build_model
+    from modules.objectives.flow import FlowObjective
+    from modules.training.flops import training_flops_per_image
 
     sized = dry_run(capsys, "--model", model, "--patch_size", 4)
     torch.manual_seed(0)

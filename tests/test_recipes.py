@@ -222,8 +222,8 @@ def test_fsdp_fully_shards_each_dit_block_in_bf16(launch):
     from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    from modules.dit import DiTBlock, dit_tiny
-    from modules.unet import EmbedSequential, unet_s
+    from modules.networks.dit import DiTBlock, dit_tiny
+    from modules.networks.unet import EmbedSequential, unet_s
 
     argv = header_commands(ROOT / "accelerate_configs" / "fsdp.yaml")[0]
     args, _, env, _ = launch(argv)

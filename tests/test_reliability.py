@@ -15,7 +15,7 @@ from conftest import RESUMABLE, ROOT, TINY, free_port, read_metrics, run, script
 from safetensors.torch import load_file
 
 import train_cfm
-from modules.checkpoint import list_checkpoints, resolve_resume
+from modules.training.checkpoint import list_checkpoints, resolve_resume
 
 # Runs a training script with some of its library calls wrapped: how a test makes a step slow, fail or not finite
 # on purpose. The loss's third call (call 1 measures FLOPs) is step 2's.
@@ -30,8 +30,8 @@ def slow_save(tensors, filename, *args, **kwargs):
         time.sleep(60)
     return real_save(tensors, filename, *args, **kwargs)
 safetensors.torch.save_file = slow_save
-import modules.flow
-real_loss = modules.flow.FlowObjective.loss
+import modules.objectives.flow
+real_loss = modules.objectives.flow.FlowObjective.loss
 calls = [0]
 def loss(self, *args, **kwargs):
     calls[0] += 1
@@ -39,7 +39,7 @@ def loss(self, *args, **kwargs):
         raise RuntimeError("injected failure on rank " + os.environ["RANK"])
     value = real_loss(self, *args, **kwargs)
     return value * float("nan") if os.environ.get("RANK") == {nan_rank!r} and calls[0] == 3 else value
-modules.flow.FlowObjective.loss = loss
+modules.objectives.flow.FlowObjective.loss = loss
 import train_cfm
 train_cfm.main(sys.argv[1:])
 """
@@ -162,16 +162,16 @@ def test_max_train_minutes_stops_with_a_checkpoint(tmp_path, capsys):
 
 
 def nan_loss(monkeypatch, bad_calls):
-    import modules.flow
+    import modules.objectives.flow
 
-    real, calls = modules.flow.FlowObjective.loss, [0]
+    real, calls = modules.objectives.flow.FlowObjective.loss, [0]
 
     def loss(self, *args, **kwargs):
         calls[0] += 1
         value = real(self, *args, **kwargs)
         return value * float("nan") if bad_calls(calls[0]) else value
 
-    monkeypatch.setattr(modules.flow.FlowObjective, "loss", loss)
+    monkeypatch.setattr(modules.objectives.flow.FlowObjective, "loss", loss)
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_after_the_limit(tmp_path, monkeypatch, capsys):

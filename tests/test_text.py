@@ -10,8 +10,8 @@ from conftest import TINY_TEXT
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from modules.config import UserError
-from modules.text import TextEmbeddings, TextEncoder, load_text_encoder, text_encoder_from_record
-from modules.tokenizer import EOT_ID, SOT_ID, clip_bpe_path, clip_tokenizer
+from modules.networks.text import TextEmbeddings, TextEncoder, load_text_encoder, text_encoder_from_record
+from modules.networks.tokenizer import EOT_ID, SOT_ID, clip_bpe_path, clip_tokenizer
 
 LONG = " ".join(["a very long prompt about a red bicycle leaning on a wall"] * 10)
 PROMPTS = [

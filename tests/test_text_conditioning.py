@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import train_cfm
-from modules.conditioning import cat_conditions
-from modules.dit import dit_tiny
-from modules.unet import unet_s
+from modules.networks.conditioning import cat_conditions
+from modules.networks.dit import dit_tiny
+from modules.networks.unet import unet_s
 
 TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
 
@@ -153,7 +153,7 @@ def test_text_needs_captions(capsys, tmp_path):
 
 
 def test_frozen_embeddings_are_cached_per_caption_and_equal_a_batch_encoding(monkeypatch):
-    from modules.text import TextConditioner, load_text_encoder
+    from modules.networks.text import TextConditioner, load_text_encoder
 
     encoder = load_text_encoder("minilm")
     text = TextConditioner(encoder)

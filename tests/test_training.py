@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_reliability import runner, weights
 
-from modules.checkpoint import list_checkpoints
+from modules.training.checkpoint import list_checkpoints
 
 
 def _state(checkpoint):
@@ -284,18 +284,19 @@ def test_deepspeed_zero2_trains_as_ddp_does_skips_nonfinite_steps_and_resumes_ex
 @pytest.fixture(scope="module")
 def quick_classifier():
     """A briefly trained Fashion-MNIST classifier standing in for the cached one (minutes to train)."""
-    import modules.classifier as classifier
-    from modules.data import load_fashion_mnist, resize_uint8
+    from modules.data.images import load_fashion_mnist
+    from modules.evaluation import classifier
+    from modules.pixels import resize_uint8
 
     images, labels = load_fashion_mnist("train")
     return classifier.train_classifier(resize_uint8(images[:1000, None], 32), labels[:1000], epochs=1, progress=False)
 
 
 def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path, monkeypatch, quick_classifier):
-    import modules.classifier as classifier
+    import modules.evaluation.metrics as metrics
     import sample
 
-    monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick_classifier)
+    monkeypatch.setattr(metrics, "load_or_train_classifier", lambda: quick_classifier)
     prefix = tmp_path / "sweep"
     sample.main(
         [
@@ -329,10 +330,10 @@ def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path, monkeypatch, quick_cla
 
 def test_in_training_metrics_kid_and_classifier(monkeypatch, tmp_path, quick_classifier):
     """--eval_metrics fid,kid,classifier at the end of a run."""
-    import modules.classifier as classifier
+    import modules.evaluation.metrics as metrics
     import train_cfm
 
-    monkeypatch.setattr(classifier, "load_or_train_classifier", lambda: quick_classifier)
+    monkeypatch.setattr(metrics, "load_or_train_classifier", lambda: quick_classifier)
     out = tmp_path / "metrics"
     train_cfm.main(
         [

@@ -6,9 +6,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from modules.config import UserError
-from modules.data import load_fashion_mnist, resize_uint8, to_model_range
-from modules.vae import KLVAE, VAE, VAE_PRESETS, VAEArguments, VAEObjective, kl_divergence, load_vae, psnr
+from modules.config import UserError, VAEArguments
+from modules.data.images import load_fashion_mnist
+from modules.networks.vae import KLVAE, VAE, VAE_PRESETS, load_vae
+from modules.objectives.autoencoder import VAEObjective, kl_divergence, psnr
+from modules.pixels import resize_uint8, to_model_range
 
 
 def tiny_autoencoder_kl(**overrides) -> AutoencoderKL:

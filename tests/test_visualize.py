@@ -4,11 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.config import FlowArguments
-from modules.data import to_uint8
-from modules.flow import FlowObjective
-from modules.unet import unet_s
-from modules.visualize import (
+from modules.artifacts.visualize import (
     DenoisingRecorder,
     denoising_path_grid,
     path_columns,
@@ -16,6 +12,10 @@ from modules.visualize import (
     trajectory_pca_plot,
     write_denoising_figures,
 )
+from modules.config import FlowArguments
+from modules.networks.unet import unet_s
+from modules.objectives.flow import FlowObjective
+from modules.pixels import to_uint8
 
 STEPS, PADDING = 10, 2
 

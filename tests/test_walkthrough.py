@@ -33,7 +33,7 @@ WALKTHROUGH = [
     "    --num_sample_images 16 --num_inference_steps $SAMPLING_STEPS --fid_num_samples $FID_SAMPLES"
     " --output_dir $RUN",
     'python sample.py --model $RUN --prompt "a photo of a dog" --num_images 8 --output $GRID',
-    "python -m modules.hub $RUN --hub_model_id $HUB_MODEL_ID   # token: $$HF_TOKEN or `hf auth login`",
+    "python -m modules.artifacts.hub $RUN --hub_model_id $HUB_MODEL_ID   # token: $$HF_TOKEN or `hf auth login`",
 ]
 
 README_VALUES = dict(
@@ -115,7 +115,7 @@ def test_train_on_your_own_images_walkthrough(tmp_path, clip_text_folder, capsys
     with FakeHub() as hub:
         for command in commands:
             argv = shlex.split(command.replace("\\\n", " "), comments=True)
-            if argv[:3] == ["python", "-m", "modules.hub"]:
+            if argv[:3] == ["python", "-m", "modules.artifacts.hub"]:
                 env = {**hub_env(hub.url, tmp_path / "home"), "HF_TOKEN": TOKEN}
                 pushed = run([sys.executable, *argv[1:]], env=env)
             else:

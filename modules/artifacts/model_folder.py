@@ -1,0 +1,134 @@
+"""A trained model's folder: the network (save_pretrained, safetensors) and objective.json, which says how it
+trained and samples. Written at the end of training, read by sample.py, --init_from and the export, from a local
+directory or a Hub model id (downloaded and cached)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from modules.config import UserError
+from modules.files import write_text_atomically
+from modules.networks.presets import MODEL_CLASSES
+from modules.objectives.registry import objective_from_config
+from modules.records import OBJECTIVE_FILE, describe_error
+
+
+def save_model(model, objective, directory: str | Path, extra: dict | None = None):
+    """`save_pretrained` (safetensors) plus objective.json, which says how the model was trained and samples."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    record = {"objective": objective.name, "args": dataclasses.asdict(objective.args), **(extra or {})}
+    write_text_atomically(directory / OBJECTIVE_FILE, json.dumps(record, indent=2))
+
+
+def load_model(path_or_id: str | Path, device="cpu", revision: str | None = None, token: str | None = None):
+    """(model, objective, record) from a directory written by `save_model` (a run's output_dir) or a Hub model id
+    pushed by training (downloaded and cached); a VAE or text encoder bundled with it is found inside it."""
+    path = model_dir(path_or_id, revision, token)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model: '{path_or_id}' holds no saved model (no config.json); give a run's output_dir")
+    config = json.loads((path / "config.json").read_text())
+    cls = MODEL_CLASSES.get(config.get("_class_name"))
+    if cls is None:
+        raise UserError(f"{path / 'config.json'}: unknown model class {config.get('_class_name')!r}")
+    if not (path / OBJECTIVE_FILE).is_file():
+        raise UserError(f"--model: '{path}' has no {OBJECTIVE_FILE}, so it is unknown how it samples")
+    record = resolve_components(json.loads((path / OBJECTIVE_FILE).read_text()), path)
+    model = cls.from_pretrained(path, use_safetensors=True).to(device).eval()
+    return model, objective_from_config(record), record
+
+
+def load_pretrained_weights(model, path_or_id: str, revision: str | None = None, token: str | None = None):
+    """--init_from: copy the weights of a saved model (a run's output_dir or a Hub id) into `model`, which must
+    have the same architecture: every parameter present, with the same shape."""
+    from safetensors.torch import load_file
+
+    path = model_dir(path_or_id, revision, token)
+    weights = path / "diffusion_pytorch_model.safetensors"
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if not weights.is_file():
+        raise UserError(f"--init_from '{path_or_id}': no diffusion_pytorch_model.safetensors in {path}")
+    if config.get("_class_name") != type(model).__name__:
+        raise UserError(
+            f"--init_from '{path_or_id}' is a {config.get('_class_name')}, but --model builds a {type(model).__name__}"
+        )
+    state = load_file(str(weights))
+    own = model.state_dict()
+    problems = [f"{k} missing" for k in own if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in own]
+    problems += [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise UserError(
+            f"--init_from '{path_or_id}' does not fit the model being trained ({len(problems)} parameter(s) differ: "
+            f"{', '.join(problems[:3])}); train the same --model with the same sizes, classes and text settings"
+        )
+    model.load_state_dict(state)
+
+
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")  # pickled or foreign weights: never uploaded
+
+
+def download_model(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """A model folder from the Hub (cached), or a `UserError` that says why and suggests a local path."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, token=token, ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES]
+        )
+    except RevisionNotFoundError:
+        raise UserError(f"model {repo_id!r} has no revision {revision!r} on the Hub") from None
+    except GatedRepoError:
+        raise UserError(f"model {repo_id!r} is gated: accept its terms on the Hub and log in") from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {repo_id!r} is neither a local directory nor a model on the Hub (or it is private: log in or "
+            "pass a token); for a local model give the path of its directory"
+        ) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise UserError(
+            f"model {repo_id!r} is not a local directory and could not be downloaded ({describe_error(e, token)}); "
+            "offline (HF_HUB_OFFLINE=1), only models already in the Hub cache load: download it first, or give a "
+            "local path"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - bad id, network errors: all the user's to fix
+        raise UserError(
+            f"model {repo_id!r} is not a local directory and could not be downloaded from the Hub "
+            f"({describe_error(e, token)}); check the id and the network, or give a local path"
+        ) from None
+    return Path(folder)
+
+
+def model_dir(path_or_id: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local model directory as is, else a Hub model id downloaded."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
+        raise UserError(f"model '{path_or_id}': no such directory (nor a Hub id of the form user/name)")
+    return download_model(str(path_or_id), revision, token)
+
+
+def resolve_components(record: dict, folder: Path) -> dict:
+    """A model record whose bundled VAE / text encoder (relative sources, see `bundle_components`) point into
+    `folder`, so that the model loads from any working directory."""
+    record = json.loads(json.dumps(record))
+    latent_vae = record.get("latent", {}).get("vae", {})
+    for part in (latent_vae, record.get("text_encoder") or {}):
+        source = part.get("source")
+        if source and not Path(source).is_absolute() and (folder / source).is_dir():
+            part["source"] = str((folder / source).resolve())
+    return record

@@ -1,0 +1,1 @@
+"""Evaluation: FID and KID with Inception, the Fashion-MNIST classifier's metrics."""

@@ -1,0 +1,111 @@
+"""DDPM (Ho et al. 2020) objective on diffusers' noise schedules.
+
+Forward process: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, with a_t = alpha_bar_t = prod_{s<=t} (1 - beta_s) and integer
+t in [0, T). The network sees the float time t / T. It predicts eps, x0 ("sample") or v = sqrt(a) eps - sqrt(1 - a) x0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modules.config import DDPMArguments
+from modules.objectives.denoising import GuidedSampling
+from modules.objectives.samplers import ddim_sample, scheduler_sample
+
+# Our names for diffusers' beta schedules.
+BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+    "sigmoid": "sigmoid",
+}
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+
+
+def make_scheduler(args: DDPMArguments, kind: str = "ddpm"):
+    """The diffusers scheduler for this schedule: DDPMScheduler (training, ancestral sampling) or the
+    DPM-Solver++ multistep scheduler on the same betas."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=BETA_SCHEDULES[args.beta_schedule],
+        prediction_type=args.prediction_type,
+        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+        clip_sample=False,
+    )
+    if kind == "dpm_solver":
+        return DPMSolverMultistepScheduler.from_config(
+            scheduler.config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+        )
+    return scheduler
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a) x0 + sqrt(1 - a) eps, with alpha_bar of shape (B,) broadcast."""
+    a = alpha_bar.view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def training_target(x0, noise, alpha_bar, prediction_type: str) -> torch.Tensor:
+    """What the network should output: eps, x0, or v = sqrt(a) eps - sqrt(1 - a) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        a = alpha_bar.view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction type '{prediction_type}'")
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), SNR = a / (1 - a), expressed for each prediction type:
+    eps: min(SNR, g) / SNR, v: min(SNR, g) / (SNR + 1), x0: min(SNR, g)."""
+    snr = alpha_bar / (1 - alpha_bar).clamp_min(1e-20)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr.clamp_min(1e-20)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+class DDPMObjective(GuidedSampling):
+    """DDPM noise-prediction loss (eps / x0 / v) and its samplers (DDPM ancestral, DDIM, DPM-Solver++)."""
+
+    name = "ddpm"
+    samplers = DDPM_SAMPLERS
+
+    def __init__(self, args: DDPMArguments):
+        self.args = args
+        self.scheduler = make_scheduler(args)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.clone().float()
+        if args.snr_gamma is not None and args.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive, got {args.snr_gamma}")
+
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample (optionally Min-SNR weighted) MSE to the target, in fp32."""
+        device = generator.device
+        t = torch.randint(0, self.args.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device).to(x0)
+        return self.loss_at(model, x0, cond, noise, t.to(x0.device).float() / self.args.num_train_timesteps)
+
+    def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
+        """The loss for given noise and times t in [0, 1) (B,), i.e. integer steps round(t T)."""
+        a = self.args
+        steps = (t * a.num_train_timesteps).round().long().clamp(0, a.num_train_timesteps - 1)
+        alpha_bar = self.alphas_cumprod.to(x0.device)[steps]
+        x_t = add_noise(x0, noise, alpha_bar.to(x0.dtype))
+        out = model(x_t, steps.float() / a.num_train_timesteps, cond)
+        target = training_target(x0.float(), noise.float(), alpha_bar, a.prediction_type)
+        loss = (out.float() - target).pow(2).flatten(1).mean(1)
+        if a.snr_gamma is not None:
+            loss = loss * min_snr_weight(alpha_bar, a.snr_gamma, a.prediction_type)
+        return loss
+
+    def run_sampler(self, sampler, fn, noise, steps, generators, callback):
+        """The reverse process from t = T to 0."""
+        if sampler == "ddim":
+            return ddim_sample(fn, noise, self.scheduler, steps, self.args.ddim_eta, generators, callback)
+        return scheduler_sample(fn, noise, make_scheduler(self.args, sampler), steps, generators, callback)

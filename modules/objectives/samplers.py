@@ -1,0 +1,220 @@
+"""Sampling loops. Every loop takes `fn(x, t) -> network output`, with t a float in [0, 1] of shape (B,), and an
+optional `callback(step_index, t, x_t, x0_pred)` called before each update with the model's current estimate of x0.
+
+Randomness comes from one torch.Generator per sample, so image i is the same whatever the batch size.
+Flow samplers follow flow.py's convention (t = 1 noise -> t = 0 data, the network predicts noise - x0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modules.networks.conditioning import cat_conditions, is_text
+from modules.pixels import to_uint8
+
+
+def per_sample_randn(generators, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A (len(generators), *shape) standard normal tensor; row i is drawn from generators[i] alone."""
+    rows = [torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in generators]
+    return torch.stack(rows).to(device)
+
+
+def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[torch.Generator]:
+    """Generators for images start..start+count-1 of a run seeded with `seed`."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(start, start + count)]
+
+
+def guided_model(model, cond, guidance_scale: float = 1.0, null_cond=None):
+    """`fn(x, t)` for the samplers, with classifier-free guidance: u + s (c - u), u = model(x, t, null).
+
+    `null_cond` defaults to the model's null class (index num_classes); text models must pass theirs (the empty
+    caption's encoding, one row or one per sample)."""
+
+    def fn(x, t):
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        if cond is None or guidance_scale == 1.0:
+            return model(x, t, cond)
+        if is_text(cond):
+            if null_cond is None:
+                raise ValueError("classifier-free guidance of a text-conditional model needs null_cond")
+            null = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in null_cond.items()}
+        else:
+            null = null_cond if null_cond is not None else torch.full_like(cond, model.config.num_classes)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null]))
+        out_cond, out_uncond = out.chunk(2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    return fn
+
+
+# --- Flow matching: integrate dx/dt = v from t = 1 to t = 0 ----------------------------------------------------------
+
+
+def _time_grid(steps: int, device) -> torch.Tensor:
+    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+
+
+def euler_sample(fn, noise, steps, generators=None, callback=None):
+    """Explicit Euler: x_{t-h} = x_t - h v(x_t, t). `steps` network evaluations."""
+    x, ts = noise, _time_grid(steps, noise.device)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        v = fn(x, t.to(x.dtype))
+        if callback:
+            callback(i, float(t), x, x - t.to(x.dtype) * v)
+        x = x + (t_next - t).to(x.dtype) * v
+    return x
+
+
+def heun_sample(fn, noise, steps, generators=None, callback=None):
+    """Heun's second-order method; the last step (to t = 0) is Euler, as in EDM. 2 * steps - 1 evaluations."""
+    x, ts = noise, _time_grid(steps, noise.device)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        h = (t_next - t).to(x.dtype)
+        v = fn(x, t.to(x.dtype))
+        if callback:
+            callback(i, float(t), x, x - t.to(x.dtype) * v)
+        x_euler = x + h * v
+        if t_next > 0:
+            v_next = fn(x_euler, t_next.to(x.dtype))
+            x = x + h * 0.5 * (v + v_next)
+        else:
+            x = x_euler
+    return x
+
+
+def euler_maruyama_sample(fn, noise, steps, generators=None, callback=None, noise_scale: float = 1.0):
+    """Reverse-time SDE with the ODE's marginals, integrated by Euler-Maruyama.
+
+    With diffusion g(t)^2 = 2 s t and score(x_t) = -eps_hat / t, where eps_hat = x_t + (1 - t) v, the reverse drift is
+    v + s * eps_hat, so x_{t-h} = x_t - h (v + s eps_hat) + sqrt(2 s t h) z. The last step is deterministic."""
+    if generators is None:
+        raise ValueError("euler_maruyama needs one torch.Generator per sample")
+    x, ts = noise, _time_grid(steps, noise.device)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        h = (t - t_next).to(x.dtype)
+        tt = t.to(x.dtype)
+        v = fn(x, tt)
+        if callback:
+            callback(i, float(t), x, x - tt * v)
+        if t_next > 0:
+            eps_hat = x + (1 - tt) * v
+            z = per_sample_randn(generators, x.shape[1:], x.device, x.dtype)
+            x = x - h * (v + noise_scale * eps_hat) + torch.sqrt(2 * noise_scale * tt * h) * z
+        else:
+            x = x - h * v
+    return x
+
+
+FLOW_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "euler_maruyama": euler_maruyama_sample}
+
+
+# --- DDPM: discrete-time samplers ------------------------------------------------------------------------------------
+
+
+def predict_x0_eps(x_t, output, alpha_bar, prediction_type: str):
+    """Recover (x0, eps) from the network output, given x_t = sqrt(a) x0 + sqrt(1 - a) eps with a = alpha_bar."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        eps = output
+        return (x_t - s * eps) / a, eps
+    if prediction_type == "sample":
+        x0 = output
+        return x0, (x_t - a * x0) / s
+    if prediction_type == "v_prediction":  # v = a eps - s x0
+        return a * x_t - s * output, s * x_t + a * output
+    raise ValueError(f"unknown prediction type '{prediction_type}'")
+
+
+def ddim_step(x_t, output, alpha_bar_t, alpha_bar_prev, prediction_type: str, eta: float = 0.0, noise=None):
+    """One DDIM step (Song et al. 2021, eq. 12):
+
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+    sigma = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))."""
+    x0, eps = predict_x0_eps(x_t, output, alpha_bar_t, prediction_type)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
+    x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).sqrt() * eps
+    if eta > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def ddim_sample(fn, noise, scheduler, steps, eta=0.0, generators=None, callback=None):
+    """DDIM with the timesteps of diffusers' DDIMScheduler built from the training schedule."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    alphas = ddim.alphas_cumprod.to(noise.device, torch.float64)
+    final = torch.tensor(float(ddim.final_alpha_cumprod), dtype=torch.float64, device=noise.device)
+    num_train = ddim.config.num_train_timesteps
+    x = noise
+    for i, t in enumerate(ddim.timesteps):
+        t = int(t)
+        prev = t - num_train // steps
+        a_t, a_prev = alphas[t], alphas[prev] if prev >= 0 else final
+        out = fn(x, torch.tensor(t / num_train, device=x.device, dtype=x.dtype))
+        if callback:
+            x0 = predict_x0_eps(x, out, a_t.to(x.dtype), ddim.config.prediction_type)[0]
+            callback(i, t / num_train, x, x0)
+        z = per_sample_randn(generators, x.shape[1:], x.device, x.dtype) if eta > 0 else None
+        x = ddim_step(x, out, a_t.to(x.dtype), a_prev.to(x.dtype), ddim.config.prediction_type, eta, z)
+    return x
+
+
+def scheduler_sample(fn, noise, scheduler, steps, generators=None, callback=None):
+    """Sample with a diffusers scheduler's own `step` (DDPM ancestral, DPM-Solver++)."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    num_train = scheduler.config.num_train_timesteps
+    x = noise
+    for i, t in enumerate(scheduler.timesteps):
+        out = fn(x, (t.float() / num_train).to(x.dtype))
+        if callback:
+            alpha_bar = scheduler.alphas_cumprod[int(t)].to(x.device, x.dtype)
+            callback(i, int(t) / num_train, x, predict_x0_eps(x, out, alpha_bar, scheduler.config.prediction_type)[0])
+        x = scheduler.step(out, t, x, generator=generators).prev_sample
+    return x
+
+
+# --- From a trained model to images ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_images(
+    model,
+    objective,
+    num_images: int,
+    seed: int,
+    shape,
+    batch_size: int = 64,
+    class_labels=None,
+    device="cpu",
+    start: int = 0,
+    progress: bool = False,
+    decode=None,
+    **sample_kwargs,
+) -> torch.Tensor:
+    """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i).
+
+    `class_labels`: one label per image, or for text models a text dict with one row per image (and then
+    `null_cond=` the empty caption's encoding, for guidance).
+
+    `decode` maps what the model generates to images in [-1, 1] (a VAE's decoder for latent models)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    batches = range(start, start + num_images, batch_size)
+    for first in tqdm(batches, desc="sampling", disable=not progress, leave=False):
+        n = min(batch_size, start + num_images - first)
+        generators = sample_generators(seed, first, n)
+        noise = per_sample_randn(generators, shape, device)
+        cond = None
+        if isinstance(class_labels, dict):  # text embeddings, one row per image (modules/conditioning.py)
+            cond = {k: v[first - start : first - start + n].to(device) for k, v in class_labels.items()}
+        elif class_labels is not None:
+            cond = torch.as_tensor(class_labels[first - start : first - start + n], dtype=torch.long, device=device)
+        x0 = objective.sample(model, noise, cond, generators=generators, **sample_kwargs)
+        out.append(to_uint8(decode(x0) if decode is not None else x0).cpu())
+    return torch.cat(out)

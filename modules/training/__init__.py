@@ -1,0 +1,1 @@
+"""Training: the loop every training script runs, its checkpoints, EMA, stopping and sizing."""

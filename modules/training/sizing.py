@@ -1,0 +1,164 @@
+"""--dry_run: what a run would cost, without the data or a single real step.
+
+The model is built on PyTorch's meta device (shapes only, no memory, no init time, so DiT-XL/2 takes a second) and
+one forward and backward of the objective's loss runs there under `FlopCounterMode`, which counts the same FLOPs as
+on a real device, and under a saved-tensors hook, which adds up the activations kept for the backward pass.
+
+Memory is estimated, not measured: per parameter 4 bytes of weights, 4 of gradients, 8 of AdamW state (2 with
+--use_8bit_adam) and 4 of EMA, plus the activations of one batch as the hook counts them (with
+--gradient_checkpointing, only what checkpointing keeps; halved under bf16/fp16 autocast, which keeps most of them
+in 16 bits; views of one tensor are counted once each, so it errs high). Allocator overhead, the recomputation of
+one checkpointed block and framework workspaces come on top.
+
+The data's shape comes from the data when it opens offline and quickly; otherwise (a Hub dataset not in the cache,
+say) from the arguments, with the assumptions printed: 3 channels (or 4-channel latents at 1/8 the resolution with
+--latent_dataset), 1000 classes, and CLIP ViT-L/14's text widths for a CLIP text encoder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError
+from modules.networks.presets import build_model
+from modules.networks.text import MINILM_SPECS, OwnTextEncoder, own_config_from_spec
+from modules.training.flops import training_flops_per_image
+from modules.training.setup import open_data
+
+ASSUMED_CLASSES = 1000
+CLIP_L_WIDTHS = (768, 768)  # token width, pooled (projected) width of openai/clip-vit-large-patch14
+KNOWN_TEXT_WIDTHS = {"minilm": (384, 384)}
+
+
+def data_shape(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments):
+    """((channels, resolution), number of classes, notes on what was assumed)."""
+
+    try:
+        data, _, _, latent = open_data(data_args, model_args, train_args)
+    except UserError as e:
+        notes = [f"data not opened ({str(e)[:120]}...): its shape is assumed"]
+        if data_args.latent_dataset:
+            shape = (4, data_args.resolution // 8)
+            notes.append(f"4-channel latents at 1/8 of --resolution {data_args.resolution} (an SD-style VAE)")
+        else:
+            shape = (data_args.num_channels or 3, data_args.resolution)
+            notes.append(f"{shape[0]} channels at --resolution {data_args.resolution}")
+        classes = ASSUMED_CLASSES if model_args.class_conditional else 0
+        if classes:
+            notes.append(f"{classes} classes")
+        return shape, classes, notes
+    resolution = data.resolution if latent else data_args.resolution
+    return (data.num_channels, resolution), data.num_classes if model_args.class_conditional else 0, []
+
+
+def text_settings(model_args: ModelArguments, notes: list) -> dict | None:
+    """The denoiser's text settings for --text_encoder (see TextConditioner.model_config), without loading weights."""
+    spec = model_args.text_encoder
+    if not spec:
+        return None
+    if spec == "own" or spec.startswith("own:"):
+        with torch.device("meta"):
+            encoder = OwnTextEncoder(own_config_from_spec(spec, model_args.max_text_length))
+        return dict(
+            text_conditioning=model_args.text_conditioning,
+            text_dim=encoder.token_dim,
+            pooled_dim=encoder.pooled_dim,
+            text_encoder=encoder.config_record(),
+        )
+
+    if spec in MINILM_SPECS:
+        widths = KNOWN_TEXT_WIDTHS["minilm"]
+    else:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(spec)
+            text = getattr(config, "text_config", config)
+            widths = (text.hidden_size, getattr(config, "projection_dim", None) or text.hidden_size)
+        except (OSError, ValueError):
+            widths = CLIP_L_WIDTHS
+            notes.append(f"text encoder {spec!r} not available offline: CLIP ViT-L/14's widths {widths} assumed")
+    return dict(
+        text_conditioning=model_args.text_conditioning, text_dim=widths[0], pooled_dim=widths[1], text_encoder=None
+    )
+
+
+def meta_condition(text: dict | None, num_classes: int, batch: int, max_text_length: int | None):
+    if text is None:
+        return torch.zeros(batch, dtype=torch.long, device="meta") if num_classes else None
+    if text["text_encoder"] is not None:  # the own encoder inside the model takes token ids
+        length = text["text_encoder"]["max_length"]
+        return {
+            "input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta"),
+            "input_mask": torch.ones(batch, length, dtype=torch.bool, device="meta"),
+        }
+    length = max_text_length or 77
+    return {
+        "tokens": torch.zeros(batch, length, text["text_dim"], device="meta"),
+        "mask": torch.ones(batch, length, dtype=torch.bool, device="meta"),
+        "pooled": torch.zeros(batch, text["pooled_dim"], device="meta"),
+    }
+
+
+def activation_bytes(model, objective, x0, cond) -> int:
+    """Bytes of the tensors autograd keeps for backward, over one forward of the loss on `x0`."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        objective.loss(model, x0, cond, generator).mean()
+    return total
+
+
+def dry_run(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments, objective) -> dict:
+    """Print and return the run's size: parameters, FLOPs per image, estimated peak memory."""
+
+    (channels, resolution), classes, notes = data_shape(data_args, model_args, train_args)
+    text = text_settings(model_args, notes)
+    make_model = getattr(objective, "build_model", build_model)
+    with torch.device("meta"):
+        model = make_model(model_args, channels, resolution, classes, text)
+    if train_args.gradient_checkpointing and getattr(model, "_supports_gradient_checkpointing", False):
+        model.enable_gradient_checkpointing()
+    params = sum(p.numel() for p in model.parameters())
+    probe = 2  # images in the meta batch: costs do not depend on the values
+    x0 = torch.zeros(probe, channels, resolution, resolution, device="meta")
+    cond = meta_condition(text, classes, probe, model_args.max_text_length)
+    flops = training_flops_per_image(model, objective, x0, cond, torch.Generator().manual_seed(0))
+    per_image = activation_bytes(model, objective, x0, cond) / probe
+    half = train_args.mixed_precision in ("bf16", "fp16")
+    batch = train_args.train_batch_size
+    state_bytes = params * (4 + 4 + (2 if train_args.use_8bit_adam else 8) + 4)
+    activations = per_image * batch * (0.5 if half else 1.0)
+    result = {
+        "model": model_args.model,
+        "class": type(model).__name__,
+        "input": [channels, resolution, resolution],
+        "num_classes": classes,
+        "parameters": params,
+        "train_gflops_per_image": flops / 1e9,
+        "batch_per_process": batch,
+        "precision": train_args.mixed_precision or "no",
+        "estimated_state_gib": state_bytes / 2**30,
+        "estimated_activation_gib": activations / 2**30,
+        "estimated_peak_gib": (state_bytes + activations) / 2**30,
+        "assumed": notes,
+    }
+    print(
+        f"dry run: {result['model']} ({result['class']}) on {channels}x{resolution}x{resolution}"
+        f"{f', {classes} classes' if classes else ''}{', text' if text else ''}\n"
+        f"  parameters                {params:,} ({params / 1e6:.2f}M)\n"
+        f"  training FLOPs per image  {flops / 1e9:.3f} GFLOPs (forward + backward)\n"
+        f"  estimated peak memory     {result['estimated_peak_gib']:.2f} GiB per process at batch {batch}, "
+        f"precision {result['precision']}: {result['estimated_state_gib']:.2f} GiB weights, gradients, AdamW and "
+        f"EMA + {result['estimated_activation_gib']:.2f} GiB activations" + "".join(f"\n  assumed: {n}" for n in notes)
+    )
+    print(json.dumps(result))
+    return result
