@@ -4,7 +4,7 @@
     accelerate launch train_cfm.py --config configs/fashion_mnist_unet_cfm.yaml --output_dir runs/fm
     accelerate launch train_cfm.py --model dit_s --patch_size 4 --train_data_dir my_images/ --resolution 64
 
-Every flag: python train_cfm.py --help. Convention (modules/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0.
+Every flag: python train_cfm.py --help. Convention (modules/objectives/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0.
 """
 
 from modules.config import (
@@ -34,10 +34,10 @@ DEFAULTS = dict(
 
 @cli_entry
 def main(argv=None):
-    data, model, training, flow = parse_args(
+    data_args, model_args, train_args, flow_args = parse_args(
         (DataArguments, ModelArguments, TrainingArguments, FlowArguments), argv, DEFAULTS, description=__doc__
     )
-    return train(__file__, data, model, training, FlowObjective(flow), argv)
+    return train(__file__, data_args, model_args, train_args, FlowObjective(flow_args), argv)
 
 
 if __name__ == "__main__":

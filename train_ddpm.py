@@ -30,10 +30,10 @@ DEFAULTS = dict(
 
 @cli_entry
 def main(argv=None):
-    data, model, training, ddpm = parse_args(
+    data_args, model_args, train_args, ddpm_args = parse_args(
         (DataArguments, ModelArguments, TrainingArguments, DDPMArguments), argv, DEFAULTS, description=__doc__
     )
-    return train(__file__, data, model, training, DDPMObjective(ddpm), argv)
+    return train(__file__, data_args, model_args, train_args, DDPMObjective(ddpm_args), argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train our own KL-VAE (modules/vae.py) with Accelerate, for latent diffusion on data no pretrained VAE fits.
+"""Train our own KL-VAE (modules/networks/vae.py) with Accelerate, for latent diffusion on data no pretrained VAE fits.
 
     accelerate launch train_vae.py                                   # Fashion-MNIST 32x32, 4x downsampling
     accelerate launch train_vae.py --vae_model vae_f8 --train_data_dir my_images/ --resolution 256
@@ -37,10 +37,11 @@ DEFAULTS = dict(
 
 @cli_entry
 def main(argv=None):
-    data, training, vae = parse_args(
+    data_args, train_args, vae_args = parse_args(
         (DataArguments, TrainingArguments, VAEArguments), argv, DEFAULTS, description=__doc__
     )
-    return train(__file__, data, ModelArguments(model=vae.vae_model), training, VAEObjective(vae), argv)
+    model_args = ModelArguments(model=vae_args.vae_model)
+    return train(__file__, data_args, model_args, train_args, VAEObjective(vae_args), argv)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@
     python bench/data_pipeline.py --num_workers 2 --model dit_tiny
     python bench/data_pipeline.py --device cuda --batch_size 256 --num_workers 4
 
-Two sources, each read by the DataLoader that modules/training.py builds (ResumableBatchSampler, collate_examples,
-its worker and pin-memory settings):
-(a) images: `modules.data.load_train_data` (Fashion-MNIST at --resolution);
+Two sources, each read by training's own DataLoader (`modules.data.batches.train_loader` over a
+ResumableBatchSampler, with its worker and pin-memory settings):
+(a) images: `modules.data.images.load_train_data` (Fashion-MNIST at --resolution);
 (b) latents: encode_latents.py with a tiny random VAE (the one of bench/encode_latents.py) writes --num_latents
-    Fashion-MNIST images into a temporary directory, read back by `modules.latents.load_latent_data`.
-A step is what training runs per batch: the batch to the device, `model_input` (for latents: z drawn from each
-stored posterior and normalised), the class condition with CFG dropout, the flow-matching loss forward and backward,
-and an AdamW step. Wait = time blocked in next(iterator). Each source runs --steps steps from its loader and the same
-number on one batch fetched beforehand (the baseline without data), --repeats times, in turns (A B, then B A, ...).
+    Fashion-MNIST images into a temporary directory, read back by `modules.data.latents.load_latent_data`.
+A step is training's own `modules.training.step.optimizer_step` on one batch: the batch to the device,
+`model_input` (for latents: z drawn from each stored posterior and normalised), the class condition with CFG
+dropout, the flow-matching loss forward and backward, clipping, the finite check and an AdamW step.
+Wait = time blocked in next(iterator). Each source runs --steps steps from its loader and the same number on one
+batch fetched beforehand (the baseline without data), --repeats times, in turns (A B, then B A, ...).
 Medians over the repeats of wait / step time (goal: < --max_wait_share) and of step time from the loader over the
 baseline's next to it.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,14 +36,17 @@ import encode_latents
 from bench.encode_latents import tiny_vae
 from bench.report import Goal, finish, print_setting
 from modules.config import DataArguments, FlowArguments, ModelArguments, TrainingArguments, help_field, parse_args
-from modules.data.batches import model_input
-from modules.data.conditions import Conditioning
-from modules.data.images import collate_examples, load_train_data
+from modules.data.batches import train_loader
+from modules.data.conditions import ConditionSource
+from modules.data.images import load_train_data
 from modules.data.latents import load_latent_data
-from modules.data.order import ResumableBatchSampler, step_generator
+from modules.data.order import ResumableBatchSampler
 from modules.networks.presets import build_model
 from modules.objectives.flow import FlowObjective
-from modules.training.loop import make_optimizer
+from modules.training.run import Run, RunData
+from modules.training.setup import make_optimizer
+from modules.training.step import optimizer_step
+from modules.training.stopping import StopRequest
 
 
 @dataclass
@@ -80,44 +85,40 @@ def encode_latent_dataset(directory: Path, args: BenchArguments) -> Path:
     return out
 
 
-def data_loader(dataset, args: BenchArguments, device: torch.device):
-    """The loader modules/training.py builds, for one process."""
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=ResumableBatchSampler(len(dataset), args.batch_size, args.seed),
-        collate_fn=collate_examples,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-
-
 class Source:
-    """One data source with its loader, a model sized for it and the training step; records seconds per step."""
+    """One data source with its loader, a model sized for it and training's step; records seconds per step."""
 
-    def __init__(self, name: str, data, resolution: int, args: BenchArguments, device: torch.device):
-        self.name, self.data, self.device = name, data, device
+    def __init__(self, name: str, data, resolution: int, args: BenchArguments, accelerator, stop_request):
+        self.name, self.data, self.device = name, data, accelerator.device
         torch.manual_seed(args.seed)
-        model = build_model(ModelArguments(model=args.model), data.num_channels, resolution, data.num_classes)
-        self.model = model.to(device).train()
-        self.objective = FlowObjective(FlowArguments())
-        self.optimizer = make_optimizer(self.model, TrainingArguments())
-        self.conditioning = Conditioning(data, data.num_classes, drop_prob=TrainingArguments().cond_drop_prob)
-        self.batches = iter(data_loader(data.dataset, args, device))
+        model_args = ModelArguments(model=args.model)
+        train_args = TrainingArguments(seed=args.seed, train_batch_size=args.batch_size)
+        model = build_model(model_args, data.num_channels, resolution, data.num_classes).to(self.device).train()
+        model, optimizer = accelerator.prepare(model, make_optimizer(model, train_args))
+        sampler = ResumableBatchSampler(len(data.dataset), args.batch_size, args.seed)
+        loader = train_loader(
+            data.dataset, sampler, args.seed, args.num_workers, pin_memory=self.device.type == "cuda"
+        )
+        self.run = Run(
+            data_args=DataArguments(),
+            model_args=model_args,
+            train_args=train_args,
+            objective=FlowObjective(FlowArguments()),
+            data=RunData(data),
+            conditions=ConditionSource(data, data.num_classes, drop_prob=train_args.cond_drop_prob),
+            stop_request=stop_request,
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+        )
+        self.batches = iter(loader)
         self.fixed = next(self.batches)
         self.input = f"{data.num_channels}x{resolution}x{resolution}"
-        self.step_number, self.seed = 0, args.seed
+        self.step_number = 0
         self.step_s, self.wait_s, self.fixed_step_s = [], [], []
 
     def step(self, batch) -> None:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        generator = step_generator(self.seed, 0, self.step_number, 0, self.device)
-        x0 = model_input(batch, self.data, generator, False)
-        cond = self.conditioning.batch(batch, generator, self.device)
-        self.objective.loss(self.model, x0, cond, generator).mean().backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.run, [batch], self.step_number)
         if self.device.type == "cuda":  # training syncs every step too (its finite-loss check)
             torch.cuda.synchronize(self.device)
         self.step_number += 1
@@ -141,13 +142,14 @@ class Source:
 
 def main(argv=None):
     (args,) = parse_args((BenchArguments,), argv, description=__doc__)
-    device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    device = accelerator.device
+    with tempfile.TemporaryDirectory() as tmp, StopRequest() as stop_request:
         latents = load_latent_data(str(encode_latent_dataset(Path(tmp), args)))
         images = load_train_data(DataArguments(resolution=args.resolution))
         sources = [
-            Source("Fashion-MNIST images", images, args.resolution, args, device),
-            Source("cached latents (tiny VAE)", latents, latents.resolution, args, device),
+            Source("Fashion-MNIST images", images, args.resolution, args, accelerator, stop_request),
+            Source("cached latents (tiny VAE)", latents, latents.resolution, args, accelerator, stop_request),
         ]
         for source in sources:
             for _ in range(args.warmup):

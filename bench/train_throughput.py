@@ -5,7 +5,7 @@
         --device cuda --mixed_precision bf16 --batch_size 256   # DiT-B/2 on SD-VAE-sized latents, with MFU
 
 One step: the flow-matching loss (modules.flow.FlowObjective) forward and backward, then an AdamW step
-(modules.training.make_optimizer), on a fixed random batch with class labels (10 classes and the null class).
+(modules.training.setup.make_optimizer), on a fixed random batch with class labels (10 classes and the null class).
 Each preset is paired with the diffusers model of the same layout, at the same resolution, channels, batch,
 optimizer and precision:
   unet_*  UNet2DModel with the same block_out_channels, layers_per_block, attention levels, head width and dropout,
@@ -41,7 +41,7 @@ from modules.networks.presets import build_model
 from modules.networks.unet import UNET_PRESETS, group_norm
 from modules.objectives.flow import FlowObjective
 from modules.training.flops import model_flops_per_image, peak_tflops, training_flops_per_image
-from modules.training.loop import make_optimizer
+from modules.training.setup import make_optimizer
 
 NUM_CLASSES = 10
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -367,11 +367,11 @@ def test_wandb_without_a_login_logs_offline_into_the_run_dir(tmp_path):
 def test_missing_tracker_package_is_dropped_with_a_warning(monkeypatch, tmp_path):
     import importlib.util
 
-    from modules import training
+    from modules.training import tracking
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.warns(UserWarning, match=r"wandb is not installed \(pip install wandb\)"):
-        assert training.resolve_trackers("all", tmp_path) == ["tensorboard"]
+        assert tracking.resolve_trackers("all", tmp_path) == ["tensorboard"]
     with pytest.warns(UserWarning, match="wandb is not installed"):
-        assert training.resolve_trackers("wandb", tmp_path) == []
+        assert tracking.resolve_trackers("wandb", tmp_path) == []

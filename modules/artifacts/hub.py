@@ -29,6 +29,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import yaml
+from safetensors import safe_open
+
 from modules.artifacts.model_folder import WEIGHT_SUFFIXES
 from modules.config import UserError, cli_entry, warn
 from modules.records import OBJECTIVE_FILE, RUN_CONFIG_FILE, describe_error
@@ -96,61 +99,19 @@ def _hub_dataset(run_config: dict) -> str | None:
 
 def model_card(folder: Path, repo_id: str, run_config: dict, fid: dict | None) -> str:
     """README.md for the model in `folder` (its config.json and objective.json) trained by `run_config`."""
-    import yaml
-
     config = json.loads((folder / "config.json").read_text())
     record = json.loads((folder / "objective.json").read_text())
     latent, text = record.get("latent"), record.get("text_encoder")
-    kind = {"UNetModel": "unet", "DiTModel": "dit"}.get(config.get("_class_name"), config.get("_class_name"))
-    objective = {"flow": "flow-matching", "ddpm": "ddpm"}.get(record["objective"], record["objective"])
-    if text:
-        condition, pipeline_tag = "text-to-image", "text-to-image"
-    elif config.get("num_classes"):
-        condition, pipeline_tag = "class-conditional", "unconditional-image-generation"
-    else:
-        condition, pipeline_tag = "unconditional", "unconditional-image-generation"
-    tags = ["diffusion", objective, condition, kind, *(["latent-diffusion"] if latent else [])]
-    base = [c["source"] for c in (latent and latent["vae"], text) if c and c.get("source", "").count("/") == 1]
-    base = [b for b in base if not Path(b).is_absolute()]
-    meta = {"library_name": "pytorch", "pipeline_tag": pipeline_tag, "tags": tags}
-    dataset = _hub_dataset(run_config)
-    if dataset:
-        meta["datasets"] = [dataset]
-    if base:
-        meta["base_model"] = base
-    params = 0
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if weights.is_file():  # counted from the header, without loading the weights
-        from safetensors import safe_open
-
-        with safe_open(str(weights), "pt") as f:
-            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    size = config.get("sample_size")
-    channels = config.get("in_channels")
+    meta, condition, objective = _card_metadata(config, record, run_config)
+    size, channels = config.get("sample_size"), config.get("in_channels")
+    params = _parameters(folder / "diffusion_pytorch_model.safetensors")
     what = f"{params / 1e6:.2f}M-parameter {config.get('_class_name')} ({condition}, {objective})"
     if latent:
         vae, pixels = latent["vae"]["source"], latent["image_resolution"]
         space = f"{channels}x{size}x{size} latents of the VAE `{vae}` ({pixels}px images)"
     else:
         space = f"{size}x{size} images with {channels} channel(s)"
-    metrics = [
-        ("steps", record.get("steps")),
-        ("images seen", record.get("images_seen")),
-        ("training hours", record.get("train_hours")),
-    ]
-    if fid:
-        metrics += [
-            (k.upper() if k in ("fid", "kid") else k, v)
-            for k, v in fid.items()
-            if k not in ("step", "reference", "num_samples", "reference_samples")
-        ]
-        metrics.append(
-            (
-                "evaluated on",
-                f"{fid.get('num_samples')} samples vs {fid.get('reference_samples')} images at step {fid.get('step')}",
-            )
-        )
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics if v is not None)
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in _card_metrics(record, fid) if v is not None)
     usage = f"python sample.py --model {repo_id} --num_images 16 --output grid.png"
     if text:
         usage += ' --prompt "a photo of a bag" --guidance_scale 4'
@@ -187,6 +148,59 @@ With this repository's training scripts (`sample.py` downloads the model, and an
 
 `objective.json` holds the sampler defaults and every training setting of the objective; `config.json` the network's.
 """
+
+
+def _card_metadata(config: dict, record: dict, run_config: dict) -> tuple[dict, str, str]:
+    """(the card's YAML metadata, the kind of condition, the objective's name) of a model."""
+    latent, text = record.get("latent"), record.get("text_encoder")
+    kind = {"UNetModel": "unet", "DiTModel": "dit"}.get(config.get("_class_name"), config.get("_class_name"))
+    objective = {"flow": "flow-matching", "ddpm": "ddpm"}.get(record["objective"], record["objective"])
+    if text:
+        condition, pipeline_tag = "text-to-image", "text-to-image"
+    elif config.get("num_classes"):
+        condition, pipeline_tag = "class-conditional", "unconditional-image-generation"
+    else:
+        condition, pipeline_tag = "unconditional", "unconditional-image-generation"
+    tags = ["diffusion", objective, condition, kind, *(["latent-diffusion"] if latent else [])]
+    base = [c["source"] for c in (latent and latent["vae"], text) if c and c.get("source", "").count("/") == 1]
+    base = [b for b in base if not Path(b).is_absolute()]
+    meta = {"library_name": "pytorch", "pipeline_tag": pipeline_tag, "tags": tags}
+    dataset = _hub_dataset(run_config)
+    if dataset:
+        meta["datasets"] = [dataset]
+    if base:
+        meta["base_model"] = base
+    return meta, condition, objective
+
+
+def _parameters(weights: Path) -> int:
+    """The number of parameters in a safetensors file, counted from its header without loading the weights."""
+    if not weights.is_file():
+        return 0
+    with safe_open(str(weights), "pt") as f:
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _card_metrics(record: dict, fid: dict | None) -> list[tuple[str, object]]:
+    """The rows of the card's metric table: training progress, then the final metrics and what they measured."""
+    metrics = [
+        ("steps", record.get("steps")),
+        ("images seen", record.get("images_seen")),
+        ("training hours", record.get("train_hours")),
+    ]
+    if fid:
+        metrics += [
+            (k.upper() if k in ("fid", "kid") else k, v)
+            for k, v in fid.items()
+            if k not in ("step", "reference", "num_samples", "reference_samples")
+        ]
+        metrics.append(
+            (
+                "evaluated on",
+                f"{fid.get('num_samples')} samples vs {fid.get('reference_samples')} images at step {fid.get('step')}",
+            )
+        )
+    return metrics
 
 
 def _numel(shape) -> int:

@@ -7,6 +7,7 @@ import torch
 
 from modules.data.images import collate_examples
 from modules.data.latents import sample_latents
+from modules.data.order import ResumableBatchSampler
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -42,3 +43,24 @@ def model_input(batch: dict, data, generator: torch.Generator, flip: bool) -> to
         return sample_latents(batch, generator, data, flip)
     x0 = batch["pixel_values"]
     return random_flip(x0, generator) if flip else x0
+
+
+def train_loader(
+    dataset,
+    sampler: ResumableBatchSampler,
+    seed: int,
+    num_workers: int = 0,
+    with_index: bool = False,
+    pin_memory=False,
+) -> torch.utils.data.DataLoader:
+    """The DataLoader a training run reads: the batches of `sampler` (which says where the run starts), collated in
+    one index op where the dataset can; `with_index` adds each row's index (to look up its caption)."""
+    return torch.utils.data.DataLoader(
+        WithIndex(dataset) if with_index else dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_examples,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG (dropout) untouched
+    )

@@ -9,9 +9,9 @@ from modules.networks.conditioning import drop_labels
 from modules.pixels import to_model_range
 
 
-class Conditioning:
+class ConditionSource:
     """What the model is conditioned on, in training batches, previews and evaluation: class labels, captions
-    through a text encoder (`text`, a modules.text.TextConditioner), or nothing."""
+    through a text encoder (`text`, a modules.networks.text.TextConditioner), or nothing."""
 
     def __init__(self, data, num_classes: int, text=None, drop_prob: float = 0.0):
         self.data, self.num_classes, self.text, self.drop_prob = data, num_classes, text, drop_prob
@@ -41,6 +41,7 @@ class Conditioning:
         return None, None
 
     def null(self, device):
+        """The unconditional condition of a text model (the empty caption's), for guidance; None otherwise."""
         return self.text.null(device) if self.text is not None else None
 
     def held_out(self, held_out) -> tuple[torch.Tensor, object]:

@@ -271,60 +271,18 @@ def load_latent_data(
     path_or_id: str, max_samples: int | None = None, revision: str | None = None, need_labels: bool = False
 ) -> LatentData:
     """Open a complete latent dataset (a local directory or a Hub dataset id); raise `UserError` on bad input."""
-    import pyarrow.parquet as pq
-
     root = _local_dir(path_or_id, revision)
     meta_path = root / METADATA_FILE
-    if not meta_path.is_file():
-        raise UserError(
-            f"'{path_or_id}' is not a complete latent dataset (no {METADATA_FILE}): encoding did not finish; rerun "
-            "encode_latents.py with the same arguments to resume"
-        )
-    text = meta_path.read_text()
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise UserError(f"{meta_path}: missing keys {', '.join(missing)} (it has: {', '.join(meta)})")
+    text, meta = _read_metadata(path_or_id, meta_path)
     shape = tuple(meta["latent_shape"])
-    if len(shape) != 3 or len(meta["channel_mean"]) != shape[0] or len(meta["channel_std"]) != shape[0]:
-        raise UserError(
-            f"{meta_path}: latent_shape {list(shape)} should be [C, h, w] with C channel_mean and channel_std "
-            f"values (got {len(meta['channel_mean'])} and {len(meta['channel_std'])})"
-        )
-
-    paths, counts = [root / name for name in meta["shards"]], []
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: listed in {meta_path} but missing; the dataset is incomplete")
-        names = pq.read_schema(path).names
-        absent = [c for c in LATENT_COLUMNS if c not in names]
-        if absent:
-            raise UserError(f"{path}: no column '{absent[0]}' (columns: {', '.join(names)})")
-        counts.append(pq.read_metadata(path).num_rows)
-    if not paths or sum(counts) != meta["num_images"]:
-        raise UserError(f"{root}: the shards hold {sum(counts)} rows, but {meta_path} says {meta['num_images']}")
-    n = min(max_samples or sum(counts), sum(counts))
+    paths, total, names = _check_shards(root, meta, meta_path)
+    n = min(max_samples or total, total)
     has_labels = "label" in names
     if need_labels and not has_labels:
         raise UserError(f"--class_conditional needs labels, but the latent dataset '{path_or_id}' has none")
     columns = [c for c in (*LATENT_COLUMNS, *FLIP_COLUMNS) if c in names]
-
     if n * 2 * len(columns) * int(np.prod(shape)) <= _memory_budget():  # float16 latents
-        parts, kept = {c: [] for c in [*columns, *(["label"] if has_labels else [])]}, 0
-        for path in paths:
-            if kept >= n:
-                break
-            shard = read_shard(path, list(parts))
-            if shard["mean"].shape[1:] != shape:
-                raise UserError(f"{path}: latents of shape {shard['mean'].shape[1:]}, but {meta_path} says {shape}")
-            for name, values in shard.items():
-                parts[name].append(values[: n - kept])
-            kept += len(shard["mean"])
-        rows = {c: torch.from_numpy(np.concatenate(parts[c])) for c in columns}
-        labels = torch.from_numpy(np.concatenate(parts["label"]).astype(np.int64)) if has_labels else None
+        rows, labels = _read_rows(paths, n, shape, columns, has_labels, meta_path)
     else:
         import datasets
 
@@ -353,6 +311,66 @@ def load_latent_data(
         root=root,
         text_encoder=meta.get("text_encoder") if TEXT_COLUMNS[0] in names else None,
     )
+
+
+def _read_metadata(path_or_id: str, meta_path: Path) -> tuple[str, dict]:
+    """latents.json as text and as a dict, checked for the keys and shapes a latent dataset needs."""
+    if not meta_path.is_file():
+        raise UserError(
+            f"'{path_or_id}' is not a complete latent dataset (no {METADATA_FILE}): encoding did not finish; rerun "
+            "encode_latents.py with the same arguments to resume"
+        )
+    text = meta_path.read_text()
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{meta_path}: missing keys {', '.join(missing)} (it has: {', '.join(meta)})")
+    shape = tuple(meta["latent_shape"])
+    if len(shape) != 3 or len(meta["channel_mean"]) != shape[0] or len(meta["channel_std"]) != shape[0]:
+        raise UserError(
+            f"{meta_path}: latent_shape {list(shape)} should be [C, h, w] with C channel_mean and channel_std "
+            f"values (got {len(meta['channel_mean'])} and {len(meta['channel_std'])})"
+        )
+    return text, meta
+
+
+def _check_shards(root: Path, meta: dict, meta_path: Path) -> tuple[list[Path], int, list[str]]:
+    """(the shards' paths, their total rows, the columns of the last) after checking that each is there, holds the
+    latent columns, and that together they hold what latents.json says."""
+    import pyarrow.parquet as pq
+
+    paths, counts, names = [root / name for name in meta["shards"]], [], []
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: listed in {meta_path} but missing; the dataset is incomplete")
+        names = pq.read_schema(path).names
+        absent = [c for c in LATENT_COLUMNS if c not in names]
+        if absent:
+            raise UserError(f"{path}: no column '{absent[0]}' (columns: {', '.join(names)})")
+        counts.append(pq.read_metadata(path).num_rows)
+    if not paths or sum(counts) != meta["num_images"]:
+        raise UserError(f"{root}: the shards hold {sum(counts)} rows, but {meta_path} says {meta['num_images']}")
+    return paths, sum(counts), names
+
+
+def _read_rows(paths, n: int, shape, columns, has_labels: bool, meta_path: Path):
+    """The first n rows of `columns` into memory as tensors (latents stay float16), and the labels."""
+    parts, kept = {c: [] for c in [*columns, *(["label"] if has_labels else [])]}, 0
+    for path in paths:
+        if kept >= n:
+            break
+        shard = read_shard(path, list(parts))
+        if shard["mean"].shape[1:] != shape:
+            raise UserError(f"{path}: latents of shape {shard['mean'].shape[1:]}, but {meta_path} says {shape}")
+        for name, values in shard.items():
+            parts[name].append(values[: n - kept])
+        kept += len(shard["mean"])
+    rows = {c: torch.from_numpy(np.concatenate(parts[c])) for c in columns}
+    labels = torch.from_numpy(np.concatenate(parts["label"]).astype(np.int64)) if has_labels else None
+    return rows, labels
 
 
 def _captions(paths, n: int) -> list[str]:

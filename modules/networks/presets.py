@@ -1,11 +1,11 @@
-"""From a preset name (`--model`) to a network sized for the data."""
+"""From a preset name (`--model`, `--vae_model`) to a network sized for the data."""
 
 from __future__ import annotations
 
-from modules.config import ModelArguments, UserError
+from modules.config import ModelArguments, UserError, VAEArguments
 from modules.networks.dit import DIT_PRESETS, DiTModel
 from modules.networks.unet import UNET_PRESETS, UNetModel
-from modules.networks.vae import KLVAE
+from modules.networks.vae import KLVAE, VAE_CONFIGS, VAE_PRESETS
 
 MODEL_CLASSES = {"UNetModel": UNetModel, "DiTModel": DiTModel, "KLVAE": KLVAE}
 
@@ -43,3 +43,19 @@ def build_model(args: ModelArguments, in_channels: int, resolution: int, num_cla
             f"use a multiple of {model.downsample_factor}"
         )
     return model
+
+
+def build_vae(args: VAEArguments, in_channels: int, resolution: int) -> KLVAE:
+    """The `--vae_model` preset for the data, with `--latent_channels` and `--vae_base_channels` applied."""
+    if args.vae_model not in VAE_PRESETS:
+        raise UserError(f"unknown --vae_model '{args.vae_model}' (presets: {', '.join(VAE_PRESETS)})")
+    if args.latent_channels < 1:
+        raise UserError(f"--latent_channels must be positive, got {args.latent_channels}")
+    overrides = dict(in_channels=in_channels, sample_size=resolution, latent_channels=args.latent_channels)
+    if args.vae_base_channels is not None:
+        preset = VAE_CONFIGS[args.vae_model]["block_out_channels"]
+        overrides["block_out_channels"] = tuple(c * args.vae_base_channels // preset[0] for c in preset)
+    try:
+        return VAE_PRESETS[args.vae_model](**overrides)
+    except ValueError as e:
+        raise UserError(f"--vae_model {args.vae_model} at --resolution {resolution}: {e}") from None

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from modules.config import UserError, VAEArguments
-from modules.networks.vae import KLVAE, VAE_CONFIGS, VAE_PRESETS
+from modules.networks.presets import build_vae
+from modules.networks.vae import KLVAE
+from modules.objectives.protocol import PreviewRequest
 from modules.pixels import to_model_range, to_uint8
 
 
@@ -49,24 +51,13 @@ class VAEObjective:
         """Decoding of the posterior mean, clamped to [-1, 1]."""
         return model(x0)[0].float().clamp(-1, 1)
 
-    # What the training loop asks of every objective besides `loss` (see modules/training.py).
-
     def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None) -> KLVAE:
         """The `--vae_model` preset for the data; labels and text are not used."""
+        return build_vae(self.args, in_channels, resolution)
 
-        a = self.args
-        if a.vae_model not in VAE_PRESETS:
-            raise UserError(f"unknown --vae_model '{a.vae_model}' (presets: {', '.join(VAE_PRESETS)})")
-        if a.latent_channels < 1:
-            raise UserError(f"--latent_channels must be positive, got {a.latent_channels}")
-        overrides = dict(in_channels=in_channels, sample_size=resolution, latent_channels=a.latent_channels)
-        if a.vae_base_channels is not None:
-            preset = VAE_CONFIGS[a.vae_model]["block_out_channels"]
-            overrides["block_out_channels"] = tuple(c * a.vae_base_channels // preset[0] for c in preset)
-        try:
-            return VAE_PRESETS[a.vae_model](**overrides)
-        except ValueError as e:
-            raise UserError(f"--vae_model {a.vae_model} at --resolution {resolution}: {e}") from None
+    def sample(self, model, noise, cond=None, **settings) -> torch.Tensor:
+        """An autoencoder does not generate."""
+        raise UserError("a vae model does not generate; use it as encode_latents.py --vae")
 
     @torch.no_grad()
     def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int, batch_size: int = 256) -> dict:
@@ -80,25 +71,14 @@ class VAEObjective:
             db.append(psnr(rec.clamp(-1, 1), batch).cpu())
         return {"val_loss": torch.cat(loss).mean().item(), "val_psnr": torch.cat(db).mean().item()}
 
-    def preview(
-        self,
-        model,
-        num_images: int,
-        seed: int,
-        shape,
-        labels,
-        device,
-        data=None,
-        decode=None,
-        callback=None,
-        progress: bool = False,
-        null_cond=None,
-    ) -> torch.Tensor:
-        """Reconstructions of the first `num_images` images of `data`, uint8 (N, C, H, W): what the grid shows
-        (under the originals) and what the FID measures (rFID)."""
-
-        images = data.dataset.uint8_images(num_images)
-        out = [to_uint8(self.reconstruct(model, to_model_range(b).to(device))).cpu() for b in images.split(64)]
+    def preview(self, model, request: PreviewRequest) -> torch.Tensor:
+        """Reconstructions of the first `request.num_images` images of `request.data`, uint8 (N, C, H, W): what the
+        grid shows (under the originals) and what the FID measures (rFID)."""
+        images = request.data.dataset.uint8_images(request.num_images)
+        out = [
+            to_uint8(self.reconstruct(model, to_model_range(b).to(request.device))).cpu()
+            for b in images.split(request.batch_size)
+        ]
         return torch.cat(out)
 
     def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from modules.config import DDPMArguments
-from modules.objectives.denoising import GuidedSampling
+from modules.config import DDPMArguments, UserError
+from modules.objectives.denoising import DenoisingObjective
 from modules.objectives.samplers import ddim_sample, scheduler_sample
 
 # Our names for diffusers' beta schedules.
@@ -71,18 +71,18 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) 
     return clipped
 
 
-class DDPMObjective(GuidedSampling):
+class DDPMObjective(DenoisingObjective):
     """DDPM noise-prediction loss (eps / x0 / v) and its samplers (DDPM ancestral, DDIM, DPM-Solver++)."""
 
     name = "ddpm"
     samplers = DDPM_SAMPLERS
 
     def __init__(self, args: DDPMArguments):
-        self.args = args
+        super().__init__(args)
         self.scheduler = make_scheduler(args)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.clone().float()
         if args.snr_gamma is not None and args.snr_gamma <= 0:
-            raise ValueError(f"snr_gamma must be positive, got {args.snr_gamma}")
+            raise UserError(f"--snr_gamma must be positive, got {args.snr_gamma}")
 
     def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         """Per-sample (optionally Min-SNR weighted) MSE to the target, in fp32."""

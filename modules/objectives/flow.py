@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from modules.config import FlowArguments
-from modules.objectives.denoising import GuidedSampling
+from modules.objectives.denoising import DenoisingObjective
 from modules.objectives.samplers import FLOW_SAMPLERS
 
 
@@ -50,14 +50,14 @@ def ot_pair(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise[torch.as_tensor(cols, device=noise.device)]
 
 
-class FlowObjective(GuidedSampling):
+class FlowObjective(DenoisingObjective):
     """Conditional flow matching loss and its samplers."""
 
     name = "flow"
     samplers = tuple(FLOW_SAMPLERS)
 
     def __init__(self, args: FlowArguments):
-        self.args = args
+        super().__init__(args)
 
     def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         """Per-sample mean squared error between predicted and conditional velocity, in fp32."""

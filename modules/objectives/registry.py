@@ -6,18 +6,20 @@ from modules.config import DDPMArguments, FlowArguments, UserError, VAEArguments
 from modules.objectives.autoencoder import VAEObjective
 from modules.objectives.ddpm import DDPMObjective
 from modules.objectives.flow import FlowObjective
+from modules.objectives.protocol import Objective
 from modules.records import OBJECTIVE_FILE, from_dict
 
+# name -> (objective class, its settings dataclass)
+OBJECTIVES = {
+    FlowObjective.name: (FlowObjective, FlowArguments),
+    DDPMObjective.name: (DDPMObjective, DDPMArguments),
+    VAEObjective.name: (VAEObjective, VAEArguments),
+}
 
-def objective_from_config(config: dict):
-    """Rebuild the objective recorded next to a saved model."""
 
-    kinds = {
-        "flow": (FlowObjective, FlowArguments),
-        "ddpm": (DDPMObjective, DDPMArguments),
-        "vae": (VAEObjective, VAEArguments),
-    }
-    if config.get("objective") not in kinds:
+def objective_from_config(config: dict) -> Objective:
+    """Rebuild the objective recorded next to a saved model: {"objective": name, "args": its settings}."""
+    if config.get("objective") not in OBJECTIVES:
         raise UserError(f"unknown objective {config.get('objective')!r} in {OBJECTIVE_FILE}")
-    cls, args_cls = kinds[config["objective"]]
+    cls, args_cls = OBJECTIVES[config["objective"]]
     return cls(from_dict(args_cls, config["args"]))

@@ -1,32 +1,133 @@
-"""Everything a run needs before its first step that can fail on bad input: the checks of the arguments and the
-data opened (images or latents, held-out and FID reference sets)."""
+"""Everything a run does before its first step, in order: check the arguments, open the data, build the model
+(from seed `--seed`, the same on every process), start Accelerate, write the run record, prepare model, optimizer,
+schedule and EMA, resume from a checkpoint, and open the data loader and the logs. Whatever can fail on bad input
+fails before the run directory is touched."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import time
 import warnings
 from pathlib import Path
 
-from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from modules.artifacts.hub import HubPusher, check_push, push_later
+from modules.artifacts.model_folder import load_pretrained_weights
+from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, warn
+from modules.data.batches import WithIndex, model_input, train_loader
+from modules.data.conditions import ConditionSource
 from modules.data.images import load_train_data, load_validation_data
-from modules.data.latents import load_latent_data
+from modules.data.latents import LatentData, latent_decoder, load_latent_data
+from modules.data.order import ResumableBatchSampler
 from modules.evaluation.fid import check_inception_weights
 from modules.evaluation.metrics import parse_eval_metrics
-from modules.records import from_dict
+from modules.files import write_text_atomically
+from modules.networks.text import TextConditioner, load_text_encoder, stored_text_matches
+from modules.objectives.protocol import Objective
+from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
+from modules.training.checkpoint import check_compatible, load_checkpoint, resolve_resume
+from modules.training.ema import EMA
+from modules.training.flops import model_flops_per_image, peak_tflops
+from modules.training.run import Run, RunData
+from modules.training.stopping import NonFiniteGuard, StopRequest
+from modules.training.tracking import TRACKERS, LogWindow, MetricsLog, resolve_trackers
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-TRACKERS = ("none", "tensorboard", "wandb", "all")
 
 
-def validate(train: TrainingArguments, objective_args):
-    """Check values that would otherwise fail late or silently; each error names the flag and its value."""
+def setup_run(
+    script: str,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainingArguments,
+    objective: Objective,
+    argv,
+    stop_request: StopRequest,
+    cleanup: contextlib.ExitStack,
+) -> Run:
+    """The run, ready for its first step (`run.start_step`). `cleanup` closes the progress bar on the way out."""
+    out = Path(train_args.output_dir)
+    data = open_data(data_args, model_args, train_args)
+    check_evaluation(train_args, data)
+    num_classes = data.train.num_classes if model_args.class_conditional else 0
+    text = text_conditioner(model_args, data.train)
+    resolution = data.train.resolution if data.latent else data_args.resolution
+    torch.manual_seed(train_args.seed)  # same initial weights on every process
+    model = build_network(objective, model_args, train_args, data.train, resolution, num_classes, text)
+    resume = resolve_resume(train_args.resume_from_checkpoint, out)
+    if resume is not None:
+        check_compatible(resume, dict(model.config))
+    trackers = resolve_trackers(train_args.report_to, out)
+    accelerator = make_accelerator(train_args, out, trackers)
+    device, world = accelerator.device, accelerator.num_processes
+    decode = None
+    if data.latent is not None and accelerator.is_main_process:  # before the run dir: a VAE that does not fit stops
+        decode = latent_decoder(data.latent, device)
+    if train_args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sampler = ResumableBatchSampler(
+        len(data.train.dataset), train_args.train_batch_size, train_args.seed, accelerator.process_index, world
+    )
+    pusher = start_run_dir(script, argv, data_args, model_args, train_args, objective, accelerator)
+    if train_args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    conditions = ConditionSource(data.train, num_classes, text.to(device) if text else None, train_args.cond_drop_prob)
+    run = Run(
+        data_args=data_args,
+        model_args=model_args,
+        train_args=train_args,
+        objective=objective,
+        data=data,
+        conditions=conditions,
+        stop_request=stop_request,
+        accelerator=accelerator,
+        model=model,
+        optimizer=None,
+        out=out,
+        shape=(data.train.num_channels, resolution, resolution),
+        decode=decode,
+        pusher=pusher,
+        text=text,
+        images_per_step=train_args.train_batch_size * world * train_args.gradient_accumulation_steps,
+    )
+    run.flops_per_image = measure_flops(model.to(device), objective, data.train, conditions, device)
+    run.peak_tflops = train_args.peak_tflops or peak_tflops(device, accelerator.mixed_precision)
+    prepare_training(run)
+    if resume is not None:
+        resume_from(run, resume)
+    sampler.start_batch = run.start_step * train_args.gradient_accumulation_steps
+    loader = train_loader(
+        data.train.dataset,
+        sampler,
+        train_args.seed,
+        data_args.dataloader_num_workers,
+        with_index=text is not None,
+        pin_memory=device.type == "cuda",
+    )
+    run.batches = iter(loader)
+    start_logging(run, script, trackers, cleanup)
+    return run
+
+
+def check_training_arguments(train: TrainingArguments):
+    """Check values that would otherwise fail late or silently; each error names the flag and its value. (The
+    objective checks its own settings when it is made.)"""
     positive = {
         "train_batch_size": train.train_batch_size,
         "max_train_steps": train.max_train_steps,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "learning_rate": train.learning_rate,
     }
-    if hasattr(objective_args, "num_inference_steps"):  # objectives that sample
-        positive["num_inference_steps"] = objective_args.num_inference_steps
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
@@ -50,13 +151,10 @@ def validate(train: TrainingArguments, objective_args):
         raise UserError(f"--cond_drop_prob must be in [0, 1], got {train.cond_drop_prob}")
     if not 0.0 <= train.ema_max_decay < 1.0:
         raise UserError(f"--ema_max_decay must be in [0, 1), got {train.ema_max_decay}")
-    if getattr(objective_args, "guidance_scale", 0) < 0:
-        raise UserError(f"--guidance_scale must be >= 0, got {objective_args.guidance_scale}")
     if train.lr_scheduler not in LR_SCHEDULERS:
         raise UserError(f"--lr_scheduler '{train.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
     if train.report_to not in TRACKERS:
         raise UserError(f"--report_to '{train.report_to}' is not one of {', '.join(TRACKERS)}")
-
     try:
         wanted = parse_eval_metrics(train.eval_metrics)
     except ValueError as e:
@@ -70,8 +168,9 @@ def validate(train: TrainingArguments, objective_args):
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {train.checkpoints_total_limit}")
 
 
-def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments):
-    """(training data, held-out data or None, FID reference data or None, latent record or None).
+def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments) -> RunData:
+    """The training data, the held-out data (or None), the FID reference data (or None) and for a latent dataset
+    the record that decodes its latents (or None).
 
     For a latent dataset the FID reference is the image dataset it was encoded from (recorded in it), and the
     latent record (VAE, channel statistics) is what decodes the model's samples; it has no held-out split."""
@@ -90,9 +189,7 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
         if model_args.text_encoder and held_out is not None and held_out.captions is None:
             warnings.warn("the held-out split has no captions: no validation loss for a text model", stacklevel=2)
             held_out = None
-        return data, held_out, data if fid else None, None
-    import dataclasses
-
+        return RunData(data, held_out, data if fid else None)
     data = load_latent_data(data_args.latent_dataset, data_args.max_train_samples, need_labels=need_labels)
     if model_args.text_encoder and data.captions is None:
         raise UserError(
@@ -130,4 +227,209 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
                 f"FID of latent dataset '{data_args.latent_dataset}' needs the images it was encoded from, which "
                 f"failed to open ({e}); pass --fid_num_samples 0"
             ) from None
-    return data, None, reference, latent
+    return RunData(data, None, reference, latent)
+
+
+def check_evaluation(train_args: TrainingArguments, data: RunData):
+    """The FID settings against the data they need."""
+    n_ref = train_args.fid_reference_samples or train_args.fid_num_samples
+    if data.reference is not None and n_ref > len(data.reference.dataset):
+        raise UserError(
+            f"--fid_reference_samples {n_ref} is more than the {len(data.reference.dataset)} training images; lower "
+            "it (or --fid_num_samples, which it defaults to)"
+        )
+    if train_args.fid_num_samples == 1:
+        raise UserError("--fid_num_samples 1: a covariance needs at least 2 images")
+    if "classifier" in train_args.eval_metrics and not (data.reference or data.train).key.startswith("fashion_mnist"):
+        raise UserError("--eval_metrics classifier is trained on Fashion-MNIST and only measures Fashion-MNIST runs")
+
+
+def text_conditioner(model_args: ModelArguments, data) -> TextConditioner | None:
+    """The captions' encoder of a text model: the embeddings a latent dataset stores for the same encoder, else
+    --text_encoder itself."""
+    if not model_args.text_encoder:
+        return None
+    if model_args.max_text_length is not None and model_args.max_text_length < 2:
+        raise UserError(f"--max_text_length must be at least 2, got {model_args.max_text_length}")
+    stored = data.text_encoder if isinstance(data, LatentData) else None
+    if stored and stored_text_matches(stored, model_args.text_encoder, model_args.max_text_length):
+        return TextConditioner.from_stored(stored, data.text_embeddings(), model_args.text_conditioning)
+    if stored:
+        warnings.warn(
+            f"the latent dataset stores text embeddings of {stored['source']!r} (max_length "
+            f"{stored['max_length']}), not of --text_encoder {model_args.text_encoder!r}: encoding the "
+            "captions during training instead",
+            stacklevel=2,
+        )
+    encoder = load_text_encoder(model_args.text_encoder, max_length=model_args.max_text_length)
+    return TextConditioner(encoder, model_args.text_conditioning)
+
+
+def build_network(objective: Objective, model_args, train_args, data, resolution: int, num_classes: int, text):
+    """The objective's network for the data, with the weights of --init_from when given."""
+    text_config = text.model_config() if text else None
+    model = objective.build_model(model_args, data.num_channels, resolution, num_classes, text_config)
+    if model_args.init_from:
+        load_pretrained_weights(model, model_args.init_from, model_args.init_from_revision, train_args.hub_token)
+    return model
+
+
+def make_accelerator(train_args: TrainingArguments, out: Path, trackers: list[str]) -> Accelerator:
+    """Accelerate for this launch, with DeepSpeed's batch and clipping filled in, and FSDP1 refused."""
+    accelerator = Accelerator(
+        # Launched as several processes without GPUs (e.g. `accelerate launch --multi_gpu` on CPUs): use gloo.
+        cpu=not torch.cuda.is_available() and "LOCAL_RANK" in os.environ,
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    kind = accelerator.distributed_type.name
+    if kind == "DEEPSPEED":
+        configure_deepspeed(accelerator, train_args)
+    if kind == "FSDP" and not accelerator.is_fsdp2:
+        raise UserError("accelerate's FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, train_args: TrainingArguments):
+    """Fill what DeepSpeed's config leaves to the script ("auto" or absent): the batch per GPU (the data loader is the
+    script's own, not prepared by Accelerate) and the gradient clipping, from --max_grad_norm (0: none)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    batch = config.get("train_micro_batch_size_per_gpu", "auto")
+    if batch not in ("auto", train_args.train_batch_size):
+        raise UserError(
+            f"the DeepSpeed config's train_micro_batch_size_per_gpu is {batch} but --train_batch_size is "
+            f'{train_args.train_batch_size}: set it to "auto" (or to the same number)'
+        )
+    config["train_micro_batch_size_per_gpu"] = train_args.train_batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = train_args.max_grad_norm
+
+
+def start_run_dir(script, argv, data_args, model_args, train_args, objective, accelerator) -> HubPusher | None:
+    """On the main process: the run dir with run_config.json (the command, token hidden, and every setting), and
+    the background Hub uploader of --push_to_hub (None when a push cannot work, with a warning)."""
+    if not accelerator.is_main_process:
+        return None
+    out = Path(train_args.output_dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    record = {
+        "script": script,
+        "command": command_line(Path(script).name, argv),
+        "config": to_dict(data_args, model_args, train_args, objective.args),
+    }
+    write_text_atomically(out / RUN_CONFIG_FILE, json.dumps(record, indent=2))
+    if not train_args.push_to_hub:
+        return None
+    problem = check_push(train_args.hub_model_id, train_args.hub_token, out)
+    if problem:
+        warn(
+            f"{problem}: training goes on without pushing; push the finished run with "
+            f"`{push_later(out, train_args.hub_model_id)}`"
+        )
+        return None
+    return HubPusher(out, train_args.hub_model_id, train_args.hub_token, train_args.hub_private_repo)
+
+
+def measure_flops(model, objective: Objective, data, conditions: ConditionSource, device) -> float:
+    """Training FLOPs per image, counted once on two real images (their cost does not depend on the values)."""
+    batch = {k: v.to(device) for k, v in WithIndex(data.dataset).__getitems__([0, 1 % len(data.dataset)]).items()}
+    generator = torch.Generator(device=device).manual_seed(0)
+    x0 = model_input(batch, data, generator, False)
+    cond = conditions.batch(batch, generator, device)
+    return model_flops_per_image(model, objective, x0, cond, generator)
+
+
+def make_optimizer(model, train: TrainingArguments):
+    """AdamW (fused on GPUs), or bitsandbytes' 8-bit AdamW with --use_8bit_adam."""
+    kwargs = dict(
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+    if train.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(model.parameters(), **kwargs)
+    fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), fused=fused or None, **kwargs)
+
+
+def prepare_training(run: Run):
+    """Optimizer, LR schedule and EMA for `run.model`, prepared by Accelerate (wrapped for DDP, sharded under FSDP
+    and DeepSpeed), then the memory format and compilation of the model itself."""
+    train_args, accelerator, model = run.train_args, run.accelerator, run.model
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    run.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    optimizer = make_optimizer(model, train_args)
+    run.lr_scheduler = get_scheduler(
+        train_args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train_args.lr_warmup_steps,
+        num_training_steps=train_args.max_train_steps,
+    )
+    # Under FSDP only the main process keeps a full EMA copy (to sample and save); each process averages its shard.
+    keep_copy = accelerator.is_main_process or not fsdp
+    run.ema = EMA(model, train_args.ema_max_decay, train_args.ema_power, keep_copy=keep_copy)
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
+    run.unwrapped = unwrapped = accelerator.unwrap_model(run.model)
+    if run.deepspeed and (dtype := next(unwrapped.parameters()).dtype) != torch.float32:
+        # DeepSpeed's bf16 (and fp16) hold the weights in that type and leave the inputs to the script: autocast
+        # feeds the model its weights' type and keeps norms and the loss in float32, as Accelerate does elsewhere.
+        run.compute = functools.partial(torch.autocast, accelerator.device.type, dtype=dtype)
+    if fsdp:
+        run.ema.shard_like(unwrapped)
+    if train_args.channels_last:
+        unwrapped.to(memory_format=torch.channels_last)
+    if train_args.torch_compile:
+        # In place: the module's forward is compiled, its parameters and state_dict keys stay as they are, so
+        # checkpoints, the EMA and resume do not see it. The first steps pay the compilation.
+        unwrapped.compile(backend=train_args.torch_compile_backend)
+
+
+def resume_from(run: Run, checkpoint: Path):
+    """Model, optimizer, RNG states and EMA from `checkpoint`, and where the run was (see checkpoint.py)."""
+    state = load_checkpoint(run.accelerator, checkpoint, run.ema)
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    run.start_step, run.images_seen = state["step"], state["images_seen"]
+    run.seconds_before = state.get("train_seconds", 0.0)
+    run.accelerator.print(f"resumed from {checkpoint} at step {run.start_step}")
+
+
+def start_logging(run: Run, script: str, trackers: list[str], cleanup: contextlib.ExitStack):
+    """The trackers, metrics.jsonl, the run's summary line, the progress bar and the clock of the first window."""
+    accelerator, train_args, data = run.accelerator, run.train_args, run.data.train
+    if trackers:
+        accelerator.init_trackers(
+            Path(script).stem,
+            config=to_dict(run.data_args, run.model_args, run.objective.args),
+            init_kwargs={"wandb": {"dir": str(run.out)}} if "wandb" in trackers else {},
+        )
+    run.metrics = MetricsLog(accelerator, run.out / "metrics.jsonl")
+    n_params = sum(p.numel() for p in run.unwrapped.parameters())
+    accelerator.print(
+        f"{run.model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
+        f"{accelerator.num_processes} process(es), global batch {run.images_per_step} | steps {run.start_step} -> "
+        f"{train_args.max_train_steps}"
+    )
+    if run.text is not None and run.text.encoder is None:
+        accelerator.print(
+            f"text: the embeddings of {len(run.text.stored)} distinct captions stored with the latents "
+            f"({run.text.record['source']}); the text encoder is not loaded"
+        )
+    run.started = time.perf_counter()
+    run.progress = tqdm(
+        total=train_args.max_train_steps,
+        initial=run.start_step,
+        disable=not accelerator.is_main_process,
+        desc="training",
+        dynamic_ncols=True,
+    )
+    cleanup.callback(run.progress.close)
+    run.window = LogWindow(torch.zeros((), device=accelerator.device))
+    run.guard = NonFiniteGuard(train_args.max_nonfinite_steps)
+    run.model.train()

@@ -22,7 +22,6 @@ import json
 import torch
 
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError
-from modules.networks.presets import build_model
 from modules.networks.text import MINILM_SPECS, OwnTextEncoder, own_config_from_spec
 from modules.training.flops import training_flops_per_image
 from modules.training.setup import open_data
@@ -36,7 +35,7 @@ def data_shape(data_args: DataArguments, model_args: ModelArguments, train_args:
     """((channels, resolution), number of classes, notes on what was assumed)."""
 
     try:
-        data, _, _, latent = open_data(data_args, model_args, train_args)
+        opened = open_data(data_args, model_args, train_args)
     except UserError as e:
         notes = [f"data not opened ({str(e)[:120]}...): its shape is assumed"]
         if data_args.latent_dataset:
@@ -49,7 +48,8 @@ def data_shape(data_args: DataArguments, model_args: ModelArguments, train_args:
         if classes:
             notes.append(f"{classes} classes")
         return shape, classes, notes
-    resolution = data.resolution if latent else data_args.resolution
+    data = opened.train
+    resolution = data.resolution if opened.latent else data_args.resolution
     return (data.num_channels, resolution), data.num_classes if model_args.class_conditional else 0, []
 
 
@@ -122,9 +122,8 @@ def dry_run(data_args: DataArguments, model_args: ModelArguments, train_args: Tr
 
     (channels, resolution), classes, notes = data_shape(data_args, model_args, train_args)
     text = text_settings(model_args, notes)
-    make_model = getattr(objective, "build_model", build_model)
     with torch.device("meta"):
-        model = make_model(model_args, channels, resolution, classes, text)
+        model = objective.build_model(model_args, channels, resolution, classes, text)
     if train_args.gradient_checkpointing and getattr(model, "_supports_gradient_checkpointing", False):
         model.enable_gradient_checkpointing()
     params = sum(p.numel() for p in model.parameters())

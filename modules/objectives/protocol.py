@@ -1,0 +1,63 @@
+"""The objective protocol: every member the training loop, the samplers and the tools ask of an objective.
+
+An objective is the math of one way to train a network, kept apart from the network and from the loop:
+`flow.FlowObjective` (flow matching), `ddpm.DDPMObjective` (DDPM on diffusers' schedules) and
+`autoencoder.VAEObjective` (the KL-VAE). A new objective implements these members and registers its name in
+`registry.OBJECTIVES`; the loop never asks which objective it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class PreviewRequest:
+    """What a sample grid or an evaluation asks an objective to show: images start..start+num_images-1 of `seed`."""
+
+    num_images: int
+    seed: int
+    shape: tuple[int, ...]  # (C, H, W) of what the model generates: images, or latents when `decode` is given
+    device: torch.device | str = "cpu"
+    cond: Any = None  # one condition per image: class labels, a text dict (modules/networks/conditioning.py), None
+    null_cond: dict | None = None  # a text model's unconditional condition, for classifier-free guidance
+    data: Any = None  # the training data (an autoencoder shows reconstructions of its first images)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images in [-1, 1]
+    callback: Callable | None = None  # called by the sampler at each step (modules/artifacts/visualize.py records it)
+    progress: bool = False  # show a progress bar
+    batch_size: int = 64  # images per forward pass; it does not change the images
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What every objective provides. `args` is its settings dataclass (modules/config.py)."""
+
+    name: str
+    """Recorded in objective.json; `registry.objective_from_config` finds the class by it."""
+    args: Any
+    """The objective's settings (FlowArguments, DDPMArguments, VAEArguments), recorded in objective.json."""
+    samplers: tuple[str, ...]
+    """The sampler names `sample` takes; empty for an objective that does not generate."""
+
+    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None):
+        """The network this objective trains, sized for the data (a diffusers ModelMixin)."""
+
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample training loss (B,) in float32; every random number is drawn from `generator`."""
+
+    def sample(self, model, noise: torch.Tensor, cond=None, **settings) -> torch.Tensor:
+        """From noise to x0 (settings: sampler, num_inference_steps, guidance_scale, generators, null_cond,
+        callback); an objective that does not generate raises UserError."""
+
+    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int) -> dict[str, float]:
+        """Metrics of held-out data (at least "val_loss"), at fixed noise so that values compare across steps."""
+
+    def preview(self, model, request: PreviewRequest) -> torch.Tensor:
+        """What grids and FID look at: `request.num_images` images, uint8 (N, C, H, W)."""
+
+    def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int | None]:
+        """The images of a sample grid in the order to show them, and the number per row (None: square)."""
