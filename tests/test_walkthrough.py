@@ -1,10 +1,10 @@
-"""README's "Train on your own images", command by command, on a folder of 12 PNGs in two class folders with tiny
-models: template captions, latents of a local VAE with the captions' CLIP embeddings, a text-conditional DiT, samples
-from a prompt, and the push to a Hub repo (the local stand-in of tests/hub_server.py).
+"""docs/own_images.md, "Train on your own images", command by command, on a folder of 12 PNGs in two class folders
+with tiny models: template captions, latents of a local VAE with the captions' CLIP embeddings, a text-conditional DiT,
+samples from a prompt, and the push to a Hub repo (the local stand-in of tests/hub_server.py).
 
-WALKTHROUGH holds the commands as README shows them, with $PLACEHOLDERS: README_VALUES fill them for README, and
-the test fills them with its folders and tiny settings and runs them. `python X.py` and the one-process `accelerate
-launch X.py` run X's main(argv) in this process; the push runs in a subprocess, which alone sees the Hub.
+WALKTHROUGH holds the commands as docs/own_images.md shows them, with $PLACEHOLDERS: README_VALUES fill them for that
+page, and the test fills them with its folders and tiny settings and runs them. `python X.py` and the one-process
+`accelerate launch X.py` run X's main(argv) in this process; the push runs in a subprocess, which alone sees the Hub.
 """
 
 import json
@@ -152,4 +152,5 @@ def test_train_on_your_own_images_walkthrough(tmp_path, clip_text_folder, capsys
 def test_readme_shows_the_walkthrough_as_tested():
     block = readme_block()
     assert "$" not in block.replace("$HF_TOKEN", "")  # every placeholder has its README value
-    assert block in (ROOT / "README.md").read_text(), f"README's walk-through differs from the tested one:\n{block}"
+    page = (ROOT / "docs" / "own_images.md").read_text()
+    assert block in page, f"docs/own_images.md's walk-through differs from the tested one:\n{block}"
