@@ -8,7 +8,7 @@ RUN_DIR ?= runs/fashion_mnist_unet_cfm
 # accelerate launch gives each process one CPU thread unless told otherwise.
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test test-unit lint clean
 
 setup: $(STAMP) $(FASHION_MNIST)
 
@@ -34,8 +34,16 @@ train: setup
 		--num_cpu_threads_per_process $(NPROC) \
 		train_cfm.py --config configs/fashion_mnist_unet_cfm.yaml --output_dir $(RUN_DIR)
 
+# The tiers: tests/unit runs no script (the loop to iterate with), tests/scripts runs each script end to end,
+# tests/distributed launches several processes. Test files run in parallel, one per worker, the longest first.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q --timeout 900 tests
+	$(PYTEST) --timeout 900 tests/distributed tests/scripts tests/unit
+
+test-unit: setup
+	$(PYTEST) --timeout 300 tests/unit
 
 lint: setup
 	$(BIN)/ruff check .

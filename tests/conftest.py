@@ -1,10 +1,8 @@
-"""Shared helpers: tests run offline, on tiny models, and each script end to end in a subprocess where it must."""
+"""The tests' environment and shared fixtures: every test runs offline, with caches of the test session's own, on
+tiny models. Helpers that are not fixtures live in helpers.py."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,98 +10,27 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets/huggingface_hub are imported: no test may reach the network
 os.environ.setdefault("WANDB_MODE", "offline")
-# FID weights and reference statistics go to a cache of this session's own, not the user's.
-os.environ["DIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="diffusion-test-cache-")
-ROOT = Path(__file__).resolve().parents[1]
+# FID weights and reference statistics go to a cache of this session's own, not the user's (one for all the workers
+# of a parallel session: its files are written whole, so workers that race each write a complete copy).
+session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+cache = Path(tempfile.gettempdir(), f"diffusion-test-cache-{session}") if session else None
+os.environ["DIFFUSION_CACHE"] = str(cache) if cache else tempfile.mkdtemp(prefix="diffusion-test-cache-")
+# One thread, in this process and in every process a test starts: the workers of a parallel session share the
+# cores, and a run's floating-point results depend on its thread count (reductions split differently), so a run made
+# here and one made in a process of its own are the same only with the same count.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402 - after OMP_NUM_THREADS
 
-# A tiny class-conditional UNet on 64 Fashion-MNIST images: seconds per run on two CPU cores.
-TINY = [
-    "--max_train_samples",
-    "64",
-    "--train_batch_size",
-    "8",
-    "--base_channels",
-    "8",
-    "--num_sample_images",
-    "4",
-    "--num_inference_steps",
-    "2",
-    "--logging_steps",
-    "1",
-    "--fid_num_samples",
-    "0",
-    "--lr_warmup_steps",
-    "2",
-]
+torch.set_num_threads(1)
 
-# Everything that draws random numbers during training, so that exact resume is tested on all of it.
-RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--cond_drop_prob", 0.3, *TINY]
-
-
-# A tiny CLIP text transformer over the real CLIP BPE vocabulary (open-clip-torch ships it).
-TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(args, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command from the repo root with this interpreter's environment; fail with its output on error."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return proc
-
-
-def script(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(ROOT / name), *map(str, args)], **kwargs)
-
-
-def in_process(name: str, *args):
-    """Run a script's main(argv) in this process: as `script`, without paying a new interpreter's imports."""
-    import importlib
-
-    return importlib.import_module(Path(name).stem).main([str(a) for a in args])
-
-
-def read_metrics(run_dir) -> list[dict]:
-    """A run's metrics.jsonl, one dict per logged row."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def accelerate_launch(name: str, *args, config_file=None, launch_args=(), **kwargs) -> subprocess.CompletedProcess:
-    """`accelerate launch` two processes, from `config_file`, from `launch_args` or from flags."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
-    if config_file:
-        launch += ["--config_file", str(ROOT / config_file)]
-    elif launch_args:
-        launch += list(map(str, launch_args))
-    else:
-        launch += [
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-    return run([*launch, str(ROOT / name), *map(str, args)], **kwargs)
+from helpers import LATENT_FASHION, SIX_STEPS, TINY_TEXT, in_process, tiny_tokenizer  # noqa: E402 - after the environment
 
 
 @pytest.fixture(scope="session")
 def tiny_cfm_run(tmp_path_factory):
     """A finished 6-step class-conditional flow run with checkpoints at steps 3 and 6."""
     out = tmp_path_factory.mktemp("cfm") / "run"
-    in_process("train_cfm.py", "--output_dir", out, "--max_train_steps", 6, "--report_to", "tensorboard", *RESUMABLE)
+    in_process("train_cfm.py", "--output_dir", out, *SIX_STEPS)
     return out
 
 
@@ -153,3 +80,82 @@ def captioned(tmp_path_factory):
     }
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(root / "train.parquet"))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory):
+    """A random BLIP-2 (32x32 images, 4 query tokens, OPT with one layer), saved like the Hub's, processor included.
+    Weights drawn with std 1 so that captions differ from image to image."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    path = tmp_path_factory.mktemp("blip2") / "tiny"
+    tokenizer = tiny_tokenizer("<pad>", "</s>", "<s>")
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = Blip2Config(
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            initializer_range=1.0,
+        ),
+        qformer_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=37,
+            encoder_hidden_size=32,
+        ),
+        text_config=dict(
+            model_type="opt",
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            ffn_dim=32,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+            init_std=1.0,
+            **ids,
+        ),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=1.0,
+    )
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(path)
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A randomly initialised 2-level AutoencoderKL (f2, 4 latent channels), saved like a Hub VAE."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny"
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoded(tiny_vae, tmp_path_factory):
+    """48 Fashion-MNIST images in 3 shards of 16, encoded in this process."""
+    out = tmp_path_factory.mktemp("latents") / "fashion"
+    in_process("encode_latents.py", "--vae", tiny_vae, "--output_dir", out, *LATENT_FASHION)
+    return out

@@ -1,17 +1,21 @@
 """Golden runs: fixed-seed tiny training jobs, each in a fresh process, hashed tensor by tensor.
 
-    python tests/golden_runs.py JOB WORKDIR      # one job; prints {tensor name: sha256} of its final EMA weights
-    python tests/golden_runs.py --record         # every job; rewrites tests/golden_hashes.json
+    python tests/golden_runs.py JOB[,JOB...] WORKDIR   # those jobs, one after the other in this process; prints
+                                                      # {job: {tensor name: sha256}} of their final EMA weights
+    python tests/golden_runs.py --record               # every job; rewrites tests/golden_hashes.json
 
 A restructure of the code must reproduce every hash bit for bit; the stored hashes change only in a commit that
 says why. The jobs run single-threaded on the CPU's baseline instruction set (PINNED_ENV), so that neither the
-number of cores nor the vector units of the machine change a bit of the result.
+number of cores nor the vector units of the machine change a bit of the result, and they are recorded and checked
+the same way: the single-process jobs together in one fresh process, the two-process job in a launch of its own.
+The two-process job is also the DDP run that tests/distributed holds FSDP and DeepSpeed runs against.
 """
 
 import concurrent.futures
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,11 @@ TINY = [
 ]
 SAMPLES = ["--num_inference_steps", 2]
 TEXT_CAPTIONS = 24
+SHARDED = (
+    "--model dit_tiny --patch_size 4 --class_conditional --ot_coupling --max_train_steps 4 --checkpointing_steps 2 "
+    "--max_train_samples 64 --train_batch_size 8 --lr_warmup_steps 2 --validation_samples 8 --num_sample_images 4 "
+    "--num_inference_steps 2 --logging_steps 1 --fid_num_samples 0"
+).split()
 
 JOBS = {
     # Class-conditional flow UNet with OT coupling, and every source of training randomness; validation and grids
@@ -121,20 +130,15 @@ JOBS = {
         "--max_train_samples",
         32,
     ],
-    "ddp_two_processes": ["train_cfm.py", *TINY, "--base_channels", 8, "--ot_coupling", "--dropout", 0.1],
+    # A tiny DiT for 4 steps, checkpointed at step 2; tests/distributed runs it under FSDP2 and DeepSpeed too.
+    "ddp_two_processes": ["train_cfm.py", *SHARDED],
 }
-LAUNCH_TWO = [
+SINGLE_PROCESS = [name for name in JOBS if name != "ddp_two_processes"]
+TWO_PROCESSES = [
     "-m",
     "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
+    "--config_file",
+    str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
 ]
 
 
@@ -212,11 +216,17 @@ def run_job(name: str, workdir: Path) -> dict[str, str]:
     script, args = argv[0], [*argv[1:], "--output_dir", str(out)]
     if name == "ddp_two_processes":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        port = ["--main_process_port", str(free_port())]
         proc = subprocess.run(
-            [sys.executable, *LAUNCH_TWO, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True
+            [sys.executable, *TWO_PROCESSES, *port, str(ROOT / script), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
         )
-        if proc.returncode:
-            raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        log = proc.stdout + proc.stderr
+        if proc.returncode or any(bad in log for bad in ("Traceback", "Aborted", "core dumped", "terminate called")):
+            raise SystemExit(f"{name} failed or did not end cleanly (exit {proc.returncode}):\n{log[-6000:]}")
     else:
         import importlib
 
@@ -224,11 +234,12 @@ def run_job(name: str, workdir: Path) -> dict[str, str]:
     return tensor_hashes(out / "diffusion_pytorch_model.safetensors")
 
 
-def run_in_fresh_process(name: str, workdir: Path, timeout: float = 600) -> dict[str, str]:
-    """`run_job` in a new interpreter with PINNED_ENV; returns its hashes."""
+def run_in_fresh_process(names, workdir: Path, timeout: float = 600) -> dict[str, dict[str, str]]:
+    """`run_job` of each of `names`, one after the other in a new interpreter with PINNED_ENV, each in
+    workdir/<name>; returns {name: hashes}."""
     env = {**os.environ, **PINNED_ENV}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), name, str(workdir)],
+        [sys.executable, str(Path(__file__).resolve()), ",".join(names), str(workdir)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -237,25 +248,29 @@ def run_in_fresh_process(name: str, workdir: Path, timeout: float = 600) -> dict
     )
     if proc.returncode:
         raise RuntimeError(
-            f"golden job {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+            f"golden jobs {names} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_all(workdir: Path, names=None, parallel: int = 2) -> dict[str, dict[str, str]]:
-    names = list(names or JOBS)
-    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-        futures = {name: pool.submit(run_in_fresh_process, name, workdir / name) for name in names}
-        return {name: future.result() for name, future in futures.items()}
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if sys.argv[1:] == ["--record"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            hashes = run_all(Path(tmp))
+        with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            groups = [SINGLE_PROCESS, ["ddp_two_processes"]]
+            hashes = {
+                k: v
+                for f in [pool.submit(run_in_fresh_process, g, Path(tmp)) for g in groups]
+                for k, v in f.result().items()
+            }
         HASHES.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
         print(f"wrote {HASHES}: {sum(map(len, hashes.values()))} tensors of {len(hashes)} runs")
     else:
-        job, workdir = sys.argv[1], Path(sys.argv[2])
-        print(json.dumps(run_job(job, workdir)))
+        names, workdir = sys.argv[1].split(","), Path(sys.argv[2])
+        print(json.dumps({name: run_job(name, workdir / name) for name in names}))

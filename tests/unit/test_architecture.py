@@ -124,3 +124,19 @@ def test_the_checks_can_fail():
     found = own_imports(tree, "modules.networks.unet")
     assert ("modules.training.loop", False, 1) in found and ("modules.config", True, 3) in found
     assert layer("modules.training.loop") > layer("modules.networks.unet") > layer("modules.config")
+
+
+def test_no_test_file_imports_another():
+    """Tests share code through tests/helpers.py (and fixtures through conftest.py), never through each other."""
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")} | {"conftest"}
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported = [node.module]
+            elif isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            wrong += [f"{path.relative_to(ROOT)} imports {m}" for m in imported if m.split(".")[0] in names]
+    assert not wrong, "; ".join(wrong)

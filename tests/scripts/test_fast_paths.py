@@ -4,7 +4,7 @@ precision the flag gives up. Their speed is measured in bench/, not here."""
 import json
 
 import pytest
-from conftest import TINY, read_metrics
+from helpers import TINY, read_metrics
 
 import train_cfm
 

@@ -7,7 +7,7 @@ shapes are assumed) and without writing anything, and a mistyped key stops it wi
 Each launch configuration is read by Accelerate's own launcher, as `accelerate launch` reads it, into the launcher,
 processes, machines, precision and sharding it promises, down to torchrun's rendezvous and the FSDP and DeepSpeed
 plugins the training processes would build. Real two-process training jobs run from cpu_2proc.yaml, fsdp.yaml and
-deepspeed_zero2.yaml in test_training.py (the last two on CPU processes through tests/cpu_as_gpus.py).
+deepspeed_zero2.yaml in tests/distributed/ (the last two on CPU processes through tests/cpu_as_gpus.py).
 """
 
 import os
@@ -16,15 +16,13 @@ import shlex
 
 import pytest
 import torch
-from conftest import ROOT, in_process
-from test_bad_input import _fails
-from test_models import DIT_PARAMS, UNET_PARAMS
+from helpers import DIT_PARAMS, ROOT, UNET_PARAMS, fails, in_process
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 HEADER_KEYS = ("script", "data", "pipeline", "hardware", "time", "result")
 SCRIPTS = ("train_cfm.py", "train_ddpm.py", "train_vae.py")
-# The shapes at which tests/test_models.py pins each preset's parameter count.
+# The shapes at which tests/unit/test_models.py pins each preset's parameter count.
 PINNED = {("unet", (3, 32, 32), 0, None): UNET_PARAMS, ("dit", (4, 32, 32), 1000, 2): DIT_PARAMS}
 PINNED_RECIPES = {"cifar10_unet_ddpm.yaml", "imagenet256_dit_b2_cfm.yaml", "imagenet256_dit_xl2_cfm.yaml"}
 
@@ -82,7 +80,7 @@ def test_recipe_header_gives_script_pipeline_hardware_time_and_result(recipe):
 
 
 def pinned_count(result: dict, recipe: dict):
-    """The parameter count tests/test_models.py pins for this dry run's preset and shape, or None."""
+    """The parameter count tests/unit/test_models.py pins for this dry run's preset and shape, or None."""
     model = result["model"]
     family = "dit" if model.startswith("dit") else "unet" if model.startswith("unet") else None
     patch = recipe.get("patch_size", 2) if family == "dit" else None
@@ -111,7 +109,7 @@ def test_a_mistyped_recipe_key_stops_with_one_line_naming_it(recipe, tmp_path, c
     broken = tmp_path / recipe.name
     broken.write_text(re.sub(rf"^{key}:", f"{typo}:", recipe.read_text(), count=1, flags=re.M))
     main = importlib.import_module(header(recipe)["script"].removesuffix(".py")).main
-    _fails(
+    fails(
         capsys,
         ["--config", str(broken), "--dry_run", "--output_dir", str(tmp_path / "run")],
         f"{broken}: unknown key '{typo}'",

@@ -1,15 +1,13 @@
 """The training scripts end to end: exact resume, two processes, checkpoints, and sample.py on the result."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import RESUMABLE, ROOT, TINY, accelerate_launch, in_process, read_metrics, script
+from helpers import RESUMABLE, TINY, in_process, read_metrics, script
 from PIL import Image
 from safetensors.torch import load_file
-from test_reliability import runner, weights
 
 from modules.training.checkpoint import list_checkpoints
 
@@ -65,7 +63,7 @@ def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
 
 def test_resume_is_exact(tiny_cfm_run, tmp_path, capsys):
     """6 steps in one run == 3 steps, then a second run resuming from checkpoint-3 for 3 more (a new process resumes
-    in tests/test_reliability.py)."""
+    in tests/scripts/test_reliability.py)."""
     out = tmp_path / "resumed"
     common = ["--output_dir", out, *RESUMABLE]
     in_process("train_cfm.py", "--max_train_steps", 3, *common)
@@ -118,167 +116,6 @@ def test_sample_is_independent_of_batch_size(tiny_cfm_run, tmp_path):
     )
     assert (tmp_path / "grid_denoising.png").is_file() and (tmp_path / "grid_trajectories.png").is_file()
     assert Image.open(tmp_path / "grid.png").size[0] > 10 * 32
-
-
-def _assert_clean_multiprocess_run(proc, out, steps):
-    log = proc.stdout + proc.stderr
-    for bad in ("Traceback", "Aborted", "core dumped", "terminate called"):
-        assert bad not in log, log[-3000:]
-    assert (out / "checkpoints" / f"checkpoint-{steps}" / "random_states_1.pkl").is_file()
-    assert (out / "diffusion_pytorch_model.safetensors").is_file()
-
-
-def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
-    import sample
-
-    out = tmp_path / "ddpm2"
-    proc = accelerate_launch(
-        "train_ddpm.py",
-        "--output_dir",
-        out,
-        "--max_train_steps",
-        3,
-        "--checkpointing_steps",
-        3,
-        "--prediction_type",
-        "v_prediction",
-        "--snr_gamma",
-        5,
-        *TINY,
-        config_file="accelerate_configs/cpu_2proc.yaml",
-    )
-    _assert_clean_multiprocess_run(proc, out, 3)
-    assert json.loads((out / "objective.json").read_text())["objective"] == "ddpm"
-    # ancestral sampling draws fresh noise every step: still per image, whatever the batch size
-    grids = []
-    for bs in (1, 3):
-        sample.main(
-            [
-                "--model",
-                str(out),
-                "--num_images",
-                "3",
-                "--batch_size",
-                str(bs),
-                "--sampler",
-                "ddpm",
-                "--num_inference_steps",
-                "4",
-                "--output",
-                str(tmp_path / f"bs{bs}.png"),
-            ]
-        )
-        grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
-    assert np.array_equal(*grids)
-
-
-# A tiny DiT for 4 steps on 2 processes, checkpointed at step 2: run under DDP, FSDP2 and DeepSpeed ZeRO-2.
-SHARDED = [
-    "--model",
-    "dit_tiny",
-    "--patch_size",
-    4,
-    "--class_conditional",
-    "--ot_coupling",
-    "--max_train_steps",
-    4,
-    "--checkpointing_steps",
-    2,
-    "--max_train_samples",
-    64,
-    "--train_batch_size",
-    8,
-    "--lr_warmup_steps",
-    2,
-    "--validation_samples",
-    8,
-    "--num_sample_images",
-    4,
-    "--num_inference_steps",
-    2,
-    "--logging_steps",
-    1,
-    "--fid_num_samples",
-    0,
-]
-
-
-def _losses_and_ema(out):
-    return [r["loss"] for r in read_metrics(out) if "loss" in r], weights(out)
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """SHARDED under cpu_2proc.yaml (DDP): what the sharded runs must reproduce."""
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    proc = accelerate_launch(
-        "train_cfm.py", "--output_dir", out, *SHARDED, config_file="accelerate_configs/cpu_2proc.yaml"
-    )
-    _assert_clean_multiprocess_run(proc, out, 4)
-    return out
-
-
-def test_two_process_cfm(ddp_run):
-    """Two DDP processes with minibatch OT coupling: each checkpoint holds both processes' RNG states."""
-    assert [p.name for p in list_checkpoints(ddp_run)] == ["checkpoint-2", "checkpoint-4"]
-    assert all((p / "random_states_1.pkl").is_file() for p in list_checkpoints(ddp_run))
-    assert json.loads((ddp_run / "objective.json").read_text())["args"]["ot_coupling"] is True
-
-
-def _sharded_launch(config, out, *extra, script="train_cfm.py"):
-    """SHARDED under accelerate_configs/`config` on 2 CPU processes, launched as its header shows (tests/cpu_as_gpus.py
-    lets Accelerate's FSDP and DeepSpeed run without GPUs)."""
-    launch = ["--config_file", ROOT / "accelerate_configs" / config, "--num_processes", 2, "--mixed_precision", "no"]
-    proc = accelerate_launch("tests/cpu_as_gpus.py", script, "--output_dir", out, *SHARDED, *extra, launch_args=launch)
-    _assert_clean_multiprocess_run(proc, out, 4)
-
-
-def _assert_sharded_run_matches_ddp_and_resumes_exactly(config, out, ddp_run, capsys, written_under):
-    import train_cfm
-
-    (losses, ema), (ddp_losses, ddp_ema) = _losses_and_ema(out), _losses_and_ema(ddp_run)
-    assert len(losses) == 4 and np.allclose(losses, ddp_losses, rtol=1e-5, atol=0)
-    assert sorted(ema) == sorted(ddp_ema)
-    assert max(float((ema[k] - ddp_ema[k]).abs().max()) for k in ddp_ema) < 1e-5
-    # the same run resumed from its step-2 checkpoint ends with the same weights, bit for bit
-    checkpoint = out / "checkpoints" / "checkpoint-2"
-    resumed = out.parent / "resumed"
-    shutil.copytree(checkpoint, resumed / "checkpoints" / "checkpoint-2")
-    _sharded_launch(config, resumed, "--resume_from_checkpoint", "latest")
-    again = weights(resumed)
-    assert all(torch.equal(again[k], ema[k]) for k in ema)
-    # resumed without the launch that wrote it: one line
-    with pytest.raises(SystemExit):
-        train_cfm.main(["--output_dir", str(resumed), *map(str, SHARDED), "--resume_from_checkpoint", str(checkpoint)])
-    err = capsys.readouterr().err
-    assert f"was written under {written_under} and this run is under neither FSDP nor DeepSpeed" in err
-
-
-def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp_run, capsys):
-    """accelerate_configs/fsdp.yaml: FSDP2, each DiT block sharded over the 2 processes, the EMA sharded alike."""
-    out = tmp_path / "fsdp"
-    _sharded_launch("fsdp.yaml", out)
-    shards = out / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp_0"
-    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per process
-    _assert_sharded_run_matches_ddp_and_resumes_exactly("fsdp.yaml", out, ddp_run, capsys, "FSDP")
-
-
-def test_deepspeed_zero2_trains_as_ddp_does_skips_nonfinite_steps_and_resumes_exactly(tmp_path, ddp_run, capsys):
-    """accelerate_configs/deepspeed_zero2.yaml: gradients and AdamW state split over the 2 processes; DeepSpeed steps
-    inside backward and skips a step whose gradients are not finite, which the non-finite guard counts."""
-    out = tmp_path / "zero2"
-    _sharded_launch("deepspeed_zero2.yaml", out)
-    optimizer_shards = (out / "checkpoints" / "checkpoint-2" / "pytorch_model").glob("*optim_states.pt")
-    assert len(list(optimizer_shards)) == 2  # one per process
-    _assert_sharded_run_matches_ddp_and_resumes_exactly("deepspeed_zero2.yaml", out, ddp_run, capsys, "DeepSpeed")
-
-    # the loss of step 2 on the second process is NaN
-    _sharded_launch("deepspeed_zero2.yaml", tmp_path / "nan", script=runner(tmp_path, nan_rank="1"))
-    rows = [r for r in read_metrics(tmp_path / "nan") if "loss" in r]
-    assert [r.get("nonfinite_steps", 0) for r in rows] == [0, 1, 1, 1]
-    assert rows[1]["lr"] == rows[0]["lr"]  # the skipped step did not advance the schedule
-    assert rows[2]["lr"] > rows[0]["lr"] and all(np.isfinite(r["loss"]) for r in rows if r is not rows[1])
-    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "nan").values())
 
 
 @pytest.fixture(scope="module")

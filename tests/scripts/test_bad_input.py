@@ -12,26 +12,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY, fails
 from PIL import Image
 
 import train_cfm
 import train_ddpm
 from modules.config import DataArguments, UserError
 from modules.data.images import load_train_data
-
-
-def _fails(capsys, argv, *needles, main=train_cfm.main):
-    """Run a script's main in-process; it must exit 2 with one 'error:' line containing every needle."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], err
-    return errors[0]
 
 
 @pytest.fixture
@@ -53,7 +40,7 @@ def parquet_dataset(tmp_path_factory):
 
 
 def test_unknown_dataset_name(capsys, out):
-    _fails(
+    fails(
         capsys,
         ["--dataset_name", "no_such_user/no_such_dataset", "--output_dir", str(out)],
         "unknown dataset 'no_such_user/no_such_dataset'",
@@ -61,7 +48,7 @@ def test_unknown_dataset_name(capsys, out):
 
 
 def test_missing_image_column_lists_the_columns(capsys, out, parquet_dataset):
-    _fails(
+    fails(
         capsys,
         ["--dataset_name", str(parquet_dataset), "--output_dir", str(out)],
         "no image column 'image'",
@@ -70,7 +57,7 @@ def test_missing_image_column_lists_the_columns(capsys, out, parquet_dataset):
 
 
 def test_missing_label_column_lists_the_columns(capsys, out, parquet_dataset):
-    _fails(
+    fails(
         capsys,
         [
             "--dataset_name",
@@ -88,7 +75,7 @@ def test_missing_label_column_lists_the_columns(capsys, out, parquet_dataset):
 
 
 def test_class_conditional_without_labels(capsys, out, parquet_dataset):
-    _fails(
+    fails(
         capsys,
         ["--dataset_name", str(parquet_dataset), "--image_column", "img", "--output_dir", str(out)],
         "--class_conditional needs labels",
@@ -172,17 +159,17 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
     ],
 )
 def test_bad_flags(capsys, out, flags, needles):
-    _fails(capsys, [*TINY, "--output_dir", str(out), *flags], *needles)
+    fails(capsys, [*TINY, "--output_dir", str(out), *flags], *needles)
 
 
 def test_ddpm_script_checks_too(capsys, out):
-    _fails(capsys, [*TINY, "--output_dir", str(out), "--resolution", "30"], "must be divisible", main=train_ddpm.main)
+    fails(capsys, [*TINY, "--output_dir", str(out), "--resolution", "30"], "must be divisible", main=train_ddpm.main)
 
 
 def test_unknown_recipe_key(capsys, out, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 1.0e-4\nnum_train_epoch: 3\n")
-    _fails(capsys, ["--config", str(recipe), "--output_dir", str(out)], str(recipe), "unknown key 'num_train_epoch'")
+    fails(capsys, ["--config", str(recipe), "--output_dir", str(out)], str(recipe), "unknown key 'num_train_epoch'")
 
 
 def test_recipe_values_apply_and_flags_override(tmp_path):
@@ -202,7 +189,7 @@ def test_unreadable_image_is_named(capsys, out, tmp_path):
         for i in range(4):
             Image.new("RGB", (40, 36), (i * 50, 90, 10)).save(folder / cls / f"{i}.png")
     (folder / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    _fails(
+    fails(
         capsys,
         ["--train_data_dir", str(folder), "--output_dir", str(out)],
         "cannot read image",
@@ -213,7 +200,7 @@ def test_unreadable_image_is_named(capsys, out, tmp_path):
 def test_resume_from_a_different_model_names_the_keys(capsys, out, tiny_cfm_run, tmp_path):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(tiny_cfm_run / "checkpoints" / "checkpoint-3", checkpoint)
-    _fails(
+    fails(
         capsys,
         [*TINY, "--base_channels", "16", "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint)],
         "different model",
@@ -222,7 +209,7 @@ def test_resume_from_a_different_model_names_the_keys(capsys, out, tiny_cfm_run,
 
 
 def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):
-    _fails(
+    fails(
         capsys,
         [*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path / "nope")],
         "is not a complete checkpoint",
@@ -232,7 +219,7 @@ def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):
 def test_unreadable_fid_weights_file(capsys, out, tmp_path):
     weights = tmp_path / "inception.pth"
     weights.write_text("not weights")
-    _fails(
+    fails(
         capsys,
         [*TINY, "--output_dir", str(out), "--fid_num_samples", "4", "--fid_weights", str(weights)],
         "--fid_weights",
@@ -290,7 +277,7 @@ def test_image_folder_has_no_named_splits(capsys, out, tmp_path):
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     argv = ["--train_data_dir", str(folder), "--validation_split", "test", "--output_dir", str(out)]
-    _fails(capsys, [*argv, "--class_conditional", "false"], "--validation_split 'test': an image folder has no splits")
+    fails(capsys, [*argv, "--class_conditional", "false"], "--validation_split 'test': an image folder has no splits")
 
 
 # The data half of the catalogue: corrupt files, odd image modes, small images, offline Hub ids, captions.
@@ -336,7 +323,7 @@ def _rgb_folder(root, n=4):
 def test_truncated_image_in_a_folder_is_named_with_the_way_out(capsys, out, tmp_path):
     folder = _rgb_folder(tmp_path / "images")
     _truncated_jpeg(folder / "b" / "cut.jpg")
-    _fails(
+    fails(
         capsys,
         ["--train_data_dir", str(folder), "--output_dir", str(out)],
         f"cannot read image {folder / 'b' / 'cut.jpg'}: OSError: image file is truncated",
@@ -361,7 +348,7 @@ def test_an_image_that_fails_only_when_decoded_stops_training_naming_it(capsys, 
     png[at + 4 : at + 8 + size] = pixels + zlib.crc32(b"IDAT" + pixels).to_bytes(4, "big")
     (folder / "b" / "cut.png").write_bytes(png)
     run = tmp_path / "run"
-    _fails(
+    fails(
         capsys,
         [
             "--train_data_dir",
@@ -386,7 +373,7 @@ def test_an_image_that_fails_only_when_decoded_stops_training_naming_it(capsys, 
 
 
 def test_corrupt_image_in_a_dataset_names_row_and_column(capsys, out, corrupt_parquet):
-    _fails(
+    fails(
         capsys,
         ["--dataset_name", str(corrupt_parquet), "--image_column", "img", "--output_dir", str(out)],
         f"cannot read image {corrupt_parquet}[train][2].img: not an image format PIL recognises",
@@ -526,7 +513,7 @@ def test_small_images_are_upscaled_with_one_warning(tmp_path):
 
 
 def test_hub_id_while_offline_says_how_to_get_it(capsys, out):
-    _fails(
+    fails(
         capsys,
         ["--dataset_name", "someone/some_images", "--output_dir", str(out)],
         "unknown dataset 'someone/some_images'",
@@ -545,7 +532,7 @@ def captions_parquet(tmp_path_factory):
 
 def test_misnamed_caption_column_suggests_the_close_one(capsys, out, captions_parquet):
     argv = ["--dataset_name", str(captions_parquet), "--image_column", "img", "--class_conditional", "false"]
-    _fails(
+    fails(
         capsys,
         [*argv, "--caption_column", "captions", "--output_dir", str(out)],
         "no caption column 'captions' (columns: img, caption); did you mean 'caption'?",
@@ -555,7 +542,7 @@ def test_misnamed_caption_column_suggests_the_close_one(capsys, out, captions_pa
 def test_no_caption_column_for_a_text_model(capsys, out, captions_parquet):
     argv = ["--dataset_name", str(captions_parquet), "--image_column", "img", "--caption_column", "none"]
     argv += ["--text_encoder", "minilm", "--class_conditional", "false", "--resolution", "8"]
-    _fails(capsys, [*argv, "--output_dir", str(out)], "--text_encoder needs captions")
+    fails(capsys, [*argv, "--output_dir", str(out)], "--text_encoder needs captions")
 
 
 def test_empty_captions_are_counted_in_one_warning(captions_parquet):
@@ -577,7 +564,7 @@ def test_caption_that_is_not_a_string_is_named(capsys, out, tmp_path):
         Image.new("RGB", (8, 8)).save(folder / row["file_name"])
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     argv = ["--train_data_dir", str(folder), "--class_conditional", "false", "--resolution", "8"]
-    _fails(
+    fails(
         capsys,
         [*argv, "--output_dir", str(out)],
         f"caption column 'caption': {folder / 'metadata.jsonl'} (1.png) holds None (NoneType), not a string",

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, free_port, run, script
+from helpers import TINY, free_port, hub_env, run, script
 from hub_server import FakeHub
 from PIL import Image
 
@@ -20,19 +20,6 @@ from modules.records import command_line
 
 TOKEN = "hf_TestToken0123456789abcdef"
 REPO = "someone/tiny-fm"
-
-
-def hub_env(hub_url: str, home) -> dict:
-    """The Hub at `hub_url` and nothing else: its own HF_HOME (no saved login, an empty cache), no $HF_TOKEN."""
-    return {
-        "HF_ENDPOINT": hub_url,
-        "HF_HUB_OFFLINE": "0",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(home),
-        "HF_TOKEN": "",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
 
 
 @pytest.fixture(scope="module")

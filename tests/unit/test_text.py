@@ -6,7 +6,7 @@ import shutil
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TEXT
+from helpers import TINY_TEXT
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from modules.config import UserError

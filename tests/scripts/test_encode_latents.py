@@ -10,9 +10,9 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import accelerate_launch
+from helpers import LATENT_FASHION, assert_same_rows, rows
+from helpers import fails as script_fails
 from PIL import Image
-from test_bad_input import _fails
 
 import encode_latents
 from modules.config import DataArguments, UserError
@@ -20,56 +20,16 @@ from modules.data.images import load_train_data
 from modules.data.latents import denormalize_latents, load_latent_data, sample_latents
 from modules.networks.vae import load_vae
 
-FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 48, "--resolution", 32, "--shard_size", 16]
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    """A randomly initialised 2-level AutoencoderKL (f2, 4 latent channels), saved like a Hub VAE."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "tiny"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).save_pretrained(path)
-    return path
+FASHION = LATENT_FASHION
 
 
 def encode(*args):
     return encode_latents.main([str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def encoded(tiny_vae, tmp_path_factory):
-    """48 Fashion-MNIST images in 3 shards of 16, encoded in this process."""
-    out = tmp_path_factory.mktemp("latents") / "fashion"
-    encode("--vae", tiny_vae, "--output_dir", out, *FASHION)
-    return out
-
-
-def rows(path) -> dict:
-    data = load_latent_data(str(path))
-    return data.dataset.__getitems__(list(range(len(data.dataset))))
-
-
-def assert_same_rows(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 def fails(capsys, argv, *needles):
     """encode_latents.main must exit 2 with one 'error:' line holding every needle."""
-    return _fails(capsys, [str(a) for a in argv], *needles, main=encode_latents.main)
+    return script_fails(capsys, [str(a) for a in argv], *needles, main=encode_latents.main)
 
 
 def test_latents_are_the_vaes_in_image_order(encoded, tiny_vae):
@@ -115,14 +75,6 @@ def test_latents_too_large_for_memory_are_read_lazily(encoded, monkeypatch):
     assert not isinstance(data.dataset.rows, dict) and len(data.dataset) == 20
     batch = data.dataset.__getitems__([19, 0, 7])
     assert_same_rows(batch, {k: v[[19, 0, 7]] for k, v in in_memory.items()})
-
-
-def test_two_processes_write_the_same_dataset(encoded, tiny_vae, tmp_path):
-    out = tmp_path / "two"
-    accelerate_launch("encode_latents.py", "--vae", tiny_vae, "--output_dir", out, *FASHION)
-    assert_same_rows(rows(out), rows(encoded))
-    one, two = (json.loads((d / "latents.json").read_text()) for d in (encoded, out))
-    assert {k: v for k, v in one.items() if k != "command"} == {k: v for k, v in two.items() if k != "command"}
 
 
 def test_resume_skips_finished_shards_and_equals_an_uninterrupted_run(encoded, tiny_vae, tmp_path, capsys):
@@ -298,7 +250,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_vae, tmp_pat
     import sys
     import time
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     args = [
         "--vae",

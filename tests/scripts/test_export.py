@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from PIL import Image
 
 import sample

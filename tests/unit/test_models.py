@@ -5,24 +5,11 @@ import itertools
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
+from helpers import DIT_PARAMS, UNET_PARAMS
 
 from modules.networks.conditioning import drop_labels, timestep_embedding
 from modules.networks.dit import DIT_PRESETS, DiTModel, apply_rope, rope_2d_angles
 from modules.networks.unet import UNET_PRESETS, UNetModel
-
-# UNets at in_channels=3, sample_size=32, unconditional (CIFAR-10 shape). unet_l is the DDPM CIFAR-10 network:
-# 35.7M in the paper, plus 2,560,896 for the scale half of the scale-shift conditioning.
-UNET_PARAMS = {"unet_s": 1_034_515, "unet_m": 9_925_059, "unet_l": 38_307_203}
-# DiTs at in_channels=4, sample_size=32, patch_size=2, num_classes=1000 (ImageNet-256 latents), out_channels=4.
-# The paper's DiT-XL/2 (675,129,632) learns sigma (out_channels=8, +18,448) and counts its frozen position
-# embedding as a parameter (+294,912): 674,816,272 + 18,448 + 294,912 = 675,129,632.
-DIT_PARAMS = {
-    "dit_tiny": 4_357_648,
-    "dit_s": 32_858_896,
-    "dit_b": 130_303_504,
-    "dit_l": 457_824_272,
-    "dit_xl": 674_816_272,
-}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -233,69 +220,3 @@ def test_drop_labels_is_reproducible_and_drops_at_the_given_rate():
     assert torch.equal(a[~dropped], labels[~dropped])
     assert torch.equal(drop_labels(labels, 0.0, 10, torch.Generator()), labels)
     assert (drop_labels(labels, 1.0, 10, torch.Generator()) == 10).all()
-
-
-def dry_run(capsys, *argv) -> dict:
-    import json
-
-    import train_cfm
-
-    train_cfm.main(["--dry_run", *map(str, argv)])
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
-
-def test_dry_run_counts_the_pinned_parameters_without_the_data(capsys, tmp_path):
-    """DiT-XL/2 on ImageNet-256 latents and the DDPM CIFAR-10 UNet, sized without their data (not available here:
-    the shapes are assumed and said so) and without allocating them."""
-    xl = dry_run(
-        capsys,
-        "--model",
-        "dit_xl",
-        "--patch_size",
-        2,
-        "--latent_dataset",
-        "someone/imagenet-latents",
-        "--resolution",
-        256,
-        "--output_dir",
-        tmp_path / "xl",
-    )
-    assert xl["parameters"] == DIT_PARAMS["dit_xl"] and xl["num_classes"] == 1000 and xl["input"] == [4, 32, 32]
-    assert any("4-channel latents" in note for note in xl["assumed"])
-    unet = dry_run(
-        capsys,
-        "--model",
-        "unet_l",
-        "--dataset_name",
-        str(tmp_path / "cifar10"),
-        "--num_channels",
-        3,
-        "--class_conditional",
-        "false",
-        "--output_dir",
-        tmp_path / "l",
-    )
-    assert unet["parameters"] == UNET_PARAMS["unet_l"] and unet["input"] == [3, 32, 32]
-    assert not (tmp_path / "xl").exists() and not (tmp_path / "l").exists()
-
-
-@pytest.mark.parametrize("model", ["unet_s", "dit_tiny"])
-def test_dry_run_flops_match_a_real_forward_and_backward(capsys, model):
-    """The meta-device count against FlopCounterMode on real tensors, on Fashion-MNIST's real shape, with attention
-    on the math path as on the meta device (CPU's fused attention has no FLOP formula for its backward)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from modules.config import FlowArguments, ModelArguments
-    from modules.networks.presets import build_model
-    from modules.objectives.flow import FlowObjective
-    from modules.training.flops import training_flops_per_image
-
-    sized = dry_run(capsys, "--model", model, "--patch_size", 4)
-    torch.manual_seed(0)
-    real = build_model(ModelArguments(model=model, patch_size=4, class_conditional=True), 1, 32, num_classes=10)
-    x0, labels = torch.randn(2, 1, 32, 32), torch.tensor([1, 2])
-    generator = torch.Generator().manual_seed(0)
-    with sdpa_kernel(SDPBackend.MATH):
-        flops = training_flops_per_image(real, FlowObjective(FlowArguments()), x0, labels, generator)
-    assert sized["train_gflops_per_image"] * 1e9 == pytest.approx(flops, rel=0.05)
-    assert sized["parameters"] == sum(p.numel() for p in real.parameters())

@@ -7,89 +7,18 @@ import shutil
 
 import datasets
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import accelerate_launch
+from helpers import CAPTION_FASHION, fashion_images, own_captions, table, tiny_tokenizer
+from helpers import fails as script_fails
 from PIL import Image
-from test_bad_input import _fails
 
 import caption
 from modules.config import DataArguments
 from modules.data.captioning import class_phrase
-from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist, load_train_data
+from modules.data.images import FASHION_MNIST_CLASSES, load_train_data
 
-FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 16, "--shard_size", 8, "--batch_size", 4]
-WORDS = "a photo of the shirt dress shoe bag coat on white black background grey small large caption en".split()
-
-
-def tiny_tokenizer(pad: str, eos: str, bos: str):
-    """A word-level tokenizer over WORDS, with '<image>' among its special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([pad, eos, bos, "<unk>", "<image>", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=pad,
-        eos_token=eos,
-        bos_token=bos,
-        unk_token="<unk>",
-        additional_special_tokens=["<image>"],
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_blip2(tmp_path_factory):
-    """A random BLIP-2 (32x32 images, 4 query tokens, OPT with one layer), saved like the Hub's, processor included.
-    Weights drawn with std 1 so that captions differ from image to image."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
-
-    path = tmp_path_factory.mktemp("blip2") / "tiny"
-    tokenizer = tiny_tokenizer("<pad>", "</s>", "<s>")
-    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    config = Blip2Config(
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            initializer_range=1.0,
-        ),
-        qformer_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=37,
-            encoder_hidden_size=32,
-        ),
-        text_config=dict(
-            model_type="opt",
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            ffn_dim=32,
-            word_embed_proj_dim=16,
-            max_position_embeddings=64,
-            init_std=1.0,
-            **ids,
-        ),
-        num_query_tokens=4,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        initializer_range=1.0,
-    )
-    torch.manual_seed(0)
-    Blip2ForConditionalGeneration(config).save_pretrained(path)
-    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
-    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(path)
-    return path
+FASHION = CAPTION_FASHION
 
 
 @pytest.fixture(scope="module")
@@ -155,35 +84,7 @@ def run(*args):
 
 def fails(capsys, argv, *needles):
     """caption.main must exit 2 with one 'error:' line holding every needle."""
-    return _fails(capsys, [str(a) for a in argv], *needles, main=caption.main)
-
-
-def table(out) -> dict:
-    """Every row of the finished dataset at `out`, as python lists (image bytes included), in shard order."""
-    meta = json.loads((out / "captions.json").read_text())
-    parts = [pq.read_table(out / shard).to_pydict() for shard in meta["shards"]]
-    return {k: [v for part in parts for v in part[k]] for k in parts[0]}
-
-
-def fashion_images(n):
-    images, labels = load_fashion_mnist("train")
-    return [Image.fromarray(x.numpy()).convert("RGB") for x in images[:n]], labels[:n].tolist()
-
-
-def own_captions(path, images, text=None):
-    """The oracle: the saved model's greedy generate on each image by itself, its new tokens decoded."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
-    captions = []
-    for image in images:
-        inputs = processor(images=[image], text=None if text is None else [text], return_tensors="pt")
-        inputs.pop("labels", None)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else out
-        captions.append(processor.batch_decode(new, skip_special_tokens=True)[0].strip())
-    return captions
+    return script_fails(capsys, [str(a) for a in argv], *needles, main=caption.main)
 
 
 @pytest.fixture(scope="module")
@@ -226,18 +127,6 @@ def test_paligemma_captions_without_its_prompt(tiny_paligemma, tmp_path):
     meta = check_fashion_output(out, own_captions(tiny_paligemma, images, text="<image>caption en"))
     assert meta["captioner"]["prompt"] == "caption en"
     assert not any(c.startswith("caption en") for c in table(out)["caption"])
-
-
-def test_blip2_prompt_is_cut_and_two_processes_write_the_same(tiny_blip2, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    argv = ["--captioner", tiny_blip2, "--prompt", "a photo of", *FASHION]
-    run(*argv, "--output_dir", one)
-    images, _ = fashion_images(16)
-    assert table(one)["caption"] == own_captions(tiny_blip2, images, text="a photo of")
-    accelerate_launch("caption.py", *argv, "--output_dir", two)
-    assert table(two) == table(one)
-    a, b = (json.loads((d / "captions.json").read_text()) for d in (one, two))
-    assert {k: v for k, v in a.items() if k != "command"} == {k: v for k, v in b.items() if k != "command"}
 
 
 def test_resume_skips_finished_shards_and_equals_an_uninterrupted_run(blip2_fashion, tiny_blip2, tmp_path, capsys):

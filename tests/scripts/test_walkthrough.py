@@ -14,10 +14,9 @@ import sys
 
 import numpy as np
 import torch
-from conftest import ROOT, in_process, run
+from helpers import ROOT, hub_env, in_process, run
 from hub_server import FakeHub
 from PIL import Image
-from test_hub import hub_env
 
 WALKTHROUGH = [
     "# captions from the class folders (my_images/cat/*.png -> 'a photo of a cat'), or --captioner blip2",

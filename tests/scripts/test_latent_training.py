@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import in_process, read_metrics
+from helpers import in_process, read_metrics
 from PIL import Image
 
 from modules.config import UserError

@@ -1,0 +1,73 @@
+"""Training on two DDP processes: a DDPM run from the accelerate config and what sample.py makes of it, and a
+failure on one process ending both."""
+
+import json
+import time
+
+import numpy as np
+from helpers import TINY, accelerate_launch, assert_clean_two_process_run, runner
+from PIL import Image
+
+
+def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
+    import sample
+
+    out = tmp_path / "ddpm2"
+    proc = accelerate_launch(
+        "train_ddpm.py",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        3,
+        "--checkpointing_steps",
+        3,
+        "--prediction_type",
+        "v_prediction",
+        "--snr_gamma",
+        5,
+        *TINY,
+        config_file="accelerate_configs/cpu_2proc.yaml",
+    )
+    assert_clean_two_process_run(proc, out, 3)
+    assert json.loads((out / "objective.json").read_text())["objective"] == "ddpm"
+    # ancestral sampling draws fresh noise every step: still per image, whatever the batch size
+    grids = []
+    for bs in (1, 3):
+        sample.main(
+            [
+                "--model",
+                str(out),
+                "--num_images",
+                "3",
+                "--batch_size",
+                str(bs),
+                "--sampler",
+                "ddpm",
+                "--num_inference_steps",
+                "4",
+                "--output",
+                str(tmp_path / f"bs{bs}.png"),
+            ]
+        )
+        grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
+    assert np.array_equal(*grids)
+
+
+def test_a_failure_on_one_process_ends_both_with_an_error(tmp_path):
+    out = tmp_path / "run"
+    started = time.monotonic()
+    proc = accelerate_launch(
+        runner(tmp_path, fail_rank="1"),
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        20,
+        *TINY,
+        "--num_sample_images",
+        0,
+        check=False,
+        timeout=240,
+    )
+    assert proc.returncode != 0 and time.monotonic() - started < 200
+    assert "injected failure on rank 1" in proc.stdout + proc.stderr
+    assert not (out / "config.json").exists()

@@ -1,0 +1,276 @@
+"""What the tests share: the repository's root, tiny training settings, ways to run a script (in this process, in
+a new one, or as two Accelerate processes), and readers of what a run wrote. Test files import from here, never from
+each other; pytest fixtures live in conftest.py."""
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny class-conditional UNet on 64 Fashion-MNIST images: seconds per run on two CPU cores.
+TINY = [
+    "--max_train_samples",
+    "64",
+    "--train_batch_size",
+    "8",
+    "--base_channels",
+    "8",
+    "--num_sample_images",
+    "4",
+    "--num_inference_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--fid_num_samples",
+    "0",
+    "--lr_warmup_steps",
+    "2",
+]
+
+# Everything that draws random numbers during training, so that exact resume is tested on all of it.
+RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--cond_drop_prob", 0.3, *TINY]
+# The session's finished run (conftest.tiny_cfm_run), which the resume tests interrupt and compare with.
+SIX_STEPS = ["--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)]
+
+
+# A tiny CLIP text transformer over the real CLIP BPE vocabulary (open-clip-torch ships it).
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command from the repo root with this interpreter's environment; fail with its output on error."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def script(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(ROOT / name), *map(str, args)], **kwargs)
+
+
+def in_process(name: str, *args):
+    """Run a script's main(argv) in this process: as `script`, without paying a new interpreter's imports."""
+    return importlib.import_module(Path(name).stem).main([str(a) for a in args])
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged row."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def accelerate_launch(name: str, *args, config_file=None, launch_args=(), **kwargs) -> subprocess.CompletedProcess:
+    """`accelerate launch` two processes, from `config_file`, from `launch_args` or from flags."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
+    if config_file:
+        launch += ["--config_file", str(ROOT / config_file)]
+    elif launch_args:
+        launch += list(map(str, launch_args))
+    else:
+        launch += [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+    return run([*launch, str(ROOT / name), *map(str, args)], **kwargs)
+
+
+def fails(capsys, argv, *needles, main=None):
+    """Run a script's main (default: train_cfm's) in-process; it must exit 2 with one 'error:' line containing every
+    needle."""
+    with pytest.raises(SystemExit) as exc:
+        (main or importlib.import_module("train_cfm").main)(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0], err
+    return errors[0]
+
+
+def weights(run_dir) -> dict:
+    return load_file(str(run_dir / "diffusion_pytorch_model.safetensors"))
+
+
+# Runs a training script with some of its library calls wrapped: how a test makes a step slow, fail or not finite
+# on purpose. The loss's third call (call 1 measures FLOPs) is step 2's.
+RUNNER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import safetensors.torch
+real_save = safetensors.torch.save_file
+def slow_save(tensors, filename, *args, **kwargs):
+    if {slow_in!r} and {slow_in!r} in str(filename):
+        print("writing", filename, flush=True)
+        time.sleep(60)
+    return real_save(tensors, filename, *args, **kwargs)
+safetensors.torch.save_file = slow_save
+import modules.objectives.flow
+real_loss = modules.objectives.flow.FlowObjective.loss
+calls = [0]
+def loss(self, *args, **kwargs):
+    calls[0] += 1
+    if os.environ.get("RANK") == {fail_rank!r} and calls[0] == 3:
+        raise RuntimeError("injected failure on rank " + os.environ["RANK"])
+    value = real_loss(self, *args, **kwargs)
+    return value * float("nan") if os.environ.get("RANK") == {nan_rank!r} and calls[0] == 3 else value
+modules.objectives.flow.FlowObjective.loss = loss
+import train_cfm
+train_cfm.main(sys.argv[1:])
+"""
+
+
+def runner(tmp_path, slow_in: str = "", fail_rank: str = "", nan_rank: str = "") -> str:
+    path = tmp_path / "runner.py"
+    path.write_text(RUNNER.format(root=str(ROOT), slow_in=slow_in, fail_rank=fail_rank, nan_rank=nan_rank))
+    return str(path)
+
+
+def hub_env(hub_url: str, home) -> dict:
+    """The Hub at `hub_url` and nothing else: its own HF_HOME (no saved login, an empty cache), no $HF_TOKEN."""
+    return {
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(home),
+        "HF_TOKEN": "",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+
+
+# UNets at in_channels=3, sample_size=32, unconditional (CIFAR-10 shape). unet_l is the DDPM CIFAR-10 network:
+# 35.7M in the paper, plus 2,560,896 for the scale half of the scale-shift conditioning.
+UNET_PARAMS = {"unet_s": 1_034_515, "unet_m": 9_925_059, "unet_l": 38_307_203}
+# DiTs at in_channels=4, sample_size=32, patch_size=2, num_classes=1000 (ImageNet-256 latents), out_channels=4.
+# The paper's DiT-XL/2 (675,129,632) learns sigma (out_channels=8, +18,448) and counts its frozen position
+# embedding as a parameter (+294,912): 674,816,272 + 18,448 + 294,912 = 675,129,632.
+DIT_PARAMS = {
+    "dit_tiny": 4_357_648,
+    "dit_s": 32_858_896,
+    "dit_b": 130_303_504,
+    "dit_l": 457_824_272,
+    "dit_xl": 674_816_272,
+}
+
+# What caption.py and encode_latents.py are tested on: Fashion-MNIST images, in shards.
+CAPTION_FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 16, "--shard_size", 8, "--batch_size", 4]
+LATENT_FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 48, "--resolution", 32, "--shard_size", 16]
+
+
+def table(out) -> dict:
+    """Every row of the finished dataset at `out`, as python lists (image bytes included), in shard order."""
+    meta = json.loads((out / "captions.json").read_text())
+    parts = [pq.read_table(out / shard).to_pydict() for shard in meta["shards"]]
+    return {k: [v for part in parts for v in part[k]] for k in parts[0]}
+
+
+def fashion_images(n):
+    from modules.data.images import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train")
+    return [Image.fromarray(x.numpy()).convert("RGB") for x in images[:n]], labels[:n].tolist()
+
+
+def own_captions(path, images, text=None):
+    """The oracle: the saved model's greedy generate on each image by itself, its new tokens decoded."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
+    captions = []
+    for image in images:
+        inputs = processor(images=[image], text=None if text is None else [text], return_tensors="pt")
+        inputs.pop("labels", None)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else out
+        captions.append(processor.batch_decode(new, skip_special_tokens=True)[0].strip())
+    return captions
+
+
+def rows(path) -> dict:
+    from modules.data.latents import load_latent_data
+
+    data = load_latent_data(str(path))
+    return data.dataset.__getitems__(list(range(len(data.dataset))))
+
+
+def assert_same_rows(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_golden(names, workdir):
+    """Golden runs `names` (tests/golden_runs.py), each in a fresh process, end with their stored EMA weights."""
+    import golden_runs
+
+    stored = json.loads(golden_runs.HASHES.read_text())
+    assert set(stored) == set(golden_runs.JOBS), "tests/golden_hashes.json and golden_runs.JOBS name other runs"
+    now = golden_runs.run_in_fresh_process(names, workdir)
+    differ = {
+        name: sorted(k for k in set(stored[name]) | set(now[name]) if stored[name].get(k) != now[name].get(k))
+        for name in names
+    }
+    differ = {name: keys for name, keys in differ.items() if keys}
+    assert not differ, "runs whose final EMA weights changed: " + "; ".join(
+        f"{name}: {len(keys)} tensors, e.g. {keys[:3]}" for name, keys in differ.items()
+    )
+
+
+WORDS = "a photo of the shirt dress shoe bag coat on white black background grey small large caption en".split()
+
+
+def tiny_tokenizer(pad: str, eos: str, bos: str):
+    """A word-level tokenizer over WORDS, with '<image>' among its special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate([pad, eos, bos, "<unk>", "<image>", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+
+
+def assert_clean_two_process_run(proc, out, steps):
+    """A two-process run ended without a crash in its log, with both processes' RNG states in its last checkpoint."""
+    log = proc.stdout + proc.stderr
+    for bad in ("Traceback", "Aborted", "core dumped", "terminate called"):
+        assert bad not in log, log[-3000:]
+    assert (out / "checkpoints" / f"checkpoint-{steps}" / "random_states_1.pkl").is_file()
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
