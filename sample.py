@@ -157,9 +157,73 @@ def parse_prompts(args, record: dict) -> list[str] | None:
     return record.get("sample_prompts") or [""]
 
 
+@dataclass
+class Sampling:
+    """A loaded model with what its images are generated from: conditions cycled over the images, and the labels
+    the classifier metrics score them against."""
+
+    model: torch.nn.Module
+    objective: object
+    record: dict
+    device: torch.device
+    shape: tuple[int, int, int]
+    cond: object = None  # class labels, or the prompts' text condition
+    labels: list[int] | None = None
+    null_cond: dict | None = None
+    decode: object = None  # latents -> images, for a model trained on latents
+    cycle: list | None = None  # what the conditions cycle over (labels or prompts), for the grid's rows
+
+    def generate(self, args, **settings):
+        """Images 0..--num_images-1 of --seed, at --batch_size, with --guidance_scale; `settings` go to the sampler."""
+        return generate_images(
+            self.model,
+            self.objective,
+            args.num_images,
+            args.seed,
+            self.shape,
+            args.batch_size,
+            self.cond,
+            self.device,
+            progress=True,
+            guidance_scale=args.guidance_scale,
+            decode=self.decode,
+            null_cond=self.null_cond,
+            **settings,
+        )
+
+
+def load_sampling(args, folder: Path) -> Sampling:
+    """The model in `folder`, checked against --sampler, with the conditions of --class_labels or --prompt."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, objective, record = load_model(folder, device)
+    if not objective.samplers:
+        raise UserError(
+            f"--model '{args.model}' is a {objective.name} model, which does not generate; use it as "
+            "encode_latents.py --vae"
+        )
+    if args.sampler and args.sampler not in objective.samplers:
+        raise UserError(
+            f"--sampler '{args.sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
+        )
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    sampling = Sampling(model, objective, record, device, shape)
+    if "latent" in record:  # trained on a latent dataset: decode through the VAE that encoded it
+        sampling.decode = latent_decoder(record["latent"], device)
+    cycle = parse_class_labels(args.class_labels, model.config.num_classes, record.get("class_names"))
+    labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
+    sampling.cond, sampling.labels, sampling.cycle = labels, labels, cycle
+    prompts = parse_prompts(args, record)
+    if prompts is not None:
+        text = TextConditioner(text_encoder_from_record(record["text_encoder"], device=device))
+        cycle = [prompts[i % len(prompts)] for i in range(args.num_images)]
+        sampling.cond, sampling.null_cond = text(cycle, "cpu"), text.null(device)
+        sampling.labels = prompt_labels(cycle, record.get("class_names"))  # for the classifier's class accuracy
+        sampling.cycle = prompts
+    return sampling
+
+
 @cli_entry
 def main(argv=None):
-
     (args,) = parse_args((SampleArguments,), argv, description=__doc__)
     folder = model_dir(args.model, args.revision, args.hub_token)  # a Hub id is downloaded (cached) once
     if args.export_pipeline:  # no sampling: the model, its sampler and its settings as a diffusers pipeline
@@ -170,55 +234,17 @@ def main(argv=None):
         raise UserError(f"--num_images and --batch_size must be positive, got {args.num_images}, {args.batch_size}")
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, objective, record = load_model(folder, device)
-    evaluator = Evaluator(args, record, folder) if args.compute_fid or args.nfe_sweep else None  # checks inputs now
-    if not objective.samplers:
-        raise UserError(
-            f"--model '{args.model}' is a {objective.name} model, which does not generate; use it as "
-            "encode_latents.py --vae"
-        )
-    decode = None
-    if "latent" in record:  # trained on a latent dataset: decode through the VAE that encoded it
-        decode = latent_decoder(record["latent"], device)
-    if args.sampler and args.sampler not in objective.samplers:
-        raise UserError(
-            f"--sampler '{args.sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
-        )
-    num_classes = model.config.num_classes
-    cycle = parse_class_labels(args.class_labels, num_classes, record.get("class_names"))
-    labels = [cycle[i % len(cycle)] for i in range(args.num_images)] if cycle else None
-    cond, prompts, null_cond = labels, parse_prompts(args, record), None
-    if prompts is not None:
-        text = TextConditioner(text_encoder_from_record(record["text_encoder"], device=device))
-        cycle = [prompts[i % len(prompts)] for i in range(args.num_images)]
-        cond, null_cond = text(cycle, "cpu"), text.null(device)
-        labels = prompt_labels(cycle, record.get("class_names"))  # for the classifier's class accuracy
-        cycle = prompts
-    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    sampling = load_sampling(args, folder)
+    evaluator = None
+    if args.compute_fid or args.nfe_sweep:  # checks its inputs now, before any sampling
+        evaluator = Evaluator(args, sampling.record, folder)
     if args.nfe_sweep:
-        return nfe_sweep(
-            args, evaluator, model, objective, shape, cond, labels, device, Path(args.output), decode, null_cond
-        )
+        return nfe_sweep(args, evaluator, sampling, Path(args.output))
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
-    images = generate_images(
-        model,
-        objective,
-        args.num_images,
-        args.seed,
-        shape,
-        args.batch_size,
-        cond,
-        device,
-        progress=True,
-        sampler=args.sampler,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        callback=recorder,
-        decode=decode,
-        null_cond=null_cond,
+    images = sampling.generate(
+        args, sampler=args.sampler, num_inference_steps=args.num_inference_steps, callback=recorder
     )
-    out = Path(args.output)
+    out, decode, cycle = Path(args.output), sampling.decode, sampling.cycle
     if recorder is not None:
         written = write_denoising_figures(recorder.decode(decode) if decode else recorder, out.parent, out.stem)
         print("denoising path:", ", ".join(str(p) for p in written.values()))
@@ -230,7 +256,7 @@ def main(argv=None):
             save_image(image, out / f"{i:06d}.png")
     print(f"wrote {len(images)} images to {out}")
     if evaluator is not None:
-        values = evaluator(images, labels)
+        values = evaluator(images, sampling.labels)
         print(f"{evaluator.describe(len(images))}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
@@ -280,10 +306,11 @@ class Evaluator:
         return f"{num_images} samples vs {self.num_reference} training images"
 
 
-def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, out: Path, decode=None, null_cond=None):
+def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
     """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
     import json
 
+    objective = sampling.objective
     samplers = (args.samplers or args.sampler or objective.args.sampler).split(",")
     for name in samplers:
         if name not in objective.samplers:
@@ -297,24 +324,9 @@ def nfe_sweep(args, evaluator, model, objective, shape, cond, labels, device, ou
     rows = []
     for sampler in samplers:
         for steps in step_counts:
-            images = generate_images(
-                model,
-                objective,
-                args.num_images,
-                args.seed,
-                shape,
-                args.batch_size,
-                cond,
-                device,
-                progress=True,
-                sampler=sampler,
-                num_inference_steps=steps,
-                guidance_scale=args.guidance_scale,
-                decode=decode,
-                null_cond=null_cond,
-            )
+            images = sampling.generate(args, sampler=sampler, num_inference_steps=steps)
             nfe = 2 * steps - 1 if sampler == "heun" else steps
-            rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, labels)})
+            rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, sampling.labels)})
             print(
                 f"{sampler} {steps} steps (NFE {nfe}): "
                 + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("sampler", "steps", "nfe"))

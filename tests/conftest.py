@@ -25,6 +25,8 @@ torch.set_num_threads(1)
 
 from helpers import LATENT_FASHION, SIX_STEPS, TINY_TEXT, in_process, tiny_tokenizer  # noqa: E402 - after the environment
 
+from bench.encode_latents import tiny_vae as save_tiny_vae  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_cfm_run(tmp_path_factory):
@@ -134,22 +136,9 @@ def tiny_blip2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
-    """A randomly initialised 2-level AutoencoderKL (f2, 4 latent channels), saved like a Hub VAE."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
+    """A randomly initialised 2-level AutoencoderKL (f2, 4 latent channels), saved like a Hub VAE (the benches')."""
     path = tmp_path_factory.mktemp("vae") / "tiny"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).save_pretrained(path)
+    save_tiny_vae(path)
     return path
 
 

@@ -44,6 +44,9 @@ RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--c
 SIX_STEPS = ["--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)]
 
 
+# A tiny text encoder of our own, trained with the denoiser.
+TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
+
 # A tiny CLIP text transformer over the real CLIP BPE vocabulary (open-clip-torch ships it).
 TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
 
@@ -274,3 +277,43 @@ def assert_clean_two_process_run(proc, out, steps):
         assert bad not in log, log[-3000:]
     assert (out / "checkpoints" / f"checkpoint-{steps}" / "random_states_1.pkl").is_file()
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def train_text_model(captioned, out, encoder, mode, *extra) -> dict:
+    """A 2-step text-conditional model on the `captioned` dataset in this process; returns its config.json."""
+    import train_cfm
+
+    train_cfm.main(
+        [
+            "--dataset_name",
+            str(captioned),
+            "--text_encoder",
+            str(encoder),
+            "--text_conditioning",
+            mode,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "4",
+            "--base_channels",
+            "8",
+            "--num_sample_images",
+            "4",
+            "--num_inference_steps",
+            "2",
+            "--lr_warmup_steps",
+            "0",
+            "--fid_num_samples",
+            "0",
+            "--class_conditional",
+            "false",
+            "--validation_steps",
+            "0",
+            "--checkpointing_steps",
+            "0",
+            *extra,
+        ]
+    )
+    return json.loads((out / "config.json").read_text())

@@ -12,6 +12,8 @@ import json
 import warnings
 from pathlib import Path
 
+import torch
+
 from modules.artifacts.model_folder import save_model
 from modules.artifacts.visualize import DenoisingRecorder, save_image_grid, write_denoising_figures
 from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
@@ -190,27 +192,34 @@ def grid_path(run: Run, step: int) -> Path:
     return run.out / "samples" / f"step_{step:07d}.png"
 
 
-def write_grid(run: Run, step: int):
-    """A grid from the EMA model with fixed noise (seed --seed), a column per class when conditional, and the
-    denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
-    n, path = run.train_args.num_sample_images, grid_path(run, step)
-    if not n:
-        return
-    cond, _ = run.conditions.for_images(n)
-    recorder = DenoisingRecorder(max_samples=min(n, run.data.train.num_classes or 8))
+def preview(run: Run, num_images: int, seed: int, **settings) -> tuple[torch.Tensor, list[int] | None]:
+    """What the EMA model shows for `num_images` conditions of the run (uint8, decoded when latent), and the classes
+    they should show (or None). `settings`: more fields of the PreviewRequest (callback, progress)."""
+    cond, labels = run.conditions.for_images(num_images)
     device = run.accelerator.device
     request = PreviewRequest(
-        num_images=n,
-        seed=run.train_args.seed,
+        num_images=num_images,
+        seed=seed,
         shape=run.shape,
         device=device,
         cond=cond,
         null_cond=run.conditions.null(device),
         data=run.data.train,
         decode=run.decode,
-        callback=recorder,
+        **settings,
     )
-    images, nrow = run.objective.grid_layout(run.objective.preview(run.ema.model, request), run.data.train)
+    return run.objective.preview(run.ema.model, request), labels
+
+
+def write_grid(run: Run, step: int):
+    """A grid from the EMA model with fixed noise (seed --seed), a column per class when conditional, and the
+    denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
+    n, path = run.train_args.num_sample_images, grid_path(run, step)
+    if not n:
+        return
+    recorder = DenoisingRecorder(max_samples=min(n, run.data.train.num_classes or 8))
+    images, _ = preview(run, n, run.train_args.seed, callback=recorder)
+    images, nrow = run.objective.grid_layout(images, run.data.train)
     save_image_grid(images, path, nrow=nrow)
     if recorder.num_steps:  # objectives that sample record their path; an autoencoder has none
         write_denoising_figures(recorder.decode(run.decode) if run.decode else recorder, path.parent, path.stem)
@@ -225,20 +234,7 @@ def evaluate(run: Run, step: int):
     if not accelerator.is_main_process:
         return
     n = train_args.fid_num_samples
-    cond, labels = run.conditions.for_images(n)
-    device = accelerator.device
-    request = PreviewRequest(
-        num_images=n,
-        seed=train_args.seed + 1,
-        shape=run.shape,
-        device=device,
-        cond=cond,
-        null_cond=run.conditions.null(device),
-        data=run.data.train,
-        decode=run.decode,
-        progress=True,
-    )
-    images = run.objective.preview(run.ema.model, request)
+    images, labels = preview(run, n, train_args.seed + 1, progress=True)
     n_ref = train_args.fid_reference_samples or n
     metrics = parse_eval_metrics(train_args.eval_metrics)
     reference = run.data.reference

@@ -10,17 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, TINY_OWN, train_text_model
 from PIL import Image
 
 import sample
-import train_cfm
 import train_ddpm
 from modules.artifacts.model_folder import save_model
 from modules.config import FlowArguments
 from modules.objectives.flow import FlowObjective
-
-TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,41 +106,6 @@ def own_text_run(captioned, tmp_path_factory):
     run = tmp_path_factory.mktemp("own_text") / "run"
     train_text_model(captioned, run, TINY_OWN, "cross_attn")
     return run
-
-
-def train_text_model(captioned, run, encoder, mode):
-    train_cfm.main(
-        [
-            "--dataset_name",
-            str(captioned),
-            "--text_encoder",
-            str(encoder),
-            "--text_conditioning",
-            mode,
-            "--output_dir",
-            str(run),
-            "--max_train_steps",
-            "2",
-            "--train_batch_size",
-            "4",
-            "--base_channels",
-            "8",
-            "--num_sample_images",
-            "4",
-            "--num_inference_steps",
-            "2",
-            "--lr_warmup_steps",
-            "0",
-            "--fid_num_samples",
-            "0",
-            "--class_conditional",
-            "false",
-            "--validation_steps",
-            "0",
-            "--checkpointing_steps",
-            "0",
-        ]
-    )
 
 
 def test_class_conditional_flow_unet(tiny_cfm_run, tmp_path):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_OWN, train_text_model
 from PIL import Image
 
 import train_cfm
@@ -13,51 +14,12 @@ from modules.networks.conditioning import cat_conditions
 from modules.networks.dit import dit_tiny
 from modules.networks.unet import unet_s
 
-TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
-
-
-def train(captioned, out, encoder, mode, *extra):
-    train_cfm.main(
-        [
-            "--dataset_name",
-            str(captioned),
-            "--text_encoder",
-            str(encoder),
-            "--text_conditioning",
-            mode,
-            "--output_dir",
-            str(out),
-            "--max_train_steps",
-            "2",
-            "--train_batch_size",
-            "4",
-            "--base_channels",
-            "8",
-            "--num_sample_images",
-            "4",
-            "--num_inference_steps",
-            "2",
-            "--lr_warmup_steps",
-            "0",
-            "--fid_num_samples",
-            "0",
-            "--class_conditional",
-            "false",
-            "--validation_steps",
-            "0",
-            "--checkpointing_steps",
-            "0",
-            *extra,
-        ]
-    )
-    return json.loads((out / "config.json").read_text())
-
 
 @pytest.mark.parametrize("mode", ["pooled", "cross_attn"])
 @pytest.mark.parametrize("kind", ["minilm", "clip", "own"])
 def test_each_mode_trains_with_each_encoder(captioned, clip_text_folder, tmp_path, kind, mode):
     encoder = {"minilm": "minilm", "clip": clip_text_folder, "own": TINY_OWN}[kind]
-    config = train(captioned, tmp_path / "run", encoder, mode)
+    config = train_text_model(captioned, tmp_path / "run", encoder, mode)
     assert config["text_conditioning"] == mode and config["pooled_dim"] > 0
     assert (config["text_encoder"] is not None) == (kind == "own")  # only a trained encoder lives in the model
     record = json.loads((tmp_path / "run" / "objective.json").read_text())
@@ -69,7 +31,7 @@ def test_dit_with_own_encoder_and_sample_prompts(captioned, tmp_path):
     import sample
 
     run = tmp_path / "dit"
-    config = train(captioned, run, TINY_OWN, "cross_attn", "--model", "dit_tiny", "--patch_size", "8")
+    config = train_text_model(captioned, run, TINY_OWN, "cross_attn", "--model", "dit_tiny", "--patch_size", "8")
     assert config["_class_name"] == "DiTModel"
     sample.main(
         [

@@ -13,10 +13,11 @@ import string
 import sys
 
 import numpy as np
-import torch
 from helpers import ROOT, hub_env, in_process, run
 from hub_server import FakeHub
 from PIL import Image
+
+from bench.encode_latents import tiny_vae as save_tiny_vae
 
 WALKTHROUGH = [
     "# captions from the class folders (my_images/cat/*.png -> 'a photo of a cat'), or --captioner blip2",
@@ -77,21 +78,8 @@ def image_folder(root):
 
 
 def test_train_on_your_own_images_walkthrough(tmp_path, clip_text_folder, capsys):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
     vae = tmp_path / "tiny_vae"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).save_pretrained(vae)
+    save_tiny_vae(vae)
     image_folder(tmp_path / "my_images")
     values = dict(
         IMAGES=tmp_path / "my_images",
