@@ -23,7 +23,7 @@ import torch  # noqa: E402 - after OMP_NUM_THREADS
 
 torch.set_num_threads(1)
 
-from helpers import LATENT_FASHION, SIX_STEPS, TINY_TEXT, in_process, tiny_tokenizer  # noqa: E402 - after the environment
+from helpers import LATENT_FASHION, SIX_STEPS, TINY_TEXT, in_process, tiny_tokenizer, write_captioned_dataset  # noqa: E402 - after the environment
 
 from bench.encode_latents import tiny_vae as save_tiny_vae  # noqa: E402
 
@@ -68,20 +68,7 @@ def clip_text_folder(tmp_path_factory, hf_clip_tokenizer):
 @pytest.fixture(scope="session")
 def captioned(tmp_path_factory):
     """24 Fashion-MNIST images with labels and templated captions, as a local `datasets` dataset."""
-    import datasets
-    from PIL import Image
-
-    from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
-
-    root = tmp_path_factory.mktemp("captioned")
-    images, labels = load_fashion_mnist("test")
-    rows = {
-        "image": [Image.fromarray(images[i].numpy()) for i in range(24)],
-        "label": labels[:24].tolist(),
-        "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:24]],
-    }
-    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(root / "train.parquet"))
-    return root
+    return write_captioned_dataset(tmp_path_factory.mktemp("captioned"))
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,12 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from helpers import free_port, write_captioned_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 HASHES = Path(__file__).with_name("golden_hashes.json")
@@ -144,21 +145,9 @@ TWO_PROCESSES = [
 
 def captioned_dataset(root: Path) -> Path:
     """Fashion-MNIST test images with labels and templated captions, as a local parquet dataset."""
-    import datasets
-    from PIL import Image
-
-    from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
-
-    images, labels = load_fashion_mnist("test")
-    rows = {
-        "image": [Image.fromarray(images[i].numpy()) for i in range(TEXT_CAPTIONS)],
-        "label": labels[:TEXT_CAPTIONS].tolist(),
-        "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:TEXT_CAPTIONS]],
-    }
     folder = root / "captioned"
     folder.mkdir()
-    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
-    return folder
+    return write_captioned_dataset(folder, TEXT_CAPTIONS)
 
 
 def latent_dataset(root: Path) -> Path:
@@ -251,12 +240,6 @@ def run_in_fresh_process(names, workdir: Path, timeout: float = 600) -> dict[str
             f"golden jobs {names} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

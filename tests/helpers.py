@@ -317,3 +317,20 @@ def train_text_model(captioned, out, encoder, mode, *extra) -> dict:
         ]
     )
     return json.loads((out / "config.json").read_text())
+
+
+def write_captioned_dataset(folder: Path, n: int = 24) -> Path:
+    """The first `n` Fashion-MNIST test images with labels and templated captions ("a photo of a bag"), as
+    `folder`/train.parquet, which `datasets` opens as a local dataset; returns `folder`."""
+    import datasets
+
+    from modules.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    rows = {
+        "image": [Image.fromarray(images[i].numpy()) for i in range(n)],
+        "label": labels[:n].tolist(),
+        "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:n]],
+    }
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
+    return folder

@@ -62,7 +62,7 @@ class Run:
     text: Any = None  # the text conditioner (modules.networks.text.TextConditioner) of a text model
     # Where it is, and how it goes.
     stop_reason: str | None = None
-    guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(20))
+    guard: NonFiniteGuard | None = None  # counts non-finite steps; made by start_logging from --max_nonfinite_steps
     window: LogWindow | None = None
     start_step: int = 0
     images_seen: int = 0
