@@ -21,9 +21,9 @@ from modules.config import (
 from modules.objectives.autoencoder import VAEObjective
 from modules.training.loop import train
 
-# The diffusion scripts' defaults, less what an autoencoder has no use for (labels, guidance).
+# The diffusion scripts' defaults, less what an autoencoder has no use for (guidance).
 DEFAULTS = dict(
-    {k: v for k, v in SCRIPT_DEFAULTS.items() if k not in ("class_conditional", "guidance_scale")},
+    {k: v for k, v in SCRIPT_DEFAULTS.items() if k != "guidance_scale"},
     output_dir="runs/fashion_mnist_vae",
     learning_rate=1e-3,
     max_train_steps=1000,
@@ -40,7 +40,7 @@ def main(argv=None):
     data_args, train_args, vae_args = parse_args(
         (DataArguments, TrainingArguments, VAEArguments), argv, DEFAULTS, description=__doc__
     )
-    model_args = ModelArguments(model=vae_args.vae_model)
+    model_args = ModelArguments(model=vae_args.vae_model, class_conditional=False)  # an autoencoder has no labels
     return train(__file__, data_args, model_args, train_args, VAEObjective(vae_args), argv)
 
 

@@ -6,10 +6,12 @@ Unknown keys, in a recipe or on the command line, are an error that names the ke
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import functools
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -101,6 +103,11 @@ class ModelArguments:
     qk_norm: bool = help_field("DiT: normalise queries and keys per head.", default=False)
     pos_embed: Literal["absolute", "rope"] = help_field("DiT position embedding.", default="absolute")
     mlp: Literal["gelu", "swiglu"] = help_field("DiT MLP type.", default="gelu")
+    adaln: Literal["zero", "single"] = help_field(
+        "DiT conditioning: 'zero' (adaLN-Zero, DiT: a modulation MLP per block) or 'single' (adaLN-single, "
+        "PixArt-alpha: one shared MLP, plus a learned table per block; a third fewer parameters for DiT-XL/2).",
+        default="zero",
+    )
     base_channels: int | None = help_field("UNet: override the preset's base channel count.", default=None)
     dropout: float | None = help_field("Override the preset's dropout.", default=None)
     vae: str | None = help_field(
@@ -122,9 +129,11 @@ class ModelArguments:
     max_text_length: int | None = help_field(
         "Tokens per caption (longer ones are truncated and counted).", default=None
     )
-    class_conditional: bool = help_field(
-        "Condition on class labels (needs a label column); the null class enables classifier-free guidance.",
-        default=False,
+    class_conditional: bool | None = help_field(
+        "Condition on class labels; the null class enables classifier-free guidance. auto (the default): on when "
+        "the data has labels and no --text_encoder is given, else off; the start-up line says which. true stops on "
+        "data without labels.",
+        default=None,
     )
     init_from: str | None = help_field(
         "Start from the weights of a trained model of the same architecture: a run's output_dir or a Hub model id "
@@ -291,10 +300,10 @@ class VAEArguments:
     )
 
 
-# What both training scripts default to: Fashion-MNIST at 32x32, class-conditional, sized for a 2-core CPU run of
-# about five minutes (the main job, configs/fashion_mnist_unet_cfm.yaml). Each script adds its objective's own.
+# What both training scripts default to: Fashion-MNIST at 32x32 (class-conditional, since it has labels: see
+# --class_conditional), sized for a 2-core CPU run of about five minutes (the main job,
+# configs/fashion_mnist_unet_cfm.yaml). Each script adds its objective's own.
 SCRIPT_DEFAULTS = dict(
-    class_conditional=True,
     train_batch_size=64,
     max_train_steps=500,
     lr_scheduler="constant_with_warmup",
@@ -308,6 +317,31 @@ SCRIPT_DEFAULTS = dict(
     num_sample_images=100,
     validation_steps=250,
 )
+
+
+def auto_bool(value) -> bool | None:
+    """The value of a flag that is true, false or auto (None: decided from the data): 'auto', or what
+    HfArgumentParser takes for a bool (true/false, yes/no, t/f, y/n, 1/0, any case)."""
+    if value is None or isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word == "auto":
+        return None
+    if word in ("true", "yes", "t", "y", "1"):
+        return True
+    if word in ("false", "no", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+
+
+def _auto_bool_fields(dataclass_types) -> set[str]:
+    """Fields typed `bool | None`: flags that are true, false or auto (None)."""
+    return {
+        f.name
+        for cls in dataclass_types
+        for f in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[f.name] == (bool | None)
+    }
 
 
 def _field_names(dataclass_types) -> dict[str, type]:
@@ -345,6 +379,10 @@ def parse_args(dataclass_types, argv=None, defaults: dict | None = None, descrip
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML recipe; flags given on the command line win.")
+    auto_bools = _auto_bool_fields(dataclass_types)
+    for action in parser._actions:
+        if action.dest in auto_bools:  # `--flag` alone is true, as for a bool; a recipe's "auto" is converted too
+            action.type, action.nargs, action.const, action.metavar = auto_bool, "?", True, "{auto,true,false}"
     known = _field_names(dataclass_types)
     if defaults:
         for key in defaults:

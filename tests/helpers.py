@@ -182,6 +182,15 @@ DIT_PARAMS = {
     "dit_l": 457_824_272,
     "dit_xl": 674_816_272,
 }
+# The same DiTs with adaLN-single (--adaln single): depth + 1 modulation linears give way to one shared linear, a
+# (6, D) table per block and a (2, D) table in the final layer.
+DIT_SINGLE_PARAMS = {
+    "dit_tiny": 3_179_152,
+    "dit_s": 22_834_192,
+    "dit_b": 90_200_080,
+    "dit_l": 311_029_776,
+    "dit_xl": 457_178_128,
+}
 
 # What caption.py and encode_latents.py are tested on: Fashion-MNIST images, in shards.
 CAPTION_FASHION = ["--dataset_name", "fashion_mnist", "--max_train_samples", 16, "--shard_size", 8, "--batch_size", 4]
@@ -333,4 +342,34 @@ def write_captioned_dataset(folder: Path, n: int = 24) -> Path:
         "caption": [f"a photo of a {FASHION_MNIST_CLASSES[int(y)].lower()}" for y in labels[:n]],
     }
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def write_latent_dataset(folder: Path, n: int = 4, labels: bool = True) -> Path:
+    """A latent dataset as encode_latents.py lays it out, of `n` random 4x4x4 latents with two classes or no labels,
+    and no VAE behind it: for tests that open it and read its rows, never decode. Returns `folder`."""
+    from modules.data.latents import METADATA_FILE, latent_table
+
+    g = torch.Generator().manual_seed(0)
+    columns = {
+        "mean": torch.randn(n, 4, 4, 4, generator=g).half().numpy(),
+        "std": torch.rand(n, 4, 4, 4, generator=g).half().numpy(),
+    }
+    if labels:
+        columns["label"] = [i % 2 for i in range(n)]
+    shard = "data/train-00000-of-00001.parquet"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(latent_table(columns), folder / shard)
+    meta = {
+        "vae": {"kind": "KLVAE", "source": "no-vae"},
+        "image_resolution": 16,
+        "latent_shape": [4, 4, 4],
+        "num_images": n,
+        "num_classes": 2 if labels else 0,
+        "shards": [shard],
+        "columns": list(columns),
+        "channel_mean": [0.0] * 4,
+        "channel_std": [1.0] * 4,
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
     return folder

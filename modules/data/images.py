@@ -377,11 +377,17 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         key = f"{source}-{len(images)}-{args.resolution}px-{channels}ch"
         data = TrainData(dataset, channels, num_classes, class_names, key, captions)
     if need_labels and data.num_classes == 0:
-        raise UserError(
-            "--class_conditional needs labels, but the data has none (pass --label_column, or a folder with one "
-            "subfolder per class)"
-        )
+        source = f"the folder '{args.train_data_dir}'" if args.train_data_dir else f"the dataset '{args.dataset_name}'"
+        raise labels_needed(source, "name them with --label_column (or one subfolder per class), or ")
     return data
+
+
+def labels_needed(source: str, fix: str = "") -> UserError:
+    """The error of `--class_conditional true` on data without labels, with the ways on."""
+    return UserError(
+        f"--class_conditional true needs labels, but {source} has none; {fix}pass --class_conditional false (or "
+        "leave it unset: auto)"
+    )
 
 
 def load_validation_data(args: DataArguments) -> TrainData | None:

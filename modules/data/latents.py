@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from modules.config import UserError
-from modules.data.images import collate_examples, short_digest
+from modules.data.images import collate_examples, labels_needed, short_digest
 from modules.networks.vae import load_vae
 
 METADATA_FILE = "latents.json"
@@ -279,7 +279,7 @@ def load_latent_data(
     n = min(max_samples or total, total)
     has_labels = "label" in names
     if need_labels and not has_labels:
-        raise UserError(f"--class_conditional needs labels, but the latent dataset '{path_or_id}' has none")
+        raise labels_needed(f"the latent dataset '{path_or_id}'")
     columns = [c for c in (*LATENT_COLUMNS, *FLIP_COLUMNS) if c in names]
     if n * 2 * len(columns) * int(np.prod(shape)) <= _memory_budget():  # float16 latents
         rows, labels = _read_rows(paths, n, shape, columns, has_labels, meta_path)

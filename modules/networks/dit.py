@@ -6,10 +6,16 @@ conditioning vector c = time embedding [+ class embedding] through adaLN-Zero:
     h = h + gate_msa(c) * Attn(LN(h) * (1 + scale_msa(c)) + shift_msa(c))
     h = h + gate_mlp(c) * MLP(LN(h) * (1 + scale_mlp(c)) + shift_mlp(c))
 
+where block i computes its six modulations S(i) = Linear_i(SiLU(c)) with a (D, 6D) linear of its own. With
+adaln="single" (adaLN-single, PixArt-alpha section 2.3) one shared linear computes S = Linear(SiLU(c)) once per
+forward and block i adds a learned table E(i) of shape (6, D): S(i) = S + E(i); the final layer's shift and scale
+are c + E_final, E_final (2, D). That replaces depth + 1 linears of 6D^2 (2D^2) weights by one, about a third of
+DiT-XL/2's parameters.
+
 With text_conditioning="cross_attn", each block also attends to the text tokens between the two (PixArt-alpha):
 h = h + CrossAttn(LN(h), tokens); the pooled text embedding joins c in both text modes. Then a final adaLN layer
-and a linear map back to p * p * out_channels values per token, unpatchified. The
-modulations and the final linear start at zero, so every block starts as the identity and the output starts at zero.
+and a linear map back to p * p * out_channels values per token, unpatchified. The gates and the final linear
+start at zero, so every block starts as the identity and the output starts at zero.
 
 Options beyond the paper: 2-D RoPE on q and k instead of the absolute sin-cos position embedding, RMSNorm on
 per-head q and k (QK-norm), and a SwiGLU MLP.
@@ -123,20 +129,45 @@ class Mlp(nn.Module):
         return self.fc2(F.silu(gate) * value)
 
 
+ADALN = ("zero", "single")
+GATES = (2, 5)  # rows of the six modulations that gate a branch: gate_msa, gate_mlp
+
+
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, mlp: str, text_dim: int = 0):
+    """Self-attention [, cross-attention] and MLP, modulated by adaLN-Zero (a modulation MLP of its own) or
+    adaLN-single (the shared modulations plus a learned table of its own)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qk_norm: bool,
+        mlp: str,
+        text_dim: int = 0,
+        adaln: str = "zero",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qk_norm)
         self.cross_attn = CrossAttention(dim, text_dim, num_heads) if text_dim else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio, mlp)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+            self.scale_shift_table = None
+        else:  # E(i) of PixArt-alpha: this block's offsets to the shared modulations (set in initialize_weights)
+            self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, context=None
     ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        """c: the conditioning vector (B, D) under adaLN-Zero, the shared modulations (B, 6, D) under adaLN-single."""
+        if self.scale_shift_table is None:
+            modulations = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        else:
+            modulations = (self.scale_shift_table.to(c.dtype) + c).unbind(1)  # 6 x (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         if self.cross_attn is not None:
             x = self.cross_attn(x, *context)
@@ -145,14 +176,24 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    """adaLN then a linear map to p * p * out_channels per token. Its shift and scale come from an MLP of c
+    (adaLN-Zero) or, under adaLN-single, from c plus a learned (2, D) table (PixArt-alpha's T2IFinalLayer)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, adaln: str = "zero"):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        if adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+            self.scale_shift_table = None
+        else:
+            self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        if self.scale_shift_table is None:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
+        else:
+            shift, scale = (self.scale_shift_table.to(c.dtype) + c[:, None]).unbind(1)  # 2 x (B, D)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -188,12 +229,15 @@ class DiTModel(ModelMixin, ConfigMixin):
         text_dim: int = 0,
         pooled_dim: int = 0,
         text_encoder: dict | None = None,
+        adaln: str = "zero",
     ):
         super().__init__()
         if out_channels is None:
             out_channels = in_channels
             self.register_to_config(out_channels=out_channels)
         check_text_config(text_conditioning, text_dim, pooled_dim)
+        if adaln not in ADALN:
+            raise ValueError(f"adaln must be one of {ADALN}, got {adaln!r}.")
         if pos_embed not in ("absolute", "rope"):
             raise ValueError(f"pos_embed must be 'absolute' or 'rope', got {pos_embed!r}.")
         if hidden_size % num_heads:
@@ -211,6 +255,10 @@ class DiTModel(ModelMixin, ConfigMixin):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         pooled = pooled_dim if text_conditioning != "none" else 0
         self.cond_embed = ConditionEmbedder(hidden_size, num_classes, frequency_dim=256, pooled_dim=pooled)
+        # adaLN-single: the one MLP from c to the six modulations of every block, run once per forward.
+        self.adaLN_shared = (
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln == "single" else None
+        )
         grid = sample_size // patch_size
         # Fixed functions of the grid: not saved, so checkpoints stay free of derived values.
         if pos_embed == "absolute":
@@ -221,13 +269,16 @@ class DiTModel(ModelMixin, ConfigMixin):
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
         cross = text_dim if text_conditioning == "cross_attn" else 0
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp, cross) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp, cross, adaln) for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, adaln)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform linears, normal(0.02) embeddings; zero adaLN modulations and final layer (adaLN-Zero)."""
+        """Xavier-uniform linears, normal(0.02) embeddings; zero adaLN modulations and final layer (adaLN-Zero).
+
+        Under adaLN-single the shared MLP starts at zero and each table at PixArt-alpha's normal(0, 1/D), except
+        its gate rows, which start at zero: every gate is zero, so every block starts as the identity."""
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -245,13 +296,24 @@ class DiTModel(ModelMixin, ConfigMixin):
         if self.cond_embed.label is not None:
             nn.init.normal_(self.cond_embed.label.embedding.weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.scale_shift_table is None:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            else:
+                nn.init.normal_(block.scale_shift_table, std=self.config.hidden_size**-0.5)
+                with torch.no_grad():
+                    block.scale_shift_table[list(GATES)] = 0.0
             if block.cross_attn is not None:  # starts as the identity, like every other branch
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        if self.adaLN_shared is not None:
+            nn.init.zeros_(self.adaLN_shared[-1].weight)
+            nn.init.zeros_(self.adaLN_shared[-1].bias)
+        if self.final_layer.scale_shift_table is None:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        else:
+            nn.init.normal_(self.final_layer.scale_shift_table, std=self.config.hidden_size**-0.5)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
         if self.text_model is not None:  # its own initialisation, not the DiT's
@@ -296,10 +358,11 @@ class DiTModel(ModelMixin, ConfigMixin):
                 cos, sin = angles.cos(), angles.sin()
             rope = (cos, sin)
         cond = resolve_text(self.text_model, cond)
-        c = self.cond_embed(t, cond, x.shape[0]).to(h.dtype)
+        c = self.cond_embed(t, cond, x.shape[0]).to(h.dtype)  # (B, D)
         context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
+        block_c = c if self.adaLN_shared is None else self.adaLN_shared(c).unflatten(1, (6, -1))  # (B, 6, D)
         for block in self.blocks:
-            h = self._run(block, h, c, rope, context)
+            h = self._run(block, h, block_c, rope, context)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
         return self.unpatchify(h, grid_h, grid_w)
 

@@ -18,6 +18,8 @@ def build_model(args: ModelArguments, in_channels: int, resolution: int, num_cla
     if args.dropout is not None:
         common["dropout"] = args.dropout
     if args.model in UNET_PRESETS:
+        if args.adaln != "zero":
+            raise UserError(f"--adaln {args.adaln} is a DiT option, but --model {args.model} is a UNet")
         if args.base_channels is not None:
             common["base_channels"] = args.base_channels
         try:
@@ -31,7 +33,12 @@ def build_model(args: ModelArguments, in_channels: int, resolution: int, num_cla
         if resolution % args.patch_size:
             raise UserError(f"--resolution {resolution} is not divisible by --patch_size {args.patch_size}")
         model = DIT_PRESETS[args.model](
-            patch_size=args.patch_size, qk_norm=args.qk_norm, pos_embed=args.pos_embed, mlp=args.mlp, **common
+            patch_size=args.patch_size,
+            qk_norm=args.qk_norm,
+            pos_embed=args.pos_embed,
+            mlp=args.mlp,
+            adaln=args.adaln,
+            **common,
         )
         unit = "the patch size"
     else:

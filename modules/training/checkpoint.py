@@ -8,6 +8,7 @@ needs nothing else, because the data position is derived from the step (see data
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -55,14 +56,23 @@ def read_state(path: Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def check_compatible(path: Path, model_config: dict):
-    """Refuse a checkpoint made for another model, naming every key whose value differs."""
-    saved = read_state(path).get("model_config", {})
+def check_compatible(path: Path, model):
+    """Refuse a checkpoint made for another model than `model`, naming every key whose value differs. A key the
+    checkpoint does not record (made before that option existed) counts as the option's default, which is what
+    the model was built with then."""
+    model_config = dict(model.config)
+    saved = {**init_defaults(type(model)), **read_state(path).get("model_config", {})}
     keys = sorted(k for k in set(saved) | set(model_config) if not k.startswith("_"))
     diff = [k for k in keys if _jsonable(saved.get(k)) != _jsonable(model_config.get(k))]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {model_config.get(k)!r}" for k in diff)
         raise UserError(f"checkpoint {path} was made for a different model ({detail})")
+
+
+def init_defaults(cls) -> dict:
+    """The keyword defaults of `cls.__init__`: a diffusers model's config values when they are not given."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _jsonable(value):

@@ -60,6 +60,7 @@ class Run:
     progress: Any = None  # the progress bar
     pusher: Any = None  # the background Hub uploader (modules.artifacts.hub.HubPusher), on the main process
     text: Any = None  # the text conditioner (modules.networks.text.TextConditioner) of a text model
+    condition: str = ""  # what the model is conditioned on, and why, for the start-up line
     # Where it is, and how it goes.
     stop_reason: str | None = None
     guard: NonFiniteGuard | None = None  # counts non-finite steps; made by start_logging from --max_nonfinite_steps

@@ -58,6 +58,7 @@ def setup_run(
     out = Path(train_args.output_dir)
     data = open_data(data_args, model_args, train_args)
     check_evaluation(train_args, data)
+    model_args, condition = resolve_class_conditional(model_args, data.train)
     num_classes = data.train.num_classes if model_args.class_conditional else 0
     text = text_conditioner(model_args, data.train)
     resolution = data.train.resolution if data.latent else data_args.resolution
@@ -65,7 +66,7 @@ def setup_run(
     model = build_network(objective, model_args, train_args, data.train, resolution, num_classes, text)
     resume = resolve_resume(train_args.resume_from_checkpoint, out)
     if resume is not None:
-        check_compatible(resume, dict(model.config))
+        check_compatible(resume, model)
     trackers = resolve_trackers(train_args.report_to, out)
     accelerator = make_accelerator(train_args, out, trackers)
     device, world = accelerator.device, accelerator.num_processes
@@ -98,6 +99,7 @@ def setup_run(
         decode=decode,
         pusher=pusher,
         text=text,
+        condition=condition,
         images_per_step=train_args.train_batch_size * world * train_args.gradient_accumulation_steps,
     )
     run.flops_per_image = measure_flops(model.to(device), objective, data.train, conditions, device)
@@ -174,9 +176,12 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
 
     For a latent dataset the FID reference is the image dataset it was encoded from (recorded in it), and the
     latent record (VAE, channel statistics) is what decodes the model's samples; it has no held-out split."""
-    need_labels = model_args.class_conditional
-    if model_args.text_encoder and model_args.class_conditional:
-        raise UserError("--text_encoder and --class_conditional: choose one condition (captions or class labels)")
+    need_labels = model_args.class_conditional is True  # auto (None) decides once the data is open
+    if model_args.text_encoder and need_labels:
+        raise UserError(
+            "--text_encoder and --class_conditional true: choose one condition (captions or class labels); for "
+            "captions pass --class_conditional false (or leave it unset: auto)"
+        )
     fid = train_args.fid_num_samples or train_args.eval_fid_steps
     if not data_args.latent_dataset:
         data = load_train_data(data_args, need_labels=need_labels)
@@ -228,6 +233,26 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
                 f"failed to open ({e}); pass --fid_num_samples 0"
             ) from None
     return RunData(data, None, reference, latent)
+
+
+def resolve_class_conditional(model_args: ModelArguments, data) -> tuple[ModelArguments, str]:
+    """`model_args` with --class_conditional decided for the training data `data`, and what the model is
+    conditioned on, as the start-up line says it.
+
+    Auto (None) is on when the data has labels and the model is not conditioned on captions (--text_encoder);
+    true on data without labels stopped when the data opened. The run records the decided value, and a resumed run
+    decides the same from the same data (its checkpoint's num_classes would refuse other data)."""
+    asked = model_args.class_conditional
+    on = asked if asked is not None else bool(data.num_classes) and not model_args.text_encoder
+    if model_args.text_encoder:
+        condition, why = "text-conditional", "off with --text_encoder"
+    elif on:
+        condition, why = f"class-conditional on {data.num_classes} classes", "the data has labels"
+    else:
+        condition, why = "unconditional", "the data has no labels"
+    if asked is None:
+        condition += f" (--class_conditional auto: {why})"
+    return dataclasses.replace(model_args, class_conditional=on), condition
 
 
 def check_evaluation(train_args: TrainingArguments, data: RunData):
@@ -413,8 +438,8 @@ def start_logging(run: Run, script: str, trackers: list[str], cleanup: contextli
     n_params = sum(p.numel() for p in run.unwrapped.parameters())
     accelerator.print(
         f"{run.model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
-        f"{accelerator.num_processes} process(es), global batch {run.images_per_step} | steps {run.start_step} -> "
-        f"{train_args.max_train_steps}"
+        f"{run.condition} | {accelerator.num_processes} process(es), global batch {run.images_per_step} | steps "
+        f"{run.start_step} -> {train_args.max_train_steps}"
     )
     if run.text is not None and run.text.encoder is None:
         accelerator.print(

@@ -12,7 +12,8 @@ one checkpointed block and framework workspaces come on top.
 
 The data's shape comes from the data when it opens offline and quickly; otherwise (a Hub dataset not in the cache,
 say) from the arguments, with the assumptions printed: 3 channels (or 4-channel latents at 1/8 the resolution with
---latent_dataset), 1000 classes, and CLIP ViT-L/14's text widths for a CLIP text encoder.
+--latent_dataset), 1000 classes (unless --class_conditional false or --text_encoder), and CLIP ViT-L/14's text
+widths for a CLIP text encoder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError
 from modules.networks.text import MINILM_SPECS, OwnTextEncoder, own_config_from_spec
 from modules.training.flops import training_flops_per_image
-from modules.training.setup import open_data
+from modules.training.setup import open_data, resolve_class_conditional
 
 ASSUMED_CLASSES = 1000
 CLIP_L_WIDTHS = (768, 768)  # token width, pooled (projected) width of openai/clip-vit-large-patch14
@@ -44,12 +45,14 @@ def data_shape(data_args: DataArguments, model_args: ModelArguments, train_args:
         else:
             shape = (data_args.num_channels or 3, data_args.resolution)
             notes.append(f"{shape[0]} channels at --resolution {data_args.resolution}")
-        classes = ASSUMED_CLASSES if model_args.class_conditional else 0
+        auto = model_args.class_conditional is None and not model_args.text_encoder
+        classes = ASSUMED_CLASSES if model_args.class_conditional or auto else 0
         if classes:
-            notes.append(f"{classes} classes")
+            notes.append(f"{classes} classes" + (" (--class_conditional auto, as for labelled data)" if auto else ""))
         return shape, classes, notes
     data = opened.train
     resolution = data.resolution if opened.latent else data_args.resolution
+    model_args, _ = resolve_class_conditional(model_args, data)
     return (data.num_channels, resolution), data.num_classes if model_args.class_conditional else 0, []
 
 

@@ -74,11 +74,14 @@ def test_missing_label_column_lists_the_columns(capsys, out, parquet_dataset):
     )
 
 
-def test_class_conditional_without_labels(capsys, out, parquet_dataset):
+def test_class_conditional_true_without_labels(capsys, out, parquet_dataset):
+    """Asked for explicitly; left unset (auto), the same data trains unconditionally (tests/unit)."""
+    argv = ["--dataset_name", str(parquet_dataset), "--image_column", "img", "--class_conditional", "true"]
     fails(
         capsys,
-        ["--dataset_name", str(parquet_dataset), "--image_column", "img", "--output_dir", str(out)],
-        "--class_conditional needs labels",
+        [*argv, "--output_dir", str(out)],
+        f"--class_conditional true needs labels, but the dataset '{parquet_dataset}' has none; name them with "
+        "--label_column (or one subfolder per class), or pass --class_conditional false (or leave it unset: auto)",
     )
 
 
@@ -128,6 +131,7 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
 
     model, objective, record = load_model(run)
     config = json.loads((run / "run_config.json").read_text())["config"]
+    assert config["class_conditional"] is True  # auto, decided from the labels --label_column names
     key = f"{record['dataset_key']}-first6"
     no_images = lambda: pytest.fail("the reference statistics should be cached")  # noqa: E731
 

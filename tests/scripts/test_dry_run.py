@@ -3,7 +3,7 @@ a real forward and backward."""
 
 import pytest
 import torch
-from helpers import DIT_PARAMS, UNET_PARAMS
+from helpers import DIT_PARAMS, DIT_SINGLE_PARAMS, UNET_PARAMS
 
 
 def dry_run(capsys, *argv) -> dict:
@@ -16,8 +16,8 @@ def dry_run(capsys, *argv) -> dict:
 
 
 def test_dry_run_counts_the_pinned_parameters_without_the_data(capsys, tmp_path):
-    """DiT-XL/2 on ImageNet-256 latents and the DDPM CIFAR-10 UNet, sized without their data (not available here:
-    the shapes are assumed and said so) and without allocating them."""
+    """DiT-XL/2 on ImageNet-256 latents (with adaLN-Zero and adaLN-single) and the DDPM CIFAR-10 UNet, sized without
+    their data (not available here: the shapes are assumed and said so) and without allocating them."""
     xl = dry_run(
         capsys,
         "--model",
@@ -33,6 +33,16 @@ def test_dry_run_counts_the_pinned_parameters_without_the_data(capsys, tmp_path)
     )
     assert xl["parameters"] == DIT_PARAMS["dit_xl"] and xl["num_classes"] == 1000 and xl["input"] == [4, 32, 32]
     assert any("4-channel latents" in note for note in xl["assumed"])
+    # --adaln single: FLOPs lower by what the modulation linears it leaves out cost, 27 blocks' (D -> 6D) and the
+    # final layer's (D -> 2D), at 2 FLOPs per weight forward and 4 backward.
+    argv = ["--model", "dit_xl", "--latent_dataset", "someone/imagenet-latents", "--resolution", 256]
+    single = dry_run(capsys, *argv, "--adaln", "single", "--output_dir", tmp_path / "single")
+    assert single["parameters"] == DIT_SINGLE_PARAMS["dit_xl"]
+    D = 1152
+    saved_flops = 6 * (27 * D * 6 * D + D * 2 * D)
+    assert (xl["train_gflops_per_image"] - single["train_gflops_per_image"]) * 1e9 == pytest.approx(
+        saved_flops, rel=1e-6
+    )
     unet = dry_run(
         capsys,
         "--model",
@@ -47,7 +57,7 @@ def test_dry_run_counts_the_pinned_parameters_without_the_data(capsys, tmp_path)
         tmp_path / "l",
     )
     assert unet["parameters"] == UNET_PARAMS["unet_l"] and unet["input"] == [3, 32, 32]
-    assert not (tmp_path / "xl").exists() and not (tmp_path / "l").exists()
+    assert not any((tmp_path / name).exists() for name in ("xl", "single", "l"))
 
 
 @pytest.mark.parametrize("model", ["unet_s", "dit_tiny"])

@@ -79,8 +79,8 @@ def assert_same_as_sample_py(pipe, run, tmp_path, **settings):
 
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory):
-    """A class-conditional DiT on the latents of a tiny KL-VAE of ours, weights random but not zero, as training
-    would save it; the SDE sampler draws noise from the per-image generators on the way."""
+    """A class-conditional adaLN-single DiT on the latents of a tiny KL-VAE of ours, weights random but not zero, as
+    training would save it; the SDE sampler draws noise from the per-image generators on the way."""
     from modules.networks.dit import DiTModel
     from modules.networks.vae import KLVAE, VAE
 
@@ -88,7 +88,9 @@ def latent_run(tmp_path_factory):
     torch.manual_seed(0)
     vae = KLVAE(in_channels=1, latent_channels=2, block_out_channels=(8, 8), norm_num_groups=4, sample_size=16)
     vae.save_pretrained(root / "vae")
-    model = DiTModel(in_channels=2, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    model = DiTModel(
+        in_channels=2, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3, adaln="single"
+    )
     for p in model.parameters():  # DiT starts with a zero output, which would hide wrong weights
         torch.nn.init.normal_(p, std=0.1)
     latent = {

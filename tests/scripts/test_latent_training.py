@@ -2,6 +2,7 @@
 are encoded by encode_latents.py, a DiT trains on them, and sample.py decodes through the recorded VAE."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -93,6 +94,7 @@ def test_a_vae_is_not_a_generator(vae_run, capsys, tmp_path):
 
 
 def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
+    """An adaLN-single DiT (adaLN-Zero's latent run is a golden run) trains, saves, and sample.py loads it."""
     run = tmp_path / "dit"
     in_process(
         "train_cfm.py",
@@ -102,6 +104,8 @@ def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
         "dit_tiny",
         "--patch_size",
         2,
+        "--adaln",
+        "single",
         "--output_dir",
         run,
         "--max_train_steps",
@@ -123,6 +127,8 @@ def test_dit_trains_on_latents_and_sample_decodes(latents, tmp_path):
     )
     config = json.loads((run / "config.json").read_text())
     assert config["in_channels"] == 4 and config["sample_size"] == 8  # 32x32 images, f4 latents
+    assert config["adaln"] == "single" and config["num_classes"] == 10  # --class_conditional auto: labelled latents
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(run) if "loss" in r)
     record = json.loads((run / "objective.json").read_text())["latent"]
     assert record["vae"]["kind"] == "KLVAE" and record["source_data_args"]["dataset_name"] == "fashion_mnist"
     fid = json.loads((run / "fid.json").read_text())
