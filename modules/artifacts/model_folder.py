@@ -54,6 +54,12 @@ def load_pretrained_weights(model, path_or_id: str, revision: str | None = None,
         raise UserError(
             f"--init_from '{path_or_id}' is a {config.get('_class_name')}, but --model builds a {type(model).__name__}"
         )
+    saved_adaln, adaln = config.get("adaln", "zero"), model.config.get("adaln")  # a DiT's; absent before the option
+    if adaln is not None and saved_adaln != adaln:
+        raise UserError(
+            f"--init_from '{path_or_id}' is a DiT with --adaln {saved_adaln}, but this run builds --adaln {adaln}; "
+            f"pass --adaln {saved_adaln}"
+        )
     state = load_file(str(weights))
     own = model.state_dict()
     problems = [f"{k} missing" for k in own if k not in state]

@@ -321,3 +321,19 @@ def test_checkpoints_from_before_adaln_resume_as_adaln_zero(tmp_path):
     check_compatible(tmp_path, zero)
     with pytest.raises(UserError, match="adaln: checkpoint 'zero' vs now 'single'"):
         check_compatible(tmp_path, single)
+
+
+def test_init_from_another_adaln_names_the_flag(tmp_path):
+    from modules.artifacts.model_folder import load_pretrained_weights
+    from modules.config import UserError
+
+    perturb_(tiny_dit(adaln="single")).save_pretrained(tmp_path)
+    with pytest.raises(
+        UserError, match="is a DiT with --adaln single, but this run builds --adaln zero; pass --adaln"
+    ):
+        load_pretrained_weights(tiny_dit(), str(tmp_path))
+    model = tiny_dit(adaln="single")
+    load_pretrained_weights(model, str(tmp_path))
+    assert torch.equal(
+        model.blocks[0].scale_shift_table, perturb_(tiny_dit(adaln="single")).blocks[0].scale_shift_table
+    )
