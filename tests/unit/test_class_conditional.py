@@ -69,6 +69,21 @@ def latent_sets(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def open_once():
+    """open_data, run once per data and per whether --class_conditional true asks for labels (Fashion-MNIST takes
+    most of a second to read); what fails is not kept."""
+    opened = {}
+
+    def open_(data_args: DataArguments, model_args: ModelArguments):
+        key = (repr(data_args), model_args.class_conditional is True)
+        if key not in opened:
+            opened[key] = open_data(data_args, model_args, NO_EVALUATION)
+        return opened[key]
+
+    return open_
+
+
 def data_arguments(kind: str, labelled: bool, latent_sets) -> tuple[DataArguments, str, int]:
     """The data arguments of Fashion-MNIST (with its 10 labels, or --label_column none) or of a latent dataset (with
     2 labels or none), the name the error gives it, and its number of classes."""
@@ -82,17 +97,17 @@ def data_arguments(kind: str, labelled: bool, latent_sets) -> tuple[DataArgument
 @pytest.mark.parametrize("kind", ["images", "latents"])
 @pytest.mark.parametrize("labelled", [True, False])
 @pytest.mark.parametrize("asked", [None, True, False])
-def test_decided_from_the_data(kind, labelled, asked, latent_sets):
+def test_decided_from_the_data(kind, labelled, asked, latent_sets, open_once):
     data_args, source, classes = data_arguments(kind, labelled, latent_sets)
     model_args = ModelArguments(class_conditional=asked)
     if asked and not labelled:
         with pytest.raises(UserError) as error:
-            open_data(data_args, model_args, NO_EVALUATION)
+            open_once(data_args, model_args)
         message = str(error.value)
         assert message.startswith(f"--class_conditional true needs labels, but {source} has none; ")
         assert message.endswith("pass --class_conditional false (or leave it unset: auto)")
         return
-    data = open_data(data_args, model_args, NO_EVALUATION)
+    data = open_once(data_args, model_args)
     resolved, condition = resolve_class_conditional(model_args, data.train)
     on = labelled if asked is None else asked
     assert resolved.class_conditional is on and model_args.class_conditional is asked
@@ -114,9 +129,9 @@ def test_text_conditioning_turns_auto_off_and_refuses_true(latent_sets):
 
 
 @pytest.mark.parametrize("labelled", [True, False])
-def test_the_start_up_line_says_which(labelled, tmp_path, capsys):
-    data_args = DataArguments(max_train_samples=16, label_column=None if labelled else "none")
-    data = open_data(data_args, ModelArguments(), NO_EVALUATION)
+def test_the_start_up_line_says_which(labelled, tmp_path, capsys, latent_sets, open_once):
+    data_args, _, _ = data_arguments("images", labelled, latent_sets)
+    data = open_once(data_args, ModelArguments())
     model_args, condition = resolve_class_conditional(ModelArguments(), data.train)
     model = torch.nn.Linear(2, 2)
     run = Run(
