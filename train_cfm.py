@@ -4,7 +4,8 @@
     accelerate launch train_cfm.py --config configs/fashion_mnist_unet_cfm.yaml --output_dir runs/fm
     accelerate launch train_cfm.py --model dit_s --patch_size 4 --train_data_dir my_images/ --resolution 64
 
-Every flag: python train_cfm.py --help. Convention (modules/objectives/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0.
+Every flag: python train_cfm.py --help.
+Convention (modules/objectives/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0.
 """
 
 from modules.config import (
