@@ -54,6 +54,8 @@ def show_progress(run: Run, ahead: Outlook):
     --max_train_minutes binds first, the steps that the time left allows at the speed so far; so its ETA is the end
     of the run, and its description names the limit."""
     bar = run.progress
+    if bar.disable:  # not the main process: nothing to show
+        return
     bar.total = ahead.end_step
     desc = f"training ({run.train_args.max_train_minutes:g} min limit)" if ahead.by_time else "training"
     if bar.desc != desc:

@@ -166,3 +166,5 @@ def test_the_bar_counts_to_the_step_the_binding_limit_ends_at():
     show_progress(run, Outlook(end_step=10**9, eta_s=1e9, by_time=False))  # faster now: the steps bind
     assert (bar.n, bar.total, bar.desc) == (2, 10**9, "training")
     bar.close()
+    run.progress = tqdm(total=10**9, disable=True)  # the other processes' bar
+    show_progress(run, Outlook(end_step=5400, eta_s=1500.0, by_time=True))
