@@ -44,6 +44,7 @@ from modules.training.tracking import (
     LogWindow,
     MetricsLog,
     end_mlflow_run_on_error,
+    hide_password,
     mlflow_params,
     mlflow_store,
     resolve_trackers,
@@ -421,15 +422,13 @@ def start_logging(run: Run, record: dict, trackers: list[str], cleanup: contextl
         start_trackers(run, record, trackers, cleanup)
     run.metrics = MetricsLog(accelerator, run.out / "metrics.jsonl")
     n_params = sum(p.numel() for p in run.unwrapped.parameters())
+    until = f"{train_args.max_train_steps}"
+    if train_args.max_train_minutes:
+        until += f" or {train_args.max_train_minutes:g} minutes, whichever ends first"
     accelerator.print(
         f"{run.model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
         f"{accelerator.num_processes} process(es), global batch {run.images_per_step} | steps {run.start_step} -> "
-        f"{train_args.max_train_steps}"
-        + (
-            f" or {train_args.max_train_minutes:g} minutes, whichever ends first"
-            if train_args.max_train_minutes
-            else ""
-        )
+        f"{until}"
     )
     if run.text is not None and run.text.encoder is None:
         accelerator.print(
@@ -455,7 +454,7 @@ def start_trackers(run: Run, record: dict, trackers: list[str], cleanup: context
     run record (run_config.json, flattened); the others get the data, model and objective settings."""
     accelerator = run.accelerator
     if "mlflow" in trackers:
-        accelerator.print(f"mlflow: logging to {mlflow_store(run.out)}")
+        accelerator.print(f"mlflow: logging to {hide_password(mlflow_store(run.out))}")
         cleanup.push(end_mlflow_run_on_error)
     accelerator.init_trackers(Path(record["script"]).stem, init_kwargs=tracker_settings(trackers, run.out))
     config = to_dict(run.data_args, run.model_args, run.objective.args)

@@ -88,6 +88,11 @@ def mlflow_store(out: Path) -> str:
     return uri
 
 
+def hide_password(uri: str) -> str:
+    """`uri` with the credentials of its user part (https://user:password@host) shown as ***, to print it."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
 def end_mlflow_run_on_error(exc_type, exc, traceback):
     """An exit callback (ExitStack.push): a run that raises ends its MLflow run as FAILED (Accelerate ends it only at
     the end of training), so that the process could start another."""

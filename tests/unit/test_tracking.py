@@ -60,6 +60,11 @@ def test_mlflow_logs_into_the_run_dir_unless_a_tracking_uri_is_set(monkeypatch, 
         mlflow.set_tracking_uri(before)
 
 
+def test_a_tracking_uri_is_printed_without_its_credentials():
+    assert tracking.hide_password("https://me:s3cret@mlflow.example/x") == "https://***@mlflow.example/x"
+    assert tracking.hide_password("file:///runs/a@b/mlruns") == "file:///runs/a@b/mlruns"
+
+
 def test_the_run_record_as_flat_mlflow_parameters(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_env_secret")
     record = {
