@@ -209,7 +209,9 @@ class TrainingArguments:
     )
     logging_steps: int = help_field("Log loss, lr and throughput every N steps.", default=10)
     report_to: str = help_field(
-        "Trackers: tensorboard, wandb, all or none. metrics.jsonl is always written.", default="none"
+        "Trackers: tensorboard, wandb, mlflow, all (those installed) or none. metrics.jsonl is always written; "
+        "docs/metrics.md says where each tracker logs.",
+        default="none",
     )
     validation_steps: int = help_field(
         "Every N steps (and at the end), the EMA model's loss on held-out images at fixed noise and t (0: never).",

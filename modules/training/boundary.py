@@ -9,6 +9,7 @@ process calls every duty: those that write do it on the main process while the o
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import torch
 from modules.artifacts.model_folder import save_model
 from modules.artifacts.visualize import DenoisingRecorder, save_image_grid, write_denoising_figures
 from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
+from modules.files import write_text_atomically
 from modules.objectives.protocol import PreviewRequest
 from modules.training.checkpoint import list_checkpoints, save_checkpoint
 from modules.training.run import Run
 from modules.training.step import StepResult
+from modules.training.stopping import Outlook, outlook
 from modules.training.tracking import peak_memory
 
 
@@ -28,7 +31,7 @@ def update_after_step(run: Run, result: StepResult, done: int):
     """Count the step, let the non-finite guard see it (it raises after too many in a row), and unless it was
     skipped, advance the learning rate schedule and the EMA."""
     run.images_seen += run.images_per_step
-    run.progress.update(1)
+    show_progress(run, run_outlook(run, done))
     if result.stop and run.stop_reason is None:
         run.stop_reason = run.stop_request.reason() or "a stop request on another process"
     run.grad_norm = result.grad_norm
@@ -39,8 +42,30 @@ def update_after_step(run: Run, result: StepResult, done: int):
     run.window.add(result.loss, result.skipped)
 
 
+def run_outlook(run: Run, done: int) -> Outlook:
+    """Where and when this run will end, at the speed of this launch so far (modules/training/stopping.py)."""
+    elapsed = time.perf_counter() - run.started
+    seconds_left = run.stop_request.seconds_left()
+    return outlook(done, done - run.start_step, elapsed, run.train_args.max_train_steps, seconds_left)
+
+
+def show_progress(run: Run, ahead: Outlook):
+    """Advance the bar by one step. It counts to the step the run is projected to end at: --max_train_steps, or when
+    --max_train_minutes binds first, the steps that the time left allows at the speed so far; so its ETA is the end
+    of the run, and its description names the limit."""
+    bar = run.progress
+    if bar.disable:  # not the main process: nothing to show
+        return
+    bar.total = ahead.end_step
+    desc = f"training ({run.train_args.max_train_minutes:g} min limit)" if ahead.by_time else "training"
+    if bar.desc != desc:
+        bar.set_description_str(desc, refresh=False)
+    bar.update(1)
+
+
 def log_if_due(run: Run, done: int):
-    """Every --logging_steps and at the end: the window's loss, learning rate, throughput, FLOPs and memory."""
+    """Every --logging_steps and at the end: the window's loss, learning rate, throughput, FLOPs and memory, and the
+    step the run will end at and the minutes until then, by whichever limit binds first."""
     train_args = run.train_args
     if done % train_args.logging_steps and not run.last_step(done):
         return
@@ -59,6 +84,8 @@ def log_if_due(run: Run, done: int):
     if run.peak_tflops:
         values["mfu"] = values["tflops"] / (run.peak_tflops * run.accelerator.num_processes)
     values.update(peak_memory(run.accelerator.device))
+    ahead = run_outlook(run, done)
+    values.update(end_step=ahead.end_step, eta_min=ahead.eta_s / 60)
     run.metrics.log(done, values)
     run.progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
     run.window.reset()
@@ -221,8 +248,11 @@ def write_grid(run: Run, step: int):
     images, _ = preview(run, n, run.train_args.seed, callback=recorder)
     images, nrow = run.objective.grid_layout(images, run.data.train)
     save_image_grid(images, path, nrow=nrow)
+    figures = {}
     if recorder.num_steps:  # objectives that sample record their path; an autoencoder has none
-        write_denoising_figures(recorder.decode(run.decode) if run.decode else recorder, path.parent, path.stem)
+        recorded = recorder.decode(run.decode) if run.decode else recorder
+        figures = write_denoising_figures(recorded, path.parent, path.stem)
+    run.metrics.log_files([path, *figures.values()], "samples")
 
 
 def evaluate(run: Run, step: int):
@@ -241,5 +271,6 @@ def evaluate(run: Run, step: int):
     values = evaluate_generated(images, labels, reference, n_ref, metrics, weights_path=train_args.fid_weights)
     run.metrics.log(step, {**values, "fid_num_samples": n, "fid_reference_samples": n_ref})
     result = {"step": step, **values, "num_samples": n, "reference_samples": n_ref, "reference": reference.key}
-    Path(train_args.output_dir, "fid.json").write_text(json.dumps(result, indent=2))
+    write_text_atomically(Path(train_args.output_dir, "fid.json"), json.dumps(result, indent=2))
+    run.metrics.log_files([Path(train_args.output_dir, "fid.json")])
     accelerator.print(", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f" ({n} samples vs {n_ref} images)")

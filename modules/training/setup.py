@@ -39,7 +39,17 @@ from modules.training.ema import EMA
 from modules.training.flops import model_flops_per_image, peak_tflops
 from modules.training.run import Run, RunData
 from modules.training.stopping import NonFiniteGuard, StopRequest
-from modules.training.tracking import TRACKERS, LogWindow, MetricsLog, resolve_trackers
+from modules.training.tracking import (
+    TRACKERS,
+    LogWindow,
+    MetricsLog,
+    end_mlflow_run_on_error,
+    hide_password,
+    mlflow_params,
+    mlflow_store,
+    resolve_trackers,
+    tracker_settings,
+)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -56,6 +66,7 @@ def setup_run(
 ) -> Run:
     """The run, ready for its first step (`run.start_step`). `cleanup` closes the progress bar on the way out."""
     out = Path(train_args.output_dir)
+    trackers = resolve_trackers(train_args.report_to, out)
     data = open_data(data_args, model_args, train_args)
     check_evaluation(train_args, data)
     model_args, condition = resolve_class_conditional(model_args, data.train)
@@ -67,7 +78,6 @@ def setup_run(
     resume = resolve_resume(train_args.resume_from_checkpoint, out)
     if resume is not None:
         check_compatible(resume, model)
-    trackers = resolve_trackers(train_args.report_to, out)
     accelerator = make_accelerator(train_args, out, trackers)
     device, world = accelerator.device, accelerator.num_processes
     decode = None
@@ -79,7 +89,8 @@ def setup_run(
     sampler = ResumableBatchSampler(
         len(data.train.dataset), train_args.train_batch_size, train_args.seed, accelerator.process_index, world
     )
-    pusher = start_run_dir(script, argv, data_args, model_args, train_args, objective, accelerator)
+    record = run_record(script, argv, data_args, model_args, train_args, objective)
+    pusher = start_run_dir(record, train_args, accelerator)
     if train_args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     conditions = ConditionSource(data.train, num_classes, text.to(device) if text else None, train_args.cond_drop_prob)
@@ -117,7 +128,7 @@ def setup_run(
         pin_memory=device.type == "cuda",
     )
     run.batches = iter(loader)
-    start_logging(run, script, trackers, cleanup)
+    start_logging(run, record, trackers, cleanup)
     return run
 
 
@@ -332,18 +343,22 @@ def configure_deepspeed(accelerator, train_args: TrainingArguments):
         config["gradient_clipping"] = train_args.max_grad_norm
 
 
-def start_run_dir(script, argv, data_args, model_args, train_args, objective, accelerator) -> HubPusher | None:
-    """On the main process: the run dir with run_config.json (the command, token hidden, and every setting), and
-    the background Hub uploader of --push_to_hub (None when a push cannot work, with a warning)."""
-    if not accelerator.is_main_process:
-        return None
-    out = Path(train_args.output_dir)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    record = {
+def run_record(script, argv, data_args, model_args, train_args, objective) -> dict:
+    """What run_config.json holds: the script, the command (token hidden) and every setting (secrets left out)."""
+    return {
         "script": script,
         "command": command_line(Path(script).name, argv),
         "config": to_dict(data_args, model_args, train_args, objective.args),
     }
+
+
+def start_run_dir(record: dict, train_args: TrainingArguments, accelerator) -> HubPusher | None:
+    """On the main process: the run dir with run_config.json (`record`), and the background Hub uploader of
+    --push_to_hub (None when a push cannot work, with a warning)."""
+    if not accelerator.is_main_process:
+        return None
+    out = Path(train_args.output_dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / RUN_CONFIG_FILE, json.dumps(record, indent=2))
     if not train_args.push_to_hub:
         return None
@@ -425,21 +440,20 @@ def resume_from(run: Run, checkpoint: Path):
     run.accelerator.print(f"resumed from {checkpoint} at step {run.start_step}")
 
 
-def start_logging(run: Run, script: str, trackers: list[str], cleanup: contextlib.ExitStack):
+def start_logging(run: Run, record: dict, trackers: list[str], cleanup: contextlib.ExitStack):
     """The trackers, metrics.jsonl, the run's summary line, the progress bar and the clock of the first window."""
     accelerator, train_args, data = run.accelerator, run.train_args, run.data.train
     if trackers:
-        accelerator.init_trackers(
-            Path(script).stem,
-            config=to_dict(run.data_args, run.model_args, run.objective.args),
-            init_kwargs={"wandb": {"dir": str(run.out)}} if "wandb" in trackers else {},
-        )
+        start_trackers(run, record, trackers, cleanup)
     run.metrics = MetricsLog(accelerator, run.out / "metrics.jsonl")
     n_params = sum(p.numel() for p in run.unwrapped.parameters())
+    until = f"{train_args.max_train_steps}"
+    if train_args.max_train_minutes:
+        until += f" or {train_args.max_train_minutes:g} minutes, whichever ends first"
     accelerator.print(
         f"{run.model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
         f"{run.condition} | {accelerator.num_processes} process(es), global batch {run.images_per_step} | steps "
-        f"{run.start_step} -> {train_args.max_train_steps}"
+        f"{run.start_step} -> {until}"
     )
     if run.text is not None and run.text.encoder is None:
         accelerator.print(
@@ -458,3 +472,17 @@ def start_logging(run: Run, script: str, trackers: list[str], cleanup: contextli
     run.window = LogWindow(torch.zeros((), device=accelerator.device))
     run.guard = NonFiniteGuard(train_args.max_nonfinite_steps)
     run.model.train()
+
+
+def start_trackers(run: Run, record: dict, trackers: list[str], cleanup: contextlib.ExitStack):
+    """Accelerate's trackers, in the experiment (project) named after the script. MLflow's parameters are the whole
+    run record (run_config.json, flattened); the others get the data, model and objective settings."""
+    accelerator = run.accelerator
+    if "mlflow" in trackers:
+        accelerator.print(f"mlflow: logging to {hide_password(mlflow_store(run.out))}")
+        cleanup.push(end_mlflow_run_on_error)
+    accelerator.init_trackers(Path(record["script"]).stem, init_kwargs=tracker_settings(trackers, run.out))
+    config = to_dict(run.data_args, run.model_args, run.objective.args)
+    for tracker in accelerator.trackers:
+        params = mlflow_params(record, run.train_args.hub_token) if tracker.name == "mlflow" else config
+        tracker.store_init_configuration(params)

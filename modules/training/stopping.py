@@ -5,6 +5,9 @@ ask every process to save a checkpoint at the next step boundary and exit 0; rer
 --resume_from_checkpoint latest continues exactly. A signal may reach only some processes, so the request is
 agreed on with one small all-reduce per optimizer step, together with the non-finite check below.
 
+Outlook: which limit ends the run first, --max_train_steps or --max_train_minutes at the speed so far, at what step
+and when; the progress bar counts to that step, and each log line carries its ETA.
+
 Non-finite guard: a step whose loss or gradient norm is NaN or inf on any process is skipped on every process (no
 optimizer, LR schedule or EMA update), counted and logged; after --max_nonfinite_steps such steps in a row the run
 stops with an error naming the step and the last complete checkpoint. Under fp16 the gradient scaler already skips
@@ -13,8 +16,10 @@ overflowing steps (and lowers its scale), so there the step goes to it and is co
 
 from __future__ import annotations
 
+import math
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +60,10 @@ class StopRequest:
             return f"--max_train_minutes {self.max_minutes:g}"
         return None
 
+    def seconds_left(self) -> float | None:
+        """Seconds until --max_train_minutes is up (0 once it is), or None without a time limit."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     def close(self):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
@@ -65,6 +74,27 @@ class StopRequest:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """Where the run is projected to end: at step `end_step`, in `eta_s` seconds, stopped by the time limit
+    (`by_time`) or by --max_train_steps."""
+
+    end_step: int
+    eta_s: float
+    by_time: bool
+
+
+def outlook(done: int, steps_run: int, elapsed_s: float, max_steps: int, seconds_left: float | None) -> Outlook:
+    """The limit that binds first, at the speed of this launch so far (`steps_run` steps in `elapsed_s` seconds, the
+    duties between them included): --max_train_steps, or the time limit with `seconds_left` (None: none). A step
+    that starts before the time is up still runs: the time limit ends the run at the first step boundary after it."""
+    rate = steps_run / elapsed_s if steps_run > 0 and elapsed_s > 0 else 0.0  # steps per second
+    steps_eta = (max_steps - done) / rate if rate else math.inf
+    if seconds_left is None or steps_eta <= seconds_left:
+        return Outlook(max_steps, steps_eta, False)
+    return Outlook(min(max_steps, done + math.ceil(rate * seconds_left)), seconds_left, True)
 
 
 class NonFiniteGuard:

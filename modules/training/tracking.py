@@ -1,5 +1,5 @@
-"""What a run logs: metrics.jsonl in the run dir (always) and Accelerate's trackers (--report_to), the window of
-steps between two log lines, and the process's peak memory."""
+"""What a run logs: metrics.jsonl in the run dir (always) and Accelerate's trackers (--report_to: TensorBoard,
+Weights & Biases, MLflow), the window of steps between two log lines, and the process's peak memory."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import math
 import netrc
 import os
+import re
 import resource
 import time
 import warnings
@@ -17,7 +18,11 @@ from urllib.parse import urlparse
 
 import torch
 
-TRACKERS = ("none", "tensorboard", "wandb", "all")
+from modules.config import UserError
+from modules.records import redact
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")
+PIP_NAMES = {"mlflow": "mlflow-skinny"}  # the package that provides the module, when its name differs
 
 
 def wandb_login_state() -> str:
@@ -35,17 +40,17 @@ def wandb_login_state() -> str:
 
 
 def resolve_trackers(report_to: str, out: Path) -> list[str]:
-    """The Accelerate trackers for --report_to, warning (and carrying on) when one cannot work as asked:
-    wandb not installed is dropped; wandb without a login logs offline into the run dir, to `wandb sync` later."""
-    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    """The Accelerate trackers for --report_to. A tracker asked for by name must be installed (else a UserError, before
+    anything is written); `all` takes those that are, with a warning for each missing one. wandb without a login
+    logs offline into the run dir, to `wandb sync` later."""
+    wanted = {"none": [], "all": ["tensorboard", "wandb", "mlflow"]}.get(report_to, [report_to])
     trackers = []
     for name in wanted:
         if importlib.util.find_spec(name) is None:
-            warnings.warn(
-                f"--report_to {report_to}: {name} is not installed (pip install {name}); "
-                "not logging to it (metrics.jsonl is still written)",
-                stacklevel=2,
-            )
+            install = f"pip install {PIP_NAMES.get(name, name)}"
+            if report_to != "all":
+                raise UserError(f"--report_to {name}: {name} is not installed; {install}, or pass --report_to none")
+            warnings.warn(f"--report_to all: {name} is not installed ({install}); not logging to it", stacklevel=2)
             continue
         if name == "wandb" and wandb_login_state() == "none":
             warnings.warn(
@@ -58,6 +63,70 @@ def resolve_trackers(report_to: str, out: Path) -> list[str]:
     return trackers
 
 
+def tracker_settings(trackers: list[str], out: Path) -> dict:
+    """Accelerate's init_kwargs for the trackers: wandb writes into the run dir; MLflow names its run after the run
+    dir (its experiment is the project name, or $MLFLOW_EXPERIMENT_NAME)."""
+    settings = {}
+    if "wandb" in trackers:
+        settings["wandb"] = {"dir": str(out)}
+    if "mlflow" in trackers:
+        settings["mlflow"] = {"run_name": out.resolve().name}
+    return settings
+
+
+def mlflow_store(out: Path) -> str:
+    """Where MLflow logs: $MLFLOW_TRACKING_URI (a server, a database or a folder) when set, else a file store in the
+    run dir, out/mlruns. MLflow 3 keeps its file store in maintenance mode and refuses it unless
+    MLFLOW_ALLOW_FILE_STORE=true, which is set here only for that default."""
+    import mlflow  # optional: only with --report_to mlflow (or all)
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = (out / "mlruns").resolve().as_uri()
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(uri)  # also when set: a run before it in this process may have set another
+    return uri
+
+
+def hide_password(uri: str) -> str:
+    """`uri` with the credentials of its user part (https://user:password@host) shown as ***, to print it."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def end_mlflow_run_on_error(exc_type, exc, traceback):
+    """An exit callback (ExitStack.push): a run that raises ends its MLflow run as FAILED (Accelerate ends it only at
+    the end of training), so that the process could start another."""
+    if exc_type is not None:
+        import mlflow  # optional: only with --report_to mlflow (or all)
+
+        mlflow.end_run("FAILED")
+
+
+def mlflow_params(record: dict, token: str | None = None) -> dict[str, str]:
+    """`flat_params` cut to MLflow's limit on a parameter's length."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH  # optional: only with --report_to mlflow (or all)
+
+    return flat_params(record, MAX_PARAM_VAL_LENGTH, token)
+
+
+def flat_params(record: dict, max_length: int, token: str | None = None) -> dict[str, str]:
+    """A run record (run_config.json: script, command, config) as MLflow parameters: the config's settings at the top
+    level, nested values under dotted keys, names limited to MLflow's characters, every value a string of at most
+    `max_length` characters (longer ones cut, ending in '...'), and secrets shown as ***."""
+    leaves = {}
+    pending = [("", {**{k: v for k, v in record.items() if k != "config"}, **record.get("config", {})})]
+    while pending:
+        prefix, values = pending.pop()
+        for key, value in values.items():
+            name = re.sub(r"[^\w./\- :]", "_", f"{prefix}{key}")[:250]
+            if isinstance(value, dict) and value:
+                pending.append((f"{name}.", value))
+                continue
+            text = redact(str(value), token)
+            leaves[name] = text if len(text) <= max_length else text[: max_length - 3] + "..."
+    return leaves
+
+
 class MetricsLog:
     """metrics.jsonl in the run dir (always), plus the Accelerate trackers when --report_to asks for them."""
 
@@ -65,11 +134,23 @@ class MetricsLog:
         self.accelerator, self.path = accelerator, path
 
     def log(self, step: int, values: dict):
+        """A row of metrics.jsonl; its numbers go to the trackers at `step` (a tracker's metric is a number: any other
+        value stays in metrics.jsonl only)."""
         if not self.accelerator.is_main_process:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        self.accelerator.log(values, step=step)
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
+
+    def log_files(self, paths, folder: str | None = None):
+        """Files the run wrote (a sample grid, fid.json) as artifacts of the trackers that keep files (MLflow), under
+        `folder` of the run's artifacts (None: at the top)."""
+        if not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "mlflow":
+                for path in paths:
+                    tracker.log_artifact(str(path), artifact_path=folder)
 
 
 @dataclass

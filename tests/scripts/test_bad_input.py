@@ -1,6 +1,7 @@
 """Each bad input is a one-line error that names the culprit, raised before anything is written."""
 
 import dataclasses
+import importlib.util
 import io
 import json
 import re
@@ -217,6 +218,18 @@ def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):
         capsys,
         [*TINY, "--output_dir", str(out), "--resume_from_checkpoint", str(tmp_path / "nope")],
         "is not a complete checkpoint",
+    )
+
+
+def test_report_to_a_tracker_that_is_not_installed(capsys, out, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a)
+    )
+    fails(
+        capsys,
+        [*TINY, "--output_dir", str(out), "--report_to", "mlflow"],
+        "--report_to mlflow: mlflow is not installed; pip install mlflow-skinny",
     )
 
 

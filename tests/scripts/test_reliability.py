@@ -116,6 +116,9 @@ def test_max_train_minutes_stops_with_a_checkpoint(tmp_path, capsys):
     )
     assert "(--max_train_minutes 0.0001)" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "config.json").exists()
+    # the time limit bound first: the log line says the run ends at this step, now (not at step 50)
+    (row,) = read_metrics(out)
+    assert row["step"] == 1 and row["end_step"] == 1 and row["eta_min"] == 0
 
 
 def nan_loss(monkeypatch, bad_calls):

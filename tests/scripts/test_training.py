@@ -1,6 +1,7 @@
 """The training scripts end to end: exact resume, two processes, checkpoints, and sample.py on the result."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,31 +166,62 @@ def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path, monkeypatch, quick_cla
     assert "| heun | 2 | 3 |" in table
 
 
-def test_in_training_metrics_kid_and_classifier(monkeypatch, tmp_path, quick_classifier):
-    """--eval_metrics fid,kid,classifier at the end of a run."""
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, quick_classifier):
+    """A 2-step run with --eval_metrics fid,kid,classifier, the validation loss and a grid at the end, logged to MLflow
+    (its default file store in the run dir)."""
     import modules.evaluation.metrics as metrics
     import train_cfm
 
-    monkeypatch.setattr(metrics, "load_or_train_classifier", lambda: quick_classifier)
-    out = tmp_path / "metrics"
-    train_cfm.main(
-        [
-            *map(str, TINY),
-            "--output_dir",
-            str(out),
-            "--max_train_steps",
-            "2",
-            "--fid_num_samples",
-            "8",
-            "--fid_reference_samples",
-            "8",
-            "--eval_metrics",
-            "fid,kid,classifier",
-        ]
-    )
-    result = json.loads((out / "fid.json").read_text())
+    out = tmp_path_factory.mktemp("metrics") / "run"
+    args = [*map(str, TINY), "--max_train_steps", "2"]
+    fid = ["--fid_num_samples", "8", "--fid_reference_samples", "8", "--eval_metrics", "fid,kid,classifier"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "load_or_train_classifier", lambda: quick_classifier)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the run sets it; put back after
+        train_cfm.main([*args, *fid, "--output_dir", str(out), "--report_to", "mlflow", "--hub_token", "hf_secret"])
+    return out
+
+
+def test_in_training_metrics_kid_and_classifier(evaluated_run):
+    """--eval_metrics fid,kid,classifier at the end of a run."""
+    result = json.loads((evaluated_run / "fid.json").read_text())
     assert set(result) >= {"fid", "kid", "kid_std", "fd_classifier", "class_accuracy"}
     assert result["fid"] > 0 and result["fd_classifier"] > 0 and 0 <= result["class_accuracy"] <= 1
+
+
+def test_mlflow_holds_the_run_config_every_metric_at_its_step_the_grids_and_fid(evaluated_run, monkeypatch, tmp_path):
+    """Read back with MLflow's own client: the run record as parameters (no secret), every number of metrics.jsonl
+    at its step, and the sample grids and fid.json as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when allowed
+    client = MlflowClient((evaluated_run / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("train_cfm")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    record = json.loads((evaluated_run / "run_config.json").read_text())
+    params = run.data.params
+    assert set(params) == {"script", "command", *record["config"]}
+    assert params["command"] == record["command"] and "--hub_token '***'" in params["command"]
+    assert params["learning_rate"] == str(record["config"]["learning_rate"]) and params["max_train_steps"] == "2"
+    assert not any("hf_secret" in value for value in params.values())
+
+    expected = {}
+    for row in read_metrics(evaluated_run):
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float):
+                expected.setdefault(key, []).append((row["step"], float(value)))
+    assert {"loss", "val_loss", "fid", "class_accuracy", "eta_min", "end_step"} <= set(expected)
+    for key, points in expected.items():
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) == points, key
+
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    grid = "samples/step_0000002"
+    assert {f"{grid}.png", f"{grid}_denoising.png", f"{grid}_trajectories.png", f"{grid}_denoising.gif"} <= samples
+    fid = client.download_artifacts(run.info.run_id, "fid.json", str(tmp_path))
+    assert json.loads(Path(fid).read_text()) == json.loads((evaluated_run / "fid.json").read_text())
 
 
 def test_wandb_without_a_login_logs_offline_into_the_run_dir(tmp_path):
@@ -199,16 +231,3 @@ def test_wandb_without_a_login_logs_offline_into_the_run_dir(tmp_path):
     assert "not logged in" in proc.stderr and f"wandb sync {out / 'wandb'}" in proc.stderr
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
     assert (out / "metrics.jsonl").is_file()
-
-
-def test_missing_tracker_package_is_dropped_with_a_warning(monkeypatch, tmp_path):
-    import importlib.util
-
-    from modules.training import tracking
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.warns(UserWarning, match=r"wandb is not installed \(pip install wandb\)"):
-        assert tracking.resolve_trackers("all", tmp_path) == ["tensorboard"]
-    with pytest.warns(UserWarning, match="wandb is not installed"):
-        assert tracking.resolve_trackers("wandb", tmp_path) == []

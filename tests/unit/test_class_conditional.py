@@ -151,7 +151,7 @@ def test_the_start_up_line_says_which(labelled, tmp_path, capsys, latent_sets, o
         images_per_step=8,
     )
     with contextlib.ExitStack() as cleanup:
-        start_logging(run, "train_cfm.py", [], cleanup)
+        start_logging(run, {"script": "train_cfm.py"}, [], cleanup)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("unet_s: "))
     said = "class-conditional on 10 classes (--class_conditional auto: the data has labels)"
     if not labelled:
