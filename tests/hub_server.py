@@ -110,7 +110,7 @@ class FakeHub:
 
             def do_GET(self, head=False):
                 path, _ = self._record()
-                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path):
+                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/.+)?", path):  # model_info
                     repo = m.group(1)
                     if repo not in hub.repos:
                         return self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
