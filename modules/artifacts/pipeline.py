@@ -151,13 +151,16 @@ class DenoiserPipeline(DiffusionPipeline):
                 null_cond=null_cond,
                 callback=lambda *_: bar.update(),
             )
-        if output_type == "pil":
-            images = self.numpy_to_pil(images_uint8.permute(0, 2, 3, 1).numpy() / 255.0)
-        else:
-            images = (torch.cat(kept) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
-            images = images.permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+        images = self._output(images_uint8, kept, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _output(self, images_uint8: torch.Tensor, floats: list[torch.Tensor], output_type: str):
+        """PIL images (sample.py's PNGs), or for "np" and "pt" the floats in [0, 1] before they were quantised."""
+        if output_type == "pil":
+            return self.numpy_to_pil(images_uint8.permute(0, 2, 3, 1).numpy() / 255.0)
+        images = (torch.cat(floats) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        return images.permute(0, 2, 3, 1).numpy() if output_type == "np" else images
 
     def _conditions(self, prompt, class_labels, batch_size, num_images_per_prompt) -> tuple[int, list | None]:
         """(number of images, the label or prompt of each image; None for an unconditional model)."""
@@ -217,10 +220,11 @@ class DenoiserPipeline(DiffusionPipeline):
     def save_config(self, save_directory, **kwargs):
         """The last step of diffusers' save_pretrained, before any upload: model_index.json, and the code
         (modules/artifacts/remote_code.py) in the folder and in each component folder of ours."""
-        folder, package, own = Path(save_directory), this_package(), self._own_components()
-        for name in own:
-            write_code(folder / name, package, f"{name}_model", type(getattr(self, name)))
-        write_code(folder, package, "pipeline", type(self), tuple(own))
+        folder, package = Path(save_directory), this_package()
+        own = {name: type(getattr(self, name)) for name in self._own_components()}
+        for name, cls in own.items():
+            write_code(folder / name, package, f"{name}_model", cls)
+        write_code(folder, package, "pipeline", type(self), own)
         super().save_config(save_directory, **kwargs)
 
     def to_json_string(self) -> str:

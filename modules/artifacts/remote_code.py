@@ -6,8 +6,9 @@ last name part and a digest of the sources: exports of different versions of the
 do not share modules), their imports of ours made relative. diffusers' loading rules shape the layout:
 
 - it copies into its module cache only the files that an entry point imports relatively, from the entry point's own
-  folder: so each folder with code (the root; unet/, transformer/, a vae/ of ours) holds the whole package, and its
-  entry point (`pipeline.py`, `<folder>_model.py`) imports every file of it;
+  folder: so each folder with code holds the files its class needs (the root: the whole package; unet/,
+  transformer/, a vae/ of ours: the network's module and what it imports), and its entry point (`pipeline.py`,
+  `<folder>_model.py`) imports every one of them;
 - from the Hub it downloads what the root entry point imports (and what those files import, from the root), and of
   a folder with weights only the entry point that model_index.json names: so the root entry point also names each
   component folder's files, under TYPE_CHECKING (named for the download, never run).
@@ -38,6 +39,17 @@ class CodePackage:
 
     def file_name(self, name: str) -> str:
         return f"{name}_{self.digest}"
+
+    def needed_by(self, name: str) -> list[str]:
+        """`name` and the package modules it imports, recursively."""
+        imports = re.compile(rf"^\s*from \.(?:(\w+)_{self.digest} import| import (\w+)_{self.digest}\b)", re.MULTILINE)
+        needed, todo = set(), [name]
+        while todo:
+            module = todo.pop()
+            if module not in needed:
+                needed.add(module)
+                todo += [a or b for a, b in imports.findall(self.sources[module])]
+        return sorted(needed)
 
 
 def this_package() -> CodePackage:
@@ -95,26 +107,29 @@ def own_module(cls: type) -> str | None:
     return stem.removesuffix(suffix) if stem.endswith(suffix) else None
 
 
-def write_code(folder: Path, package: CodePackage, entry: str, cls: type, components: tuple[str, ...] = ()):
-    """The package's files in `folder`, and the entry point `<entry>.py` (as model_index.json names it), which imports
-    every one of them and names `cls`; the root's also names the files of the `components` folders."""
+def write_code(folder: Path, package: CodePackage, entry: str, cls: type, components: dict[str, type] | None = None):
+    """The entry point `<entry>.py` (as model_index.json names it), which names `cls`, and the package files it needs
+    beside it. The root's (`components`: our component folders and their classes) holds the whole package and names
+    each component folder's files."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in package.sources.items():
-        (folder / f"{package.file_name(name)}.py").write_text(text)
-    names = [package.file_name(name) for name in sorted(package.sources)]
+    names = sorted(package.sources) if components is not None else package.needed_by(own_module(cls))
+    for name in names:
+        (folder / f"{package.file_name(name)}.py").write_text(package.sources[name])
     lines = [
         f'"""{cls.__name__}, for diffusers\' custom code loading; the code is in the *_{package.digest}.py files."""',
         "",
-        "# diffusers copies to its module cache only the files imported here: so, every file of the package.",
-        *(f"from .{name} import __name__ as _  # noqa: F401" for name in names),
+        "# diffusers copies to its module cache only the files imported here: so, every file the class needs.",
+        *(f"from .{package.file_name(name)} import __name__ as _  # noqa: F401" for name in names),
         f"from .{package.file_name(own_module(cls))} import {cls.__name__}  # noqa: F401",
         "",
     ]
     if components:
         lines[1:1] = ["", "from typing import TYPE_CHECKING"]
-        lines += [
-            "if TYPE_CHECKING:  # diffusers downloads a component folder's code from the Hub only if it is named here",
-            *(f"    from .{c}.{name} import __name__ as _  # noqa: F401" for c in components for name in names),
-            "",
-        ]
+        lines += ["if TYPE_CHECKING:  # diffusers downloads a component folder's code from the Hub only if named here"]
+        for sub, sub_cls in components.items():
+            needed = package.needed_by(own_module(sub_cls))
+            lines += [
+                f"    from .{sub}.{package.file_name(name)} import __name__ as _  # noqa: F401" for name in needed
+            ]
+        lines.append("")
     (folder / f"{entry}.py").write_text("\n".join(lines))

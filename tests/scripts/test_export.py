@@ -171,10 +171,11 @@ def test_diffusers_call_conventions(cfm_pipe, capsys):
     once = images(class_labels=[3, 4], generator=torch.Generator().manual_seed(0))
     assert torch.equal(once, images(class_labels=[3, 4], generator=torch.Generator().manual_seed(0)))
     assert not torch.equal(once, images(class_labels=[3, 4], generator=torch.Generator().manual_seed(1)))
-    torch.manual_seed(7)
-    unseeded = images(class_labels=[3, 4])
-    torch.manual_seed(7)
-    assert torch.equal(unseeded, images(class_labels=[3, 4]))  # torch's global generator, as in diffusers
+    with torch.random.fork_rng():  # no generator, no seed: torch's global generator, as in diffusers
+        torch.manual_seed(7)
+        unseeded = images(class_labels=[3, 4])
+        torch.manual_seed(7)
+        assert torch.equal(unseeded, images(class_labels=[3, 4]))
     # A list: image i draws from generator i alone, so seed's own per-image generators give seed's images.
     assert torch.equal(
         images(class_labels=[3, 4], generator=sample_generators(5, 0, 2)), images(class_labels=[3, 4], seed=5)
@@ -323,7 +324,7 @@ def test_the_export_loads_without_this_repository_from_a_folder_or_the_hub(laten
     """A process that cannot import `modules` loads two exports (custom code in two components; a tokenizer of
     our own) and, by its Hub id, one saved again by save_pretrained and uploaded to the local Hub; they generate
     sample.py's images."""
-    import huggingface_hub
+    from huggingface_hub import HfApi, constants
 
     settings = [
         (latent_run, dict(class_labels=[2, 1], seed=4)),
@@ -342,8 +343,8 @@ for i, (name, settings) in enumerate(zip(["pipe0", "pipe1", "{REPO}"], {[s for _
     torch.save(pipe(**settings, output_type="pt").images, f"images{{i}}.pt")
 """
     with FakeHub() as hub, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the session is offline but for this Hub
-        api = huggingface_hub.HfApi(endpoint=hub.url, token="hf_test")
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)  # the session is offline but for this Hub
+        api = HfApi(endpoint=hub.url, token="hf_test")
         api.create_repo(REPO)
         api.upload_folder(folder_path=tmp_path / "saved", repo_id=REPO)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
