@@ -172,7 +172,7 @@ class DenoiserPipeline(DiffusionPipeline):
         kind = "text-conditional" if text else "class-conditional" if num_classes else "unconditional"
         if prompt is not None and text is None:
             raise ValueError(f"prompt given, but the model is not text-conditional (it is {kind})")
-        if class_labels is not None and not num_classes:
+        if class_labels is not None and (text is not None or not num_classes):  # a text model samples from prompts
             raise ValueError(f"class_labels given, but the model is not class-conditional (it is {kind})")
         if num_images_per_prompt != 1 and text is None:
             raise ValueError(
