@@ -2,12 +2,12 @@
 `DiffusionPipeline.from_pretrained(folder or Hub id, trust_remote_code=True)` loads without this repository. It is the
 DenoiserPipeline (modules/artifacts/pipeline.py) of the model, written by its save_pretrained:
 
-    model_index.json             the pipeline class, its components and its settings: objective, class names, text
-                                 encoder record and prompts, latent statistics
+    model_index.json             the pipeline class, its components and its settings: objective, id2label (class
+                                 names), text_conditioning (encoder record and prompts), latent_statistics
     pipeline.py, *_<digest>.py   the entry point of the pipeline class, and the package of our modules it runs
                                  (modules/artifacts/remote_code.py)
     unet/ or transformer/        the UNetModel or DiTModel: config.json, diffusion_pytorch_model.safetensors,
-                                 <folder>_model.py (entry point of the class) and the package again
+                                 <folder>_model.py (entry point of the class) and the modules of the package it needs
     vae/                         latent models: diffusers' AutoencoderKL, or our KLVAE (with code, as the denoiser)
     text_encoder/, tokenizer/    models trained with a frozen CLIP or MiniLM text encoder (transformers)
     README.md
