@@ -104,7 +104,8 @@ class SampleArguments:
         default=None,
         metadata={
             "help": "Instead of sampling, write the model as a diffusers pipeline folder here, which "
-            "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads without this repository."
+            "DiffusionPipeline.from_pretrained(folder or its Hub id, trust_remote_code=True) loads without this "
+            "repository (docs/hub.md)."
         },
     )
 

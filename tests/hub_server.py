@@ -1,6 +1,7 @@
 """A small stand-in for the Hub's HTTP API, for tests: point HF_ENDPOINT at it. It records every request, creates
 model repos, checks model cards' YAML, accepts commits whose files come inline (it answers "regular" to every
-preupload, so nothing goes to LFS or Xet storage), and serves the committed files back to `snapshot_download`."""
+preupload, so nothing goes to LFS or Xet storage), and serves the repo's info and its committed files back to
+`snapshot_download`, `hf_hub_download` and diffusers' `from_pretrained`."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ class FakeHub:
 
             def do_GET(self, head=False):
                 path, _ = self._record()
-                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path):
+                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/.+)?", path):  # model_info
                     repo = m.group(1)
                     if repo not in hub.repos:
                         return self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})

@@ -1,105 +1,34 @@
 """A trained model as a diffusers pipeline folder (sample.py --export_pipeline), which
-`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads without this repository:
+`DiffusionPipeline.from_pretrained(folder or Hub id, trust_remote_code=True)` loads without this repository. It is the
+DenoiserPipeline (modules/artifacts/pipeline.py) of the model, written by its save_pretrained:
 
-    model_index.json             the pipeline class (DenoiserPipeline, modules/pipeline.py), its components and its
-                                 settings: objective, class names, text encoder record and prompts, latent statistics
-    pipeline.py                  entry point of the pipeline class
-    modules_<digest>/            the modules the pipeline and the models run, copied, their imports made relative
+    model_index.json             the pipeline class, its components and its settings: objective, id2label (class
+                                 names), text_conditioning (encoder record and prompts), latent_statistics
+    pipeline.py, *_<digest>.py   the entry point of the pipeline class, and the package of our modules it runs
+                                 (modules/artifacts/remote_code.py)
     unet/ or transformer/        the UNetModel or DiTModel: config.json, diffusion_pytorch_model.safetensors,
-                                 <folder>_model.py (entry point of the class) and modules_<digest>/ again
+                                 <folder>_model.py (entry point of the class) and the modules of the package it needs
     vae/                         latent models: diffusers' AutoencoderKL, or our KLVAE (with code, as the denoiser)
     text_encoder/, tokenizer/    models trained with a frozen CLIP or MiniLM text encoder (transformers)
     README.md
-
-diffusers copies into its module cache only the files that an entry point imports relatively, and only from the
-entry point's own folder; so each folder with code holds the whole package, and its entry point imports every file
-of it. The package is named by a digest of its sources, so that exports of different versions of the code loaded in
-one process do not share modules.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from modules.artifacts.model_folder import load_model
+from modules.artifacts.pipeline import DenoiserPipeline
 from modules.config import UserError
 from modules.data.latents import latent_decoder
 from modules.networks.text import text_encoder_from_record
 from modules.networks.vae import load_vae
 
-PIPELINE_CLASS = "DenoiserPipeline"
 DENOISER_FOLDERS = {"UNetModel": "unet", "DiTModel": "transformer"}
-# The package: the pipeline, the networks its components are, and every module of ours they import, recursively.
-PACKAGE_ROOTS = ("modules.artifacts.pipeline", "modules.networks.presets")
-_OWN_IMPORT = re.compile(r"^(\s*)from (modules(?:\.\w+)*) import (\w+)?", re.MULTILINE)
-
-
-def package_sources() -> dict[str, str]:
-    """{file name: source} of the package's modules, flat: each module keeps the last part of its name, and its
-    imports of ours (`from modules.data.latents import x`, `from modules.data import latents`) become relative
-    (`from .latents import x`, `from . import latents`)."""
-    root = Path(__file__).resolve().parents[2]
-    sources, paths, todo = {}, {}, list(PACKAGE_ROOTS)
-
-    def file_of(module: str) -> Path:
-        return root.joinpath(*module.split(".")).with_suffix(".py")
-
-    def relative(match: re.Match) -> str:
-        indent, module, first = match.groups()
-        if file_of(module).is_file():
-            todo.append(module)
-            return f"{indent}from .{module.rpartition('.')[2]} import {first or ''}"
-        todo.append(f"{module}.{first}")  # a module of a package: `from modules.data import latents`
-        return f"{indent}from . import {first}"
-
-    while todo:
-        module = todo.pop()
-        path = file_of(module)
-        if path.stem in paths:
-            if paths[path.stem] != path:
-                raise RuntimeError(f"{paths[path.stem]} and {path} would have the same name in the exported package")
-            continue
-        paths[path.stem] = path
-        sources[path.stem] = _OWN_IMPORT.sub(relative, path.read_text())
-    for name, text in sources.items():
-        if re.search(r"^\s*(from|import) modules\b", text, re.MULTILINE):
-            raise RuntimeError(f"{paths[name]} imports modules in a form the export does not rewrite")
-    return sources
-
-
-def package_name(sources: dict[str, str]) -> str:
-    return "modules_" + hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def write_code(folder: Path, sources: dict[str, str], entry: str, cls: tuple[str, str]):
-    """The package in `folder`, and the entry point `<entry>.py` (as model_index.json names it) that imports all of
-    it and names the class `cls` (module, class name)."""
-    package = package_name(sources)
-    (folder / package).mkdir(parents=True)
-    for name, text in sources.items():
-        (folder / package / f"{name}.py").write_text(text)
-    module, class_name = cls
-    lines = [
-        f'"""{class_name}, for diffusers\' custom code loading; the code is in {package}/."""',
-        "",
-        "# diffusers copies to its module cache only the files imported here: so, every file of the package.",
-        *(f"from .{package}.{name} import __name__ as _  # noqa: F401" for name in sorted(sources)),
-        f"from .{package}.{module} import {class_name}  # noqa: F401",
-        "",
-    ]
-    (folder / f"{entry}.py").write_text("\n".join(lines))
-
-
-def class_path(obj) -> tuple[str, str]:
-    """(module name in the package, class name) of a model of ours."""
-    return type(obj).__module__.rpartition(".")[2], type(obj).__name__
 
 
 @contextlib.contextmanager
@@ -120,8 +49,6 @@ def directory_atomically(path: Path):
 def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the pipeline folder `out_dir` (see the module docstring) for the model in `model_dir` (a training
     run's output_dir); the images it generates are sample.py's for the same settings."""
-    import diffusers
-
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--export_pipeline '{out}' already exists; remove it or choose another folder")
@@ -131,57 +58,34 @@ def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"--model '{model_dir}' is a {objective.name} model, which does not generate: there is no pipeline to "
             "export (use it as encode_latents.py --vae)"
         )
-    sources = package_sources()
-    index = {"_class_name": ["pipeline", PIPELINE_CLASS], "_diffusers_version": diffusers.__version__}
+    components = {DENOISER_FOLDERS[type(model).__name__]: model}
+    if "latent" in record:
+        components["vae"] = _vae(record["latent"])
+    text = record.get("text_encoder")
+    if (text or {}).get("kind") in ("clip", "minilm"):  # a frozen encoder; an "own" one is part of the denoiser
+        encoder = text_encoder_from_record(text)
+        components.update(text_encoder=encoder.model, tokenizer=encoder.tokenizer)
+    latent, class_names = record.get("latent"), record.get("class_names")
+    pipe = DenoiserPipeline(
+        **components,
+        objective={"objective": record["objective"], "args": record["args"]},
+        id2label={str(i): name for i, name in enumerate(class_names)} if class_names else None,
+        text_conditioning={"encoder": text, "sample_prompts": record.get("sample_prompts")} if text else None,
+        latent_statistics={k: latent[k] for k in ("channel_mean", "channel_std")} if latent else None,
+    )
     with directory_atomically(out) as tmp:
-        name = DENOISER_FOLDERS[type(model).__name__]
-        model.save_pretrained(tmp / name, safe_serialization=True)
-        write_code(tmp / name, sources, f"{name}_model", class_path(model))
-        index[name] = [f"{name}_model", type(model).__name__]
-        if "latent" in record:
-            index["vae"] = _write_vae(tmp / "vae", record["latent"], sources)
-        if (record.get("text_encoder") or {}).get("kind") in ("clip", "minilm"):
-            index.update(_write_text_encoder(tmp, record["text_encoder"]))
-        write_code(tmp, sources, "pipeline", ("pipeline", PIPELINE_CLASS))
-        latent = record.get("latent")
-        index.update(
-            objective={"objective": record["objective"], "args": record["args"]},
-            class_names=record.get("class_names"),
-            text_encoder_record=record.get("text_encoder"),
-            sample_prompts=record.get("sample_prompts"),
-            latent_statistics={k: latent[k] for k in ("channel_mean", "channel_std")} if latent else None,
-        )
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "README.md").write_text(_model_card(record, index))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(_model_card(record, type(model).__name__))
     return out
 
 
-def _write_vae(folder: Path, latent: dict, sources: dict[str, str]) -> list[str]:
+def _vae(latent: dict):
     """The VAE that encoded the latents, refused (as sample.py refuses it) if it is no longer that one."""
-
     latent_decoder(latent)  # only for its check that the recorded VAE still is the one
-    vae = load_vae(latent["vae"]["source"], revision=latent["vae"].get("revision")).model
-    vae.save_pretrained(folder, safe_serialization=True)
-    if type(vae).__name__ == "AutoencoderKL":
-        return ["diffusers", "AutoencoderKL"]
-    write_code(folder, sources, "vae_model", class_path(vae))
-    return ["vae_model", "KLVAE"]
+    return load_vae(latent["vae"]["source"], revision=latent["vae"].get("revision")).model
 
 
-def _write_text_encoder(folder: Path, record: dict) -> dict:
-    """A frozen text encoder and its tokenizer (transformers classes) as the components text_encoder, tokenizer."""
-
-    encoder = text_encoder_from_record(record)
-    encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    encoder.tokenizer.save_pretrained(folder / "tokenizer")
-    return {
-        "text_encoder": ["transformers", type(encoder.model).__name__],
-        "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
-    }
-
-
-def _model_card(record: dict, index: dict) -> str:
-    denoiser = next(index[k][1] for k in DENOISER_FOLDERS.values() if k in index)
+def _model_card(record: dict, denoiser: str) -> str:
     args = record["args"]
     return f"""---
 library_name: diffusers
@@ -194,10 +98,11 @@ A {denoiser} trained with the {record["objective"]} objective on `{record.get("d
 ```python
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
-images = pipe(num_images=8, seed=0).images  # and class_labels=[...] or prompt=[...], as the model is conditioned
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)  # or its Hub id
+images = pipe(batch_size=8, seed=0).images  # or class_labels=[...], or prompt=[...], as the model is conditioned
 ```
 
-Image i is seeded from (seed, i), whatever the batch size. Needs torch, diffusers, transformers, pyyaml and regex;
-a model with its own text encoder also open-clip-torch, whose CLIP vocabulary its tokenizer reads.
+Image i is seeded from (seed, i), whatever the other images; `generator=` takes a torch.Generator, or one per
+image. Needs torch, diffusers, transformers, pyyaml and regex; a model with its own text encoder also
+open-clip-torch, whose CLIP vocabulary its tokenizer reads.
 """

@@ -194,9 +194,11 @@ def generate_images(
     start: int = 0,
     progress: bool = False,
     decode=None,
+    generators: list[torch.Generator] | None = None,
     **sample_kwargs,
 ) -> torch.Tensor:
     """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i).
+    `generators` (one per image, which image i draws all its noise from) replace `seed`'s.
 
     `class_labels`: one label per image, or for text models a text dict with one row per image (and then
     `null_cond=` the empty caption's encoding, for guidance).
@@ -208,13 +210,16 @@ def generate_images(
     batches = range(start, start + num_images, batch_size)
     for first in tqdm(batches, desc="sampling", disable=not progress, leave=False):
         n = min(batch_size, start + num_images - first)
-        generators = sample_generators(seed, first, n)
-        noise = per_sample_randn(generators, shape, device)
+        if generators is None:
+            chunk = sample_generators(seed, first, n)
+        else:
+            chunk = generators[first - start : first - start + n]
+        noise = per_sample_randn(chunk, shape, device)
         cond = None
         if isinstance(class_labels, dict):  # text embeddings, one row per image (modules/conditioning.py)
             cond = {k: v[first - start : first - start + n].to(device) for k, v in class_labels.items()}
         elif class_labels is not None:
             cond = torch.as_tensor(class_labels[first - start : first - start + n], dtype=torch.long, device=device)
-        x0 = objective.sample(model, noise, cond, generators=generators, **sample_kwargs)
+        x0 = objective.sample(model, noise, cond, generators=chunk, **sample_kwargs)
         out.append(to_uint8(decode(x0) if decode is not None else x0).cpu())
     return torch.cat(out)

@@ -1,5 +1,6 @@
 """sample.py --export_pipeline: the folder loads with diffusers' DiffusionPipeline (trust_remote_code) and generates
-sample.py's images, to the float, for each kind of model; it also loads where this repository cannot be imported."""
+sample.py's images, to the float, for each kind of model; it is called as diffusers' pipelines are; save_pretrained
+writes it again; it loads where this repository cannot be imported, from a folder or by its Hub id."""
 
 import json
 import os
@@ -10,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, TINY_OWN, train_text_model
+from helpers import TINY, TINY_OWN, hub_env, train_text_model
+from hub_server import FakeHub
 from PIL import Image
 
 import sample
@@ -18,6 +20,8 @@ import train_ddpm
 from modules.artifacts.model_folder import save_model
 from modules.config import FlowArguments
 from modules.objectives.flow import FlowObjective
+
+REPO = "someone/latent-pipeline"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,26 +36,39 @@ def modules_cache(tmp_path_factory):
 
 
 def export_and_load(run, folder):
-    from diffusers import DiffusionPipeline
-
     sample.main(["--model", str(run), "--export_pipeline", str(folder)])
     weights = {p.suffix for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")}
     assert not weights and any(folder.rglob("*.safetensors"))
+    return load(folder)
+
+
+def load(folder):
+    from diffusers import DiffusionPipeline
+
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def sample_py_flags(settings: dict) -> list[str]:
+    """sample.py's flags for a pipeline call: sample.py cycles --class_labels or --prompt over --num_images, where
+    the pipeline gives one image per label, num_images_per_prompt per prompt, or batch_size images."""
+    settings, flags = dict(settings), []
+    per_prompt = settings.pop("num_images_per_prompt", 1)
+    if "class_labels" in settings:
+        labels = settings.pop("class_labels")
+        flags += ["--class_labels", ",".join(map(str, labels)), "--num_images", str(len(labels))]
+    if "prompt" in settings:
+        prompts = [p for p in settings.pop("prompt") for _ in range(per_prompt)]
+        flags += ["--prompt", *prompts, "--num_images", str(len(prompts))]
+    renames = {"batch_size": "num_images", "max_batch_size": "batch_size"}
+    for key, value in settings.items():
+        flags += [f"--{renames.get(key, key)}", str(value)]
+    return flags
+
+
 def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
     """sample.py's images for the pipeline's `settings`: the floats in [-1, 1] it quantises, and its PNGs."""
-    flags = []
-    for key, value in settings.items():
-        if key == "class_labels":
-            flags += ["--class_labels", ",".join(map(str, value))]
-        elif key == "prompt":
-            flags += ["--prompt", *value]
-        else:
-            flags += [f"--{key}", str(value)]
     kept, generate = [], sample.generate_images
 
     def generate_and_keep(*args, decode=None, **kwargs):
@@ -64,7 +81,7 @@ def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sample, "generate_images", generate_and_keep)
-        sample.main(["--model", str(run), "--output", str(out), *flags])
+        sample.main(["--model", str(run), "--output", str(out), *sample_py_flags(settings)])
     return torch.cat(kept), np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
 
 
@@ -75,6 +92,15 @@ def assert_same_as_sample_py(pipe, run, tmp_path, **settings):
     assert (images - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
     assert np.array_equal(np.stack([np.array(image) for image in pipe(**settings).images]), pngs)
     return images
+
+
+def assert_round_trip(pipe, folder, **settings):
+    """save_pretrained writes a folder that loads again, with its code, and generates the same images."""
+    pipe.save_pretrained(folder)
+    again = load(folder)
+    assert type(again).__name__ == type(pipe).__name__ and again.config.objective == pipe.config.objective
+    assert torch.equal(again(**settings, output_type="pt").images, pipe(**settings, output_type="pt").images)
+    return again
 
 
 @pytest.fixture(scope="module")
@@ -110,30 +136,81 @@ def own_text_run(captioned, tmp_path_factory):
     return run
 
 
-def test_class_conditional_flow_unet(tiny_cfm_run, tmp_path):
-    pipe = export_and_load(tiny_cfm_run, tmp_path / "pipe")
+@pytest.fixture(scope="module")
+def cfm_pipe(tiny_cfm_run, tmp_path_factory):
+    return export_and_load(tiny_cfm_run, tmp_path_factory.mktemp("cfm_pipe") / "pipe")
+
+
+def test_class_conditional_flow_unet(cfm_pipe, tiny_cfm_run, tmp_path):
+    pipe = cfm_pipe
     assert type(pipe).__name__ == "DenoiserPipeline" and type(pipe.unet).__name__ == "UNetModel"
-    assert pipe.config.class_names[0] == "T-shirt/top"
+    assert pipe.config.id2label["0"] == "T-shirt/top" and pipe.get_label_ids(["bag", "T-shirt/top"]) == [8, 0]
     assert_same_as_sample_py(
         pipe,
         tiny_cfm_run,
         tmp_path,
-        class_labels=[3, 0, 7],
-        num_images=4,
+        class_labels=[3, 0, 7, 3],
         seed=1,
         sampler="heun",
         num_inference_steps=2,
         guidance_scale=2.0,
-        batch_size=3,
+        max_batch_size=3,
     )
-    assert pipe(class_labels=[1], num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 1)
+
+
+def test_diffusers_call_conventions(cfm_pipe, capsys):
+    """batch_size counts images (cycling over the classes), class_labels gives one image per label, generator takes
+    one torch.Generator or one per image, output_type and return_dict and the progress bar are diffusers'."""
+    from modules.objectives.samplers import sample_generators
+
+    def images(**settings):
+        return cfm_pipe(num_inference_steps=1, output_type="pt", **settings).images
+
+    by_count = images(batch_size=4, seed=3)
+    assert by_count.shape == (4, 1, 32, 32) and torch.equal(by_count, images(class_labels=[0, 1, 2, 3], seed=3))
+    assert len(images(class_labels=[5, 5, 1], seed=0)) == 3 and len(images(class_labels=4, seed=0)) == 1
+    assert len(images(seed=0)) == 10  # one image per class
+    once = images(class_labels=[3, 4], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(once, images(class_labels=[3, 4], generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(once, images(class_labels=[3, 4], generator=torch.Generator().manual_seed(1)))
+    with torch.random.fork_rng():  # no generator, no seed: torch's global generator, as in diffusers
+        torch.manual_seed(7)
+        unseeded = images(class_labels=[3, 4])
+        torch.manual_seed(7)
+        assert torch.equal(unseeded, images(class_labels=[3, 4]))
+    # A list: image i draws from generator i alone, so seed's own per-image generators give seed's images.
+    assert torch.equal(
+        images(class_labels=[3, 4], generator=sample_generators(5, 0, 2)), images(class_labels=[3, 4], seed=5)
+    )
+    assert cfm_pipe(class_labels=[1, 2], num_inference_steps=1, output_type="np").images.shape == (2, 32, 32, 1)
+    (pil,) = cfm_pipe(class_labels=[1], num_inference_steps=1, return_dict=False)
+    assert pil[0].size == (32, 32)
+    capsys.readouterr()
+    cfm_pipe.set_progress_bar_config(disable=False)
+    images(class_labels=[1, 2, 3], max_batch_size=2, seed=0)  # two batches of one step
+    cfm_pipe.set_progress_bar_config(disable=True)
+    assert "2/2" in capsys.readouterr().err
+    images(class_labels=[1], seed=0)
+    assert capsys.readouterr().err == ""
+
+
+def test_contradicting_or_bad_arguments_are_refused(cfm_pipe):
     for bad, needle in [
-        (dict(prompt="a bag"), "not text-conditional"),
+        (dict(prompt="a bag"), "prompt given, but the model is not text-conditional (it is class-conditional)"),
         (dict(class_labels=[10]), "[0, 10)"),
+        (dict(class_labels=[1, 2], batch_size=3), "batch_size=3 contradicts len(class_labels) = 2 images"),
+        (dict(num_images_per_prompt=2), "num_images_per_prompt is for text-conditional models"),
+        (dict(class_labels=[1, 2], generator=[torch.Generator()]), "a list of 1, for 2 images"),
+        (dict(generator=torch.Generator(), seed=0), "generator and seed both given"),
+        (dict(batch_size=0), "batch_size is the number of images"),
+        (dict(max_batch_size=0), "max_batch_size must be a positive int"),
         (dict(sampler="ddim"), "samples with euler, heun, euler_maruyama"),
+        (dict(output_type="latent"), "output_type 'latent' is not one of pil, np, pt"),
     ]:
         with pytest.raises(ValueError, match=re.escape(needle)):
-            pipe(**bad)
+            cfm_pipe(num_inference_steps=1, **bad)
+    with pytest.raises(ValueError, match=re.escape("unknown class name(s) ['cat']")):
+        cfm_pipe.get_label_ids("cat")
 
 
 def test_ddpm_each_sampler(tmp_path):
@@ -159,7 +236,6 @@ def test_ddpm_each_sampler(tmp_path):
             run,
             tmp_path / sampler,
             class_labels=[2, 5],
-            num_images=2,
             seed=3,
             sampler=sampler,
             num_inference_steps=2,
@@ -195,24 +271,44 @@ def test_latent_dit_with_its_vae(latent_run, tmp_path, vae_class):
         (run / "objective.json").write_text(json.dumps(record))
     pipe = export_and_load(run, tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["transformer"][1] == "DiTModel" and index["vae"][1] == vae_class
+    assert index["transformer"] == ["transformer_model", "DiTModel"]
+    assert (
+        index["vae"] == {"KLVAE": ["vae_model", "KLVAE"], "AutoencoderKL": ["diffusers", "AutoencoderKL"]}[vae_class]
+    )
     assert index["latent_statistics"] == {"channel_mean": [0.1, -0.2], "channel_std": [1.5, 0.5]}
-    images = assert_same_as_sample_py(pipe, run, tmp_path, num_images=3, seed=2, batch_size=2)
+    images = assert_same_as_sample_py(pipe, run, tmp_path, batch_size=3, seed=2, max_batch_size=2)
     assert images.shape == (3, 1, 16, 16) and images.std() > 0.01
+    # The SDE sampler draws noise on the way: one generator per image, whatever the batches (to float rounding).
+    again = assert_round_trip(pipe, tmp_path / "saved", class_labels=[2, 0], seed=6)
+    by_one = again(class_labels=[2, 0], seed=6, max_batch_size=1, output_type="pt").images
+    assert (by_one - pipe(class_labels=[2, 0], seed=6, output_type="pt").images).abs().max() < 1e-5
 
 
 def test_text_model_with_its_own_encoder(own_text_run, tmp_path):
     pipe = export_and_load(own_text_run, tmp_path / "pipe")
-    assert pipe.text_encoder is None and pipe.config.text_encoder_record["kind"] == "own"
+    assert pipe.text_encoder is None and pipe.config.text_conditioning["encoder"]["kind"] == "own"
     assert_same_as_sample_py(
         pipe,
         own_text_run,
         tmp_path,
         prompt=["a photo of a bag", "a sneaker"],
-        num_images=3,
+        num_images_per_prompt=2,
+        seed=0,
         num_inference_steps=2,
         guidance_scale=3.0,
     )
+    assert len(pipe(prompt="a coat", num_inference_steps=1, seed=0).images) == 1
+    for bad, needle in [
+        (
+            dict(class_labels=[1]),
+            "class_labels given, but the model is not class-conditional (it is text-conditional)",
+        ),
+        (dict(prompt=["a", "b"], batch_size=3), "batch_size=3 contradicts len(prompt) x num_images_per_prompt = 2"),
+        (dict(prompt=[]), "prompt must be a str or a non-empty list of str"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            pipe(num_inference_steps=1, **bad)
+    assert_round_trip(pipe, tmp_path / "saved", prompt="a sneaker", num_inference_steps=1, seed=0)
 
 
 @pytest.mark.parametrize("kind", ["clip", "minilm"])
@@ -223,32 +319,43 @@ def test_text_model_with_a_frozen_encoder(captioned, clip_text_folder, tmp_path,
     assert type(pipe.text_encoder).__name__ == {"clip": "CLIPTextModel", "minilm": "BertModel"}[kind]
     assert pipe.tokenizer is not None
     # No prompt: the captions recorded at training, as sample.py takes them.
-    assert_same_as_sample_py(pipe, run, tmp_path, num_images=2, num_inference_steps=2, guidance_scale=2.0)
+    assert_same_as_sample_py(pipe, run, tmp_path, batch_size=2, seed=0, num_inference_steps=2, guidance_scale=2.0)
 
 
-def test_the_export_loads_without_this_repository(latent_run, own_text_run, tmp_path):
+def test_the_export_loads_without_this_repository_from_a_folder_or_the_hub(latent_run, own_text_run, tmp_path):
     """A process that cannot import `modules` loads two exports (custom code in two components; a tokenizer of
-    our own) and generates sample.py's images."""
+    our own) and, by its Hub id, one saved again by save_pretrained and uploaded to the local Hub; they generate
+    sample.py's images."""
+    from huggingface_hub import HfApi, constants
+
     settings = [
-        (latent_run, dict(class_labels=[2, 1], num_images=2, seed=4)),
-        (own_text_run, dict(prompt=["a photo of a coat"], num_images=2, num_inference_steps=2)),
+        (latent_run, dict(class_labels=[2, 1], seed=4)),
+        (own_text_run, dict(prompt=["a photo of a coat"], num_images_per_prompt=2, seed=0, num_inference_steps=2)),
+        (latent_run, dict(class_labels=[0, 2, 2], seed=5)),
     ]
-    for i, (run, _) in enumerate(settings):
+    for i, (run, _) in enumerate(settings[:2]):
         sample.main(["--model", str(run), "--export_pipeline", str(tmp_path / f"pipe{i}")])
+    load(tmp_path / "pipe0").save_pretrained(tmp_path / "saved")
     code = f"""
 import importlib.util, torch
 from diffusers import DiffusionPipeline
 assert importlib.util.find_spec("modules") is None, "this repository is importable"
-for i, settings in enumerate({[s for _, s in settings]!r}):
-    pipe = DiffusionPipeline.from_pretrained(f"pipe{{i}}", trust_remote_code=True)
+for i, (name, settings) in enumerate(zip(["pipe0", "pipe1", "{REPO}"], {[s for _, s in settings]!r})):
+    pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True)
     torch.save(pipe(**settings, output_type="pt").images, f"images{{i}}.pt")
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf-modules")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    with FakeHub() as hub, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)  # the session is offline but for this Hub
+        api = HfApi(endpoint=hub.url, token="hf_test")
+        api.create_repo(REPO)
+        api.upload_folder(folder_path=tmp_path / "saved", repo_id=REPO)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(hub_env(hub.url, tmp_path / "home"), HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any("/transformer/dit_" in r["path"] for r in hub.requests)  # the component's code came from the Hub
     for i, (run, s) in enumerate(settings):
         floats, _ = sample_py(run, tmp_path / f"sample_py{i}", **s)
         assert (torch.load(tmp_path / f"images{i}.pt") - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
