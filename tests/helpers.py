@@ -393,11 +393,12 @@ def tiny_ddpm_pipeline(folder: Path, in_channels: int = 3, sample_size: int = 16
     return folder
 
 
-def tiny_dit_pipeline(folder: Path, vae_folder, scheduler=None) -> Path:
+def tiny_dit_pipeline(folder: Path, vae_folder, scheduler=None, sample_size: int = 8) -> Path:
     """A DiTPipeline folder laid out as facebook/DiT-XL-2-256's: model_index.json with 1000 ImageNet-style id2label
     names ("tench, Tinca tinca": synonyms), transformer/ saved under its old class name Transformer2DModel (norm_type
-    ada_norm_zero), learning sigma (out_channels 8 = 2 x 4), vae/ (the tiny AutoencoderKL in `vae_folder`, latents
-    8x8 of 16x16 images) and scheduler/ with that repo's DDIM config unless `scheduler` is given."""
+    ada_norm_zero), learning sigma (out_channels 8 = 2 x 4), vae/ (the tiny AutoencoderKL in `vae_folder`: latents
+    of `sample_size` are images twice that size) and scheduler/ with that repo's DDIM config unless `scheduler` is
+    given."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -407,7 +408,7 @@ def tiny_dit_pipeline(folder: Path, vae_folder, scheduler=None) -> Path:
         in_channels=4,
         out_channels=8,
         num_layers=2,
-        sample_size=8,
+        sample_size=sample_size,
         patch_size=2,
         num_embeds_ada_norm=1000,
     )

@@ -117,6 +117,10 @@ def test_the_wrapper_feeds_integer_steps_the_null_class_and_keeps_the_first_half
     with torch.no_grad():
         full = model.net(x, timestep=torch.tensor([250, 999]), class_labels=torch.tensor([1000, 1000])).sample
         assert full.shape == (2, 8, 8, 8) and torch.equal(model(x, t, None), full[:, :4])
+    model.train()  # diffusers' own label dropout (global RNG) is off: ours is the only one
+    x, t, labels = x.repeat(32, 1, 1, 1), t.repeat(32), torch.arange(64)  # 64 labels: some would drop
+    with torch.no_grad():
+        assert torch.equal(model(x, t, labels), model(x, t, labels))
     assert model.config.num_classes == 1000 and record["class_names"][1] == "name1, synonym1"
     assert objective.args.guidance_scale == 4.0 and objective.args.sampler == "ddim"
     assert record["latent"]["channel_std"] == [1 / 0.18215] * 4 and record["latent"]["image_resolution"] == 16
