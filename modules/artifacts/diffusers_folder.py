@@ -162,3 +162,10 @@ def load_diffusers_network(checkpoint: DiffusersCheckpoint) -> DiffusersDenoiser
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{folder}: could not load the {checkpoint.network_class} ({reason})") from None
     return DiffusersDenoiser.wrap(network, checkpoint.record["network"]["num_train_timesteps"])
+
+
+def diffusers_network_from_config(checkpoint: DiffusersCheckpoint) -> DiffusersDenoiser:
+    """The checkpoint's network built from its config alone, without weights (to size it on the meta device)."""
+    config = {k: v for k, v in read_json(checkpoint.network / "config.json").items() if not k.startswith("_")}
+    steps = checkpoint.record["network"]["num_train_timesteps"]
+    return DiffusersDenoiser(network_class=checkpoint.network_class, network_config=config, num_train_timesteps=steps)

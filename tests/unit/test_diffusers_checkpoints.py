@@ -10,11 +10,13 @@ import pytest
 import torch
 from helpers import DDPM_HUB_SCHEDULER, DIT_HUB_SCHEDULER, tiny_ddpm_pipeline, write_scheduler
 
+from modules.artifacts.export import export_pipeline
 from modules.artifacts.model_folder import load_model, save_model
-from modules.config import UserError
+from modules.config import DataArguments, DDPMArguments, ModelArguments, TrainingArguments, UserError
 from modules.data.latents import latent_decoder
-from modules.objectives.ddpm import ddpm_arguments_from_scheduler
+from modules.objectives.ddpm import DDPMObjective, ddpm_arguments_from_scheduler
 from modules.objectives.samplers import per_sample_randn, sample_generators
+from modules.training.sizing import dry_run
 
 TOLERANCE = 1e-5
 
@@ -201,8 +203,22 @@ def test_checkpoints_that_are_neither_ours_nor_supported_are_named(ddpm_pipeline
     (bare / "diffusion_pytorch_model.safetensors").rename(bare / "diffusion_pytorch_model.bin")
     fails(bare, "no diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin, which are pickled")
 
+    with pytest.raises(UserError, match="is a diffusers UNet2DModel, which diffusers loads as it is"):
+        export_pipeline(ddpm_pipeline, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
     conditional = tmp_path / "conditional"
     shutil.copytree(ddpm_pipeline, conditional)
     config = json.loads((conditional / "unet" / "config.json").read_text())
     (conditional / "unet" / "config.json").write_text(json.dumps({**config, "num_class_embeds": 10}))
     fails(conditional, str(conditional / "unet" / "config.json"), "num_class_embeds 10")
+
+
+def test_a_dry_run_sizes_the_diffusers_network_of_a_local_init_from(ddpm_pipeline, capsys):
+    model, _, _ = load_model(ddpm_pipeline)
+    data = DataArguments(max_train_samples=8, validation_split="none")
+    result = dry_run(
+        data, ModelArguments(init_from=str(ddpm_pipeline)), TrainingArguments(), DDPMObjective(DDPMArguments())
+    )
+    assert result["class"] == "DiffusersDenoiser" and result["input"] == [3, 16, 16]
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
