@@ -115,9 +115,12 @@ def _pipeline(path: Path) -> DiffusersCheckpoint:
         raise UserError(f"{path}: a {index.get('_class_name')} without {scheduler.relative_to(path)}")
     scheduler_config, where = read_json(scheduler), str(scheduler)
     declared = (index.get("scheduler") or [None, None])[-1]
-    if isinstance(declared, str) and hasattr(diffusers, declared) and declared != scheduler_config.get("_class_name"):
+    declared_class = getattr(diffusers, declared, None) if isinstance(declared, str) else None
+    if isinstance(declared_class, type) and issubclass(declared_class, diffusers.SchedulerMixin):
         # diffusers builds the scheduler class that model_index.json names, from the config's settings
-        scheduler_config["_class_name"], where = declared, f"{scheduler} (as {path / MODEL_INDEX} names its class)"
+        if declared != scheduler_config.get("_class_name"):
+            scheduler_config["_class_name"] = declared
+            where = f"{scheduler} (as {path / MODEL_INDEX} names its class)"
     vae = path / "vae" if "vae" in index and (path / "vae" / "config.json").is_file() else None
     record = _record(path, name, config, scheduler_config, where, vae, index.get("id2label"))
     return DiffusersCheckpoint(network, name, record)
