@@ -1,8 +1,9 @@
-"""Generate images from a trained model (a training run's --output_dir).
+"""Generate images from a trained model (a training run's --output_dir) or a diffusers checkpoint.
 
     python sample.py --model runs/fashion_mnist_unet_cfm --output grid.png
     python sample.py --model runs/fashion_mnist_unet_cfm --class_labels 0,7,9 --num_images 30 --output samples/
     python sample.py --model runs/ddpm --sampler dpm_solver --num_inference_steps 20 --guidance_scale 2
+    python sample.py --model google/ddpm-cifar10-32 --sampler ddim --num_inference_steps 50
 
 Image i depends only on (--seed, i, its class label): the same whatever --batch_size.
 """
@@ -33,7 +34,8 @@ class SampleArguments:
     model: str = field(
         metadata={
             "help": "A training run's output_dir (holds config.json and objective.json), or a Hub model id "
-            "pushed by training (user/name)."
+            "pushed by training (user/name); or a diffusers UNet2DModel / DiTTransformer2DModel checkpoint, a Hub id "
+            "(e.g. google/ddpm-cifar10-32, facebook/DiT-XL-2-256) or a pipeline folder (docs/pretrained.md)."
         }
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model."})
@@ -79,6 +81,15 @@ class SampleArguments:
     fid_reference_samples: int | None = field(
         default=None, metadata={"help": "Training images for the reference statistics. Default: --num_images."}
     )
+    fid_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference images of --compute_fid / --nfe_sweep: a Hub dataset id, a local dataset or an "
+            "image folder (as train_*.py --dataset_name takes it), resized to the model's images. Needed for a "
+            "model without run_config.json (a diffusers checkpoint). Default: the model's training data."
+        },
+    )
+    fid_image_column: str = field(default="image", metadata={"help": "The image column of --fid_dataset."})
     nfe_sweep: str | None = field(
         default=None,
         metadata={
@@ -117,7 +128,8 @@ def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[
         return None
     if not spec:
         return list(range(num_classes))
-    names = {n.lower(): i for i, n in enumerate(class_names or [])}
+    # A name may list synonyms, comma-separated (DiTPipeline's ImageNet names: "tench, Tinca tinca"); each works.
+    names = {s.strip().lower(): i for i, n in enumerate(class_names or []) for s in [n, *n.split(",")]}
     labels = []
     for item in spec.split(","):
         item = item.strip()
@@ -238,7 +250,7 @@ def main(argv=None):
     sampling = load_sampling(args, folder)
     evaluator = None
     if args.compute_fid or args.nfe_sweep:  # checks its inputs now, before any sampling
-        evaluator = Evaluator(args, sampling.record, folder)
+        evaluator = Evaluator(args, sampling.record, folder, sampling.shape)
     if args.nfe_sweep:
         return nfe_sweep(args, evaluator, sampling, Path(args.output))
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
@@ -267,9 +279,8 @@ class Evaluator:
     Everything that can be wrong (metric names, weights file, run record, the data) is checked on construction;
     the Inception network is loaded once, the reference statistics are cached on disk."""
 
-    def __init__(self, args, record: dict, folder: Path):
+    def __init__(self, args, record: dict, folder: Path, shape):
         import dataclasses
-        import json
 
         try:
             self.metrics = parse_eval_metrics(args.eval_metrics)
@@ -279,14 +290,8 @@ class Evaluator:
             self.weights_path = check_inception_weights(args.fid_weights) if args.fid_weights else None
         except ValueError as e:
             raise UserError(f"--fid_weights: {e}") from None
-        run_config = Path(folder) / "run_config.json"
-        if not run_config.is_file():
-            raise UserError(f"--compute_fid needs {run_config} to know the training data")
-        config = json.loads(run_config.read_text())["config"]
-        if "latent" in record:  # the images the latent dataset was encoded from
-            config = record["latent"]["source_data_args"]
-        data_args = from_dict(DataArguments, config)
         self.num_reference = args.fid_reference_samples or args.num_images
+        data_args = reference_data(args, record, Path(folder), shape)
         self.data = load_train_data(dataclasses.replace(data_args, max_train_samples=self.num_reference))
         if len(self.data.dataset) < self.num_reference:
             raise UserError(
@@ -305,6 +310,34 @@ class Evaluator:
 
     def describe(self, num_images: int) -> str:
         return f"{num_images} samples vs {self.num_reference} training images"
+
+
+def reference_data(args, record: dict, folder: Path, shape) -> DataArguments:
+    """The images FID compares with: --fid_dataset at the size of the model's images (`shape`: what it generates,
+    (C, H, W)), else its training data (from its run_config.json; for a latent model the images its latent dataset
+    was encoded from)."""
+    import json
+
+    if args.fid_dataset:
+        latent = record.get("latent")
+        resolution = latent["image_resolution"] if latent else shape[1]
+        channels = latent["vae"]["in_channels"] if latent else shape[0]
+        return DataArguments(
+            dataset_name=args.fid_dataset,
+            image_column=args.fid_image_column,
+            resolution=resolution,
+            num_channels=channels,
+        )
+    run_config = folder / "run_config.json"
+    if not run_config.is_file():
+        raise UserError(
+            f"--compute_fid needs {run_config} to know the training data; for a model trained elsewhere (a diffusers "
+            "checkpoint), name the reference images with --fid_dataset"
+        )
+    config = json.loads(run_config.read_text())["config"]
+    if "latent" in record:  # the images the latent dataset was encoded from
+        config = record["latent"]["source_data_args"]
+    return from_dict(DataArguments, config)
 
 
 def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):

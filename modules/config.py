@@ -137,7 +137,10 @@ class ModelArguments:
     )
     init_from: str | None = help_field(
         "Start from the weights of a trained model of the same architecture: a run's output_dir or a Hub model id "
-        "(user/name, as pushed with --push_to_hub). Optimizer, schedule and EMA start afresh.",
+        "(user/name, as pushed with --push_to_hub). Or fine-tune a diffusers checkpoint as it is (a UNet2DModel or "
+        "DiTTransformer2DModel pipeline such as google/ddpm-cifar10-32, or its folder; docs/pretrained.md): it "
+        "replaces --model, and train_ddpm.py takes its scheduler's noise schedule. Optimizer, schedule and EMA "
+        "start afresh.",
         default=None,
     )
     init_from_revision: str | None = help_field("Hub revision (branch, tag or commit) for --init_from.", default=None)
@@ -274,11 +277,19 @@ class DDPMArguments:
     beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = help_field(
         "Noise schedule.", default="linear"
     )
+    beta_start: float = help_field("First beta of the linear, scaled_linear and sigmoid schedules.", default=0.0001)
+    beta_end: float = help_field("Last beta of the linear, scaled_linear and sigmoid schedules.", default=0.02)
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = help_field(
         "What the network predicts: noise (epsilon), x0 (sample) or v.", default="epsilon"
     )
     rescale_betas_zero_snr: bool = help_field("Rescale the schedule to zero terminal SNR.", default=False)
     snr_gamma: float | None = help_field("Min-SNR-gamma loss weighting (5.0 is usual); default: none.", default=None)
+    clip_sample: bool = help_field(
+        "Sampling: clip the predicted x0 to [-clip_sample_range, clip_sample_range] at each step (ddpm, ddim), as "
+        "diffusers' clip_sample (google/ddpm-* models sample with it).",
+        default=False,
+    )
+    clip_sample_range: float = help_field("The bound of --clip_sample.", default=1.0)
     sampler: Literal["ddpm", "ddim", "dpm_solver"] = help_field("Sampler for grids and FID.", default="ddim")
     num_inference_steps: int = help_field("Sampling steps for grids and FID.", default=50)
     ddim_eta: float = help_field("DDIM eta (0: deterministic).", default=0.0)

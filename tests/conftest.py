@@ -23,7 +23,16 @@ import torch  # noqa: E402 - after OMP_NUM_THREADS
 
 torch.set_num_threads(1)
 
-from helpers import LATENT_FASHION, SIX_STEPS, TINY_TEXT, in_process, tiny_tokenizer, write_captioned_dataset  # noqa: E402 - after the environment
+from helpers import (  # noqa: E402 - after the environment
+    LATENT_FASHION,
+    SIX_STEPS,
+    TINY_TEXT,
+    in_process,
+    tiny_ddpm_pipeline,
+    tiny_dit_pipeline,
+    tiny_tokenizer,
+    write_captioned_dataset,
+)
 
 from bench.encode_latents import tiny_vae as save_tiny_vae  # noqa: E402
 
@@ -135,3 +144,15 @@ def encoded(tiny_vae, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents") / "fashion"
     in_process("encode_latents.py", "--vae", tiny_vae, "--output_dir", out, *LATENT_FASHION)
     return out
+
+
+@pytest.fixture(scope="session")
+def ddpm_pipeline(tmp_path_factory):
+    """A tiny DDPMPipeline folder as google/ddpm-cifar10-32 holds one (3 channels, 16x16, clip_sample)."""
+    return tiny_ddpm_pipeline(tmp_path_factory.mktemp("diffusers") / "ddpm")
+
+
+@pytest.fixture(scope="session")
+def dit_pipeline(tiny_vae, tmp_path_factory):
+    """A tiny DiTPipeline folder as facebook/DiT-XL-2-256 holds one (1000 classes, learned sigma, DDIM, a VAE)."""
+    return tiny_dit_pipeline(tmp_path_factory.mktemp("diffusers") / "dit", tiny_vae)

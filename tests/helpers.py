@@ -373,3 +373,92 @@ def write_latent_dataset(folder: Path, n: int = 4, labels: bool = True) -> Path:
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta))
     return folder
+
+
+# The scheduler configs that DDPMPipeline (google/ddpm-*) and DiTPipeline (facebook/DiT-*) checkpoints publish.
+DDPM_HUB_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "_diffusers_version": "0.1.1",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_small",
+}
+DIT_HUB_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.12.0.dev0",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "trained_betas": None,
+}
+
+
+def write_scheduler(pipeline: Path, config: dict):
+    """`config` as the pipeline's scheduler, model_index.json naming its class (the class diffusers builds)."""
+    (pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    index = json.loads((pipeline / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", config.get("_class_name")]
+    (pipeline / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def tiny_ddpm_pipeline(folder: Path, in_channels: int = 3, sample_size: int = 16, scheduler=None) -> Path:
+    """A DDPMPipeline folder laid out as google/ddpm-cifar10-32's (model_index.json, unet/, scheduler/), with a
+    randomly initialised 45k-parameter UNet2DModel and that repo's scheduler config unless `scheduler` is given."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    write_scheduler(folder, scheduler or DDPM_HUB_SCHEDULER)
+    return folder
+
+
+def tiny_dit_pipeline(folder: Path, vae_folder, scheduler=None, sample_size: int = 8) -> Path:
+    """A DiTPipeline folder laid out as facebook/DiT-XL-2-256's: model_index.json with 1000 ImageNet-style id2label
+    names ("tench, Tinca tinca": synonyms), transformer/ saved under its old class name Transformer2DModel (norm_type
+    ada_norm_zero), learning sigma (out_channels 8 = 2 x 4), vae/ (the tiny AutoencoderKL in `vae_folder`: latents
+    of `sample_size` are images twice that size) and scheduler/ with that repo's DDIM config unless `scheduler` is
+    given."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
+    write_scheduler(folder, scheduler or DIT_HUB_SCHEDULER)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "Transformer2DModel"]
+    index["id2label"] = {str(i): f"name{i}, synonym{i}" for i in range(1000)}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config["_class_name"] = "Transformer2DModel"
+    (folder / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

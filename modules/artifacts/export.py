@@ -58,6 +58,11 @@ def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"--model '{model_dir}' is a {objective.name} model, which does not generate: there is no pipeline to "
             "export (use it as encode_latents.py --vae)"
         )
+    if type(model).__name__ not in DENOISER_FOLDERS:  # a diffusers network: already loadable by diffusers
+        raise UserError(
+            f"--export_pipeline: '{model_dir}' is a diffusers {model.config.network_class}, which diffusers loads as "
+            f"it is ({model.config.network_class}.from_pretrained); this export writes models of ours"
+        )
     components = {DENOISER_FOLDERS[type(model).__name__]: model}
     if "latent" in record:
         components["vae"] = _vae(record["latent"])

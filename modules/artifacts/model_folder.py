@@ -1,6 +1,7 @@
 """A trained model's folder: the network (save_pretrained, safetensors) and objective.json, which says how it
 trained and samples. Written at the end of training, read by sample.py, --init_from and the export, from a local
-directory or a Hub model id (downloaded and cached)."""
+directory or a Hub model id (downloaded and cached). A diffusers checkpoint (artifacts/diffusers_folder.py) loads
+the same way, its record made from its scheduler; one fine-tuned here is saved in diffusers' format again."""
 
 from __future__ import annotations
 
@@ -8,27 +9,42 @@ import dataclasses
 import json
 from pathlib import Path
 
-from modules.config import UserError
+from modules.artifacts.diffusers_folder import find_diffusers_checkpoint, load_diffusers_network
+from modules.config import DDPMArguments, UserError, warn
 from modules.files import write_text_atomically
+from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.presets import MODEL_CLASSES
+from modules.objectives.ddpm import DDPMObjective, with_schedule_of
 from modules.objectives.registry import objective_from_config
-from modules.records import OBJECTIVE_FILE, describe_error
+from modules.records import OBJECTIVE_FILE, describe_error, from_dict
 
 
 def save_model(model, objective, directory: str | Path, extra: dict | None = None):
-    """`save_pretrained` (safetensors) plus objective.json, which says how the model was trained and samples."""
+    """`save_pretrained` (safetensors) plus objective.json, which says how the model was trained and samples; for a
+    wrapped diffusers network also what wraps it again (its kind and number of train steps)."""
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
     record = {"objective": objective.name, "args": dataclasses.asdict(objective.args), **(extra or {})}
+    if isinstance(model, DiffusersDenoiser):
+        record["network"] = {"kind": model.kind, "num_train_timesteps": model.config.num_train_timesteps}
     write_text_atomically(directory / OBJECTIVE_FILE, json.dumps(record, indent=2))
 
 
 def load_model(path_or_id: str | Path, device="cpu", revision: str | None = None, token: str | None = None):
     """(model, objective, record) from a directory written by `save_model` (a run's output_dir) or a Hub model id
-    pushed by training (downloaded and cached); a VAE or text encoder bundled with it is found inside it."""
+    pushed by training (downloaded and cached); a VAE or text encoder bundled with it is found inside it. Or from a
+    diffusers checkpoint (pipeline or model folder, or Hub id): its network wrapped, sampled as its scheduler says."""
     path = model_dir(path_or_id, revision, token)
+    checkpoint = find_diffusers_checkpoint(path)
+    if checkpoint is not None:
+        record = resolve_components(checkpoint.record, checkpoint.network)
+        model = load_diffusers_network(checkpoint).to(device).eval()
+        return model, objective_from_config(record), record
     if not (path / "config.json").is_file():
-        raise UserError(f"--model: '{path_or_id}' holds no saved model (no config.json); give a run's output_dir")
+        raise UserError(
+            f"--model: '{path_or_id}' holds no saved model (no config.json); give a run's output_dir or a diffusers "
+            "pipeline folder"
+        )
     config = json.loads((path / "config.json").read_text())
     cls = MODEL_CLASSES.get(config.get("_class_name"))
     if cls is None:
@@ -38,6 +54,26 @@ def load_model(path_or_id: str | Path, device="cpu", revision: str | None = None
     record = resolve_components(json.loads((path / OBJECTIVE_FILE).read_text()), path)
     model = cls.from_pretrained(path, use_safetensors=True).to(device).eval()
     return model, objective_from_config(record), record
+
+
+def load_pretrained_network(objective, path_or_id: str, revision: str | None = None, token: str | None = None):
+    """--init_from a diffusers checkpoint: (its network wrapped, the objective to fine-tune it with, its record), or
+    None when `path_or_id` holds a model of ours (`load_pretrained_weights` copies those). The network is fine-tuned
+    as it is; a DDPM objective takes the checkpoint's noise schedule (the network was trained for it) and keeps its
+    own sampling settings; another objective starts from weights made for DDPM, with a warning."""
+    path = model_dir(path_or_id, revision, token)
+    checkpoint = find_diffusers_checkpoint(path)
+    if checkpoint is None:
+        return None
+    record = resolve_components(checkpoint.record, checkpoint.network)
+    if record["objective"] == objective.name == DDPMObjective.name:
+        objective = DDPMObjective(with_schedule_of(objective.args, from_dict(DDPMArguments, record["args"])))
+    elif record["objective"] != objective.name:
+        warn(
+            f"--init_from '{path_or_id}' was trained as {record['objective']}, and is fine-tuned as "
+            f"{objective.name}: its weights start from another objective's predictions"
+        )
+    return load_diffusers_network(checkpoint), objective, record
 
 
 def load_pretrained_weights(model, path_or_id: str, revision: str | None = None, token: str | None = None):

@@ -11,10 +11,12 @@ from modules.pixels import to_model_range
 
 class ConditionSource:
     """What the model is conditioned on, in training batches, previews and evaluation: class labels, captions
-    through a text encoder (`text`, a modules.networks.text.TextConditioner), or nothing."""
+    through a text encoder (`text`, a modules.networks.text.TextConditioner), or nothing. Dropped labels become
+    `null_label` (default num_classes: a pretrained model with more classes than the data has its own)."""
 
-    def __init__(self, data, num_classes: int, text=None, drop_prob: float = 0.0):
+    def __init__(self, data, num_classes: int, text=None, drop_prob: float = 0.0, null_label: int | None = None):
         self.data, self.num_classes, self.text, self.drop_prob = data, num_classes, text, drop_prob
+        self.null_label = num_classes if null_label is None else null_label
 
     def batch(self, batch: dict, generator: torch.Generator, device):
         """The condition of a training batch, with classifier-free-guidance dropout drawn from `generator`."""
@@ -24,7 +26,7 @@ class ConditionSource:
             captions = ["" if u < self.drop_prob else self.data.captions[i] for u, i in zip(drop, index, strict=True)]
             return self.text(captions, device)
         if self.num_classes:
-            return drop_labels(batch["labels"], self.drop_prob, self.num_classes, generator)
+            return drop_labels(batch["labels"], self.drop_prob, self.null_label, generator)
         return None
 
     def for_images(self, n: int):

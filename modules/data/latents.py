@@ -456,6 +456,19 @@ def denormalize_latents(z: torch.Tensor, data_or_metadata) -> torch.Tensor:
     return z * channel_std + channel_mean
 
 
+def scaled_latent_record(vae, latent_size: int) -> dict:
+    """The latent record (what latent_decoder reads) of a diffusers pipeline's latents, which are normalised by the
+    VAE's factors instead of per-channel statistics: z = (raw - shift_factor) * scaling_factor, so
+    raw = z * (1 / scaling_factor) + shift_factor, the decoding of DiTPipeline (and Stable Diffusion's)."""
+    channels = vae.latent_channels
+    return {
+        "vae": vae.config_record(),
+        "channel_mean": [vae.shift_factor] * channels,
+        "channel_std": [1 / vae.scaling_factor] * channels,
+        "image_resolution": latent_size * vae.downsample_factor,
+    }
+
+
 def latent_decoder(record: dict, device="cpu"):
     """`decode(z)` for a model trained on a latent dataset: normalised latents -> images in [-1, 1].
 

@@ -6,6 +6,9 @@ t in [0, T). The network sees the float time t / T. It predicts eps, x0 ("sample
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import torch
 
 from modules.config import DDPMArguments, UserError
@@ -20,6 +23,19 @@ BETA_SCHEDULES = {
     "sigmoid": "sigmoid",
 }
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+# The settings of a diffusers scheduler that DDPMArguments holds; any other must have its default.
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+    "clip_sample",
+    "clip_sample_range",
+)
+# A diffusers scheduler class -> the sampler and steps its pipeline samples with by default (None: every step).
+SCHEDULER_SAMPLING = {"DDPMScheduler": ("ddpm", None), "DDIMScheduler": ("ddim", 50)}
 
 
 def make_scheduler(args: DDPMArguments, kind: str = "ddpm"):
@@ -30,15 +46,57 @@ def make_scheduler(args: DDPMArguments, kind: str = "ddpm"):
     scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=BETA_SCHEDULES[args.beta_schedule],
+        beta_start=args.beta_start,
+        beta_end=args.beta_end,
         prediction_type=args.prediction_type,
         rescale_betas_zero_snr=args.rescale_betas_zero_snr,
-        clip_sample=False,
+        clip_sample=args.clip_sample,
+        clip_sample_range=args.clip_sample_range,
     )
     if kind == "dpm_solver":
         return DPMSolverMultistepScheduler.from_config(
             scheduler.config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
         )
     return scheduler
+
+
+def ddpm_arguments_from_scheduler(config: dict, where: str) -> DDPMArguments:
+    """Our settings for a diffusers DDPMScheduler or DDIMScheduler config (a pipeline's scheduler_config.json): the
+    same betas, prediction type and clipping, sampled as its pipeline samples by default (DDPMPipeline: ancestral,
+    every step; DiTPipeline: 50 DDIM steps). A setting we do not express (trained_betas, thresholding, another
+    timestep_spacing or variance_type, ...) is an error that names the key in `where`, unless it has its default."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    name = config.get("_class_name")
+    classes = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+    if name not in classes:
+        raise UserError(
+            f"{where}: _class_name {name!r} is not supported; a DDPMScheduler or DDIMScheduler config is (other "
+            "schedulers are samplers of the same schedule: copy its betas into one of those)"
+        )
+    signature = inspect.signature(classes[name].__init__).parameters.values()
+    defaults = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
+    settings = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    for key, value in settings.items():
+        if key not in SCHEDULE_KEYS and value != defaults[key]:
+            raise UserError(f"{where}: {key} {value!r} is not supported (only the default, {defaults[key]!r})")
+    beta_schedule = {v: k for k, v in BETA_SCHEDULES.items()}.get(settings["beta_schedule"])
+    if beta_schedule is None:
+        raise UserError(f"{where}: beta_schedule {settings['beta_schedule']!r} is not supported")
+    if settings["prediction_type"] not in ("epsilon", "sample", "v_prediction"):
+        raise UserError(f"{where}: prediction_type {settings['prediction_type']!r} is not supported")
+    sampler, steps = SCHEDULER_SAMPLING[name]
+    schedule = {k: settings[k] for k in SCHEDULE_KEYS}
+    return DDPMArguments(
+        **{**schedule, "beta_schedule": beta_schedule},
+        sampler=sampler,
+        num_inference_steps=steps or settings["num_train_timesteps"],
+    )
+
+
+def with_schedule_of(args: DDPMArguments, other: DDPMArguments) -> DDPMArguments:
+    """`args` with the noise schedule of `other` (what a network was trained for), its sampling settings kept."""
+    return dataclasses.replace(args, **{k: getattr(other, k) for k in SCHEDULE_KEYS})
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

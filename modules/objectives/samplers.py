@@ -128,12 +128,16 @@ def predict_x0_eps(x_t, output, alpha_bar, prediction_type: str):
     raise ValueError(f"unknown prediction type '{prediction_type}'")
 
 
-def ddim_step(x_t, output, alpha_bar_t, alpha_bar_prev, prediction_type: str, eta: float = 0.0, noise=None):
+def ddim_step(x_t, output, alpha_bar_t, alpha_bar_prev, prediction_type: str, eta: float = 0.0, noise=None, clip=None):
     """One DDIM step (Song et al. 2021, eq. 12):
 
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
-    sigma = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))."""
+    sigma = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).
+
+    `clip`: x0 is clipped to [-clip, clip] first and eps kept, as diffusers' DDIMScheduler does with clip_sample."""
     x0, eps = predict_x0_eps(x_t, output, alpha_bar_t, prediction_type)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
     x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).sqrt() * eps
     if eta > 0:
@@ -150,6 +154,7 @@ def ddim_sample(fn, noise, scheduler, steps, eta=0.0, generators=None, callback=
     alphas = ddim.alphas_cumprod.to(noise.device, torch.float64)
     final = torch.tensor(float(ddim.final_alpha_cumprod), dtype=torch.float64, device=noise.device)
     num_train = ddim.config.num_train_timesteps
+    clip = ddim.config.clip_sample_range if ddim.config.clip_sample else None
     x = noise
     for i, t in enumerate(ddim.timesteps):
         t = int(t)
@@ -160,7 +165,7 @@ def ddim_sample(fn, noise, scheduler, steps, eta=0.0, generators=None, callback=
             x0 = predict_x0_eps(x, out, a_t.to(x.dtype), ddim.config.prediction_type)[0]
             callback(i, t / num_train, x, x0)
         z = per_sample_randn(generators, x.shape[1:], x.device, x.dtype) if eta > 0 else None
-        x = ddim_step(x, out, a_t.to(x.dtype), a_prev.to(x.dtype), ddim.config.prediction_type, eta, z)
+        x = ddim_step(x, out, a_t.to(x.dtype), a_prev.to(x.dtype), ddim.config.prediction_type, eta, z, clip)
     return x
 
 

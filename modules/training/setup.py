@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from modules.artifacts.hub import HubPusher, check_push, push_later
-from modules.artifacts.model_folder import load_pretrained_weights
+from modules.artifacts.model_folder import load_pretrained_network, load_pretrained_weights
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, warn
 from modules.data.batches import WithIndex, model_input, train_loader
 from modules.data.conditions import ConditionSource
@@ -31,6 +31,7 @@ from modules.data.order import ResumableBatchSampler
 from modules.evaluation.fid import check_inception_weights
 from modules.evaluation.metrics import parse_eval_metrics
 from modules.files import write_text_atomically
+from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.text import TextConditioner, load_text_encoder, stored_text_matches
 from modules.objectives.protocol import Objective
 from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
@@ -74,7 +75,9 @@ def setup_run(
     text = text_conditioner(model_args, data.train)
     resolution = data.train.resolution if data.latent else data_args.resolution
     torch.manual_seed(train_args.seed)  # same initial weights on every process
-    model = build_network(objective, model_args, train_args, data.train, resolution, num_classes, text)
+    model, objective, num_classes = build_network(
+        objective, model_args, train_args, data, resolution, num_classes, text
+    )
     resume = resolve_resume(train_args.resume_from_checkpoint, out)
     if resume is not None:
         check_compatible(resume, model)
@@ -93,7 +96,10 @@ def setup_run(
     pusher = start_run_dir(record, train_args, accelerator)
     if train_args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    conditions = ConditionSource(data.train, num_classes, text.to(device) if text else None, train_args.cond_drop_prob)
+    null_label = model.config.get("num_classes", num_classes)  # the data's number of classes, or a pretrained model's
+    conditions = ConditionSource(
+        data.train, num_classes, text.to(device) if text else None, train_args.cond_drop_prob, null_label
+    )
     run = Run(
         data_args=data_args,
         model_args=model_args,
@@ -301,13 +307,55 @@ def text_conditioner(model_args: ModelArguments, data) -> TextConditioner | None
     return TextConditioner(encoder, model_args.text_conditioning)
 
 
-def build_network(objective: Objective, model_args, train_args, data, resolution: int, num_classes: int, text):
-    """The objective's network for the data, with the weights of --init_from when given."""
+def build_network(
+    objective: Objective, model_args, train_args, data: RunData, resolution: int, num_classes: int, text
+):
+    """(network, objective, number of classes it is conditioned on) for the data: the objective's --model preset,
+    with the weights of --init_from when given; or the diffusers network --init_from names, as it is (see
+    model_folder.load_pretrained_network, which may give the objective the network's noise schedule)."""
+    source = model_args.init_from
+    if source:
+        pretrained = load_pretrained_network(objective, source, model_args.init_from_revision, train_args.hub_token)
+        if pretrained is not None:
+            model, objective, record = pretrained
+            return model, objective, fit_pretrained(model, record, data, resolution, num_classes, model_args)
     text_config = text.model_config() if text else None
-    model = objective.build_model(model_args, data.num_channels, resolution, num_classes, text_config)
-    if model_args.init_from:
-        load_pretrained_weights(model, model_args.init_from, model_args.init_from_revision, train_args.hub_token)
-    return model
+    model = objective.build_model(model_args, data.train.num_channels, resolution, num_classes, text_config)
+    if source:
+        load_pretrained_weights(model, source, model_args.init_from_revision, train_args.hub_token)
+    return model, objective, num_classes
+
+
+def fit_pretrained(model, record: dict, data: RunData, resolution: int, num_classes: int, model_args) -> int:
+    """Check the data against a pretrained diffusers network (shape, classes, no text) and give a latent dataset
+    the normalisation the network was trained with (its VAE's scaling, not the data's channel statistics). Returns
+    the number of classes it is conditioned on: none for an unconditional network, whatever --class_conditional."""
+    config, source = model.config, model_args.init_from
+    if model_args.text_encoder:
+        raise UserError(f"--text_encoder: --init_from '{source}' is a diffusers {config.network_class}, without text")
+    have = (data.train.num_channels, resolution)
+    if have != (config.in_channels, config.sample_size):
+        what = "latents" if data.latent else "images (--num_channels, --resolution)"
+        hint = "; it is a latent model: train on a --latent_dataset encoded by its VAE" if "latent" in record else ""
+        raise UserError(
+            f"--init_from '{source}' takes {config.in_channels}x{config.sample_size}x{config.sample_size} inputs, but "
+            f"the data gives {have[0]}x{have[1]}x{have[1]} {what}{hint}"
+        )
+    if num_classes > config.num_classes > 0:
+        raise UserError(f"the data has {num_classes} classes, more than the {config.num_classes} of '{source}'")
+    if data.latent and "latent" in record:
+        ours, theirs = data.latent["vae"], record["latent"]["vae"]
+        for key in ("kind", "latent_channels", "downsample_factor", "scaling_factor", "shift_factor"):
+            if ours.get(key) != theirs.get(key):
+                raise UserError(
+                    f"--init_from '{source}' was trained on latents of the VAE {theirs['source']} ({key} "
+                    f"{theirs.get(key)}), but --latent_dataset was encoded by {ours['source']} ({key} "
+                    f"{ours.get(key)}); encode the images with encode_latents.py --vae {theirs['source']}"
+                )
+        statistics = {k: record["latent"][k] for k in ("channel_mean", "channel_std")}
+        data.latent.update(statistics)
+        data.train.channel_mean, data.train.channel_std = (torch.tensor(v) for v in statistics.values())
+    return num_classes if config.num_classes else 0
 
 
 def make_accelerator(train_args: TrainingArguments, out: Path, trackers: list[str]) -> Accelerator:
@@ -447,11 +495,15 @@ def start_logging(run: Run, record: dict, trackers: list[str], cleanup: contextl
         start_trackers(run, record, trackers, cleanup)
     run.metrics = MetricsLog(accelerator, run.out / "metrics.jsonl")
     n_params = sum(p.numel() for p in run.unwrapped.parameters())
+    name = run.model_args.model
+    if isinstance(run.unwrapped, DiffusersDenoiser):
+        conditioned = "class-conditional" if run.conditions.num_classes else "unconditional"
+        name = f"diffusers {run.unwrapped.config.network_class} from {run.model_args.init_from} ({conditioned})"
     until = f"{train_args.max_train_steps}"
     if train_args.max_train_minutes:
         until += f" or {train_args.max_train_minutes:g} minutes, whichever ends first"
     accelerator.print(
-        f"{run.model_args.model}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
+        f"{name}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
         f"{run.condition} | {accelerator.num_processes} process(es), global batch {run.images_per_step} | steps "
         f"{run.start_step} -> {until}"
     )

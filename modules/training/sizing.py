@@ -19,9 +19,11 @@ widths for a CLIP text encoder.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
+from modules.artifacts.diffusers_folder import diffusers_network_from_config, find_diffusers_checkpoint
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError
 from modules.networks.text import MINILM_SPECS, OwnTextEncoder, own_config_from_spec
 from modules.training.flops import training_flops_per_image
@@ -88,6 +90,20 @@ def text_settings(model_args: ModelArguments, notes: list) -> dict | None:
     )
 
 
+def pretrained_network(model_args: ModelArguments, notes: list):
+    """The diffusers network of a local --init_from folder, built from its config (no weights), or None: --model's
+    preset is sized for our own models (--init_from needs the same architecture), and for a Hub id, which is not
+    downloaded for a dry run (noted)."""
+    if not model_args.init_from:
+        return None
+    path = Path(model_args.init_from).expanduser()
+    if not path.is_dir():
+        notes.append(f"--init_from {model_args.init_from} is not read (no download): --model is sized")
+        return None
+    checkpoint = find_diffusers_checkpoint(path)
+    return diffusers_network_from_config(checkpoint) if checkpoint is not None else None
+
+
 def meta_condition(text: dict | None, num_classes: int, batch: int, max_text_length: int | None):
     if text is None:
         return torch.zeros(batch, dtype=torch.long, device="meta") if num_classes else None
@@ -127,6 +143,10 @@ def dry_run(data_args: DataArguments, model_args: ModelArguments, train_args: Tr
     text = text_settings(model_args, notes)
     with torch.device("meta"):
         model = objective.build_model(model_args, channels, resolution, classes, text)
+        pretrained = pretrained_network(model_args, notes)
+    if pretrained is not None:  # a diffusers network is fine-tuned as it is, whatever --model says
+        model, channels, resolution = pretrained, pretrained.config.in_channels, pretrained.config.sample_size
+        classes = pretrained.config.num_classes if classes else 0
     if train_args.gradient_checkpointing and getattr(model, "_supports_gradient_checkpointing", False):
         model.enable_gradient_checkpointing()
     params = sum(p.numel() for p in model.parameters())
@@ -140,7 +160,7 @@ def dry_run(data_args: DataArguments, model_args: ModelArguments, train_args: Tr
     state_bytes = params * (4 + 4 + (2 if train_args.use_8bit_adam else 8) + 4)
     activations = per_image * batch * (0.5 if half else 1.0)
     result = {
-        "model": model_args.model,
+        "model": model_args.model if pretrained is None else model_args.init_from,
         "class": type(model).__name__,
         "input": [channels, resolution, resolution],
         "num_classes": classes,
