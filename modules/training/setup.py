@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -37,9 +37,10 @@ from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
 from modules.training.checkpoint import check_compatible, load_checkpoint, resolve_resume
 from modules.training.ema import EMA
 from modules.training.flops import model_flops_per_image, peak_tflops
+from modules.training.remote import fetch, parse_reference
 from modules.training.run import Run, RunData
 from modules.training.stopping import NonFiniteGuard, StopRequest
-from modules.training.tracking import TRACKERS, LogWindow, MetricsLog, resolve_trackers
+from modules.training.tracking import TRACKERS, LogWindow, MetricsLog, resolve_trackers, wandb_init_kwargs
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -63,11 +64,9 @@ def setup_run(
     resolution = data.train.resolution if data.latent else data_args.resolution
     torch.manual_seed(train_args.seed)  # same initial weights on every process
     model = build_network(objective, model_args, train_args, data.train, resolution, num_classes, text)
-    resume = resolve_resume(train_args.resume_from_checkpoint, out)
-    if resume is not None:
-        check_compatible(resume, dict(model.config))
     trackers = resolve_trackers(train_args.report_to, out)
     accelerator = make_accelerator(train_args, out, trackers)
+    resume = find_resume(train_args, out, accelerator, dict(model.config))
     device, world = accelerator.device, accelerator.num_processes
     decode = None
     if data.latent is not None and accelerator.is_main_process:  # before the run dir: a VAE that does not fit stops
@@ -166,6 +165,9 @@ def check_training_arguments(train: TrainingArguments):
             raise UserError(f"--fid_weights: {e}") from None
     if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {train.checkpoints_total_limit}")
+    if train.wandb_log_checkpoints and train.report_to not in ("wandb", "all"):
+        raise UserError(f"--wandb_log_checkpoints needs --report_to wandb (or all), got --report_to {train.report_to}")
+    parse_reference(train.resume_from_checkpoint)  # a malformed hub: or wandb: reference fails now
 
 
 def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments) -> RunData:
@@ -320,7 +322,7 @@ def start_run_dir(script, argv, data_args, model_args, train_args, objective, ac
         "config": to_dict(data_args, model_args, train_args, objective.args),
     }
     write_text_atomically(out / RUN_CONFIG_FILE, json.dumps(record, indent=2))
-    if not train_args.push_to_hub:
+    if not (train_args.push_to_hub or train_args.push_checkpoints_to_hub):
         return None
     problem = check_push(train_args.hub_model_id, train_args.hub_token, out)
     if problem:
@@ -391,12 +393,29 @@ def prepare_training(run: Run):
         unwrapped.compile(backend=train_args.torch_compile_backend)
 
 
+def find_resume(train_args: TrainingArguments, out: Path, accelerator, model_config: dict) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names, if any: local, or a hub: / wandb: one that the main process
+    downloads (modules/training/remote.py); refused when it was made for another model."""
+    reference = parse_reference(train_args.resume_from_checkpoint)
+    if reference is None:
+        path = resolve_resume(train_args.resume_from_checkpoint, out)
+    else:
+        if reference.kind == "wandb" and train_args.report_to not in ("wandb", "all"):
+            warn(f"--resume_from_checkpoint {reference} without --report_to wandb: the wandb run is not continued")
+        path = fetch(reference, out, train_args.hub_token) if accelerator.is_main_process else None
+        path = broadcast_object_list([path])[0]  # the others wait for the download
+    if path is not None:
+        check_compatible(path, model_config)
+    return path
+
+
 def resume_from(run: Run, checkpoint: Path):
     """Model, optimizer, RNG states and EMA from `checkpoint`, and where the run was (see checkpoint.py)."""
     state = load_checkpoint(run.accelerator, checkpoint, run.ema)
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.start_step, run.images_seen = state["step"], state["images_seen"]
     run.seconds_before = state.get("train_seconds", 0.0)
+    run.resumed_wandb_run = state.get("wandb_run")
     run.accelerator.print(f"resumed from {checkpoint} at step {run.start_step}")
 
 
@@ -407,7 +426,7 @@ def start_logging(run: Run, script: str, trackers: list[str], cleanup: contextli
         accelerator.init_trackers(
             Path(script).stem,
             config=to_dict(run.data_args, run.model_args, run.objective.args),
-            init_kwargs={"wandb": {"dir": str(run.out)}} if "wandb" in trackers else {},
+            init_kwargs={"wandb": wandb_init_kwargs(run.out, run.resumed_wandb_run)} if "wandb" in trackers else {},
         )
     run.metrics = MetricsLog(accelerator, run.out / "metrics.jsonl")
     n_params = sum(p.numel() for p in run.unwrapped.parameters())
