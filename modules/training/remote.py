@@ -81,8 +81,8 @@ def _download(reference, out: Path, step: int, token, download: Callable[[Path],
     root = checkpoints_dir(out) / DOWNLOADED / f"{reference.kind}-{reference.path.replace('/', '--')}"
     final, partial = root / f"checkpoint-{step}", root / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by a download that was killed
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
         folder = download(partial)
         if not (folder / STATE_FILE).is_file():
             raise UserError(f"--resume_from_checkpoint {reference}: checkpoint-{step} holds no {STATE_FILE}")

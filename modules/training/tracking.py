@@ -91,7 +91,7 @@ class MetricsLog:
     def __init__(self, accelerator, path: Path):
         self.accelerator, self.path = accelerator, path
         run = wandb_run(accelerator)
-        self.first_tracker_step = run.starting_step if run is not None else 0
+        self.first_tracker_step = getattr(run, "starting_step", 0) if run is not None else 0
 
     def log(self, step: int, values: dict):
         if not self.accelerator.is_main_process:

@@ -211,6 +211,33 @@ def test_bad_references_fail_in_one_line_and_write_nothing(hub, interrupted, fro
     assert not (other / "run_config.json").exists()
 
 
+def test_a_pushed_folder_is_taken_at_once_whole_and_a_refused_push_only_warns(hub, tmp_path, capsys):
+    from modules.artifacts.hub import HubPusher
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    (checkpoint / "pytorch_model").mkdir(parents=True)  # a nested folder, as DeepSpeed writes
+    (checkpoint / "pytorch_model" / "shard.pt").write_bytes(b"shard")
+    (checkpoint / "training_state.json").write_text("{}")
+    pusher = HubPusher(tmp_path / "run", "someone/nested", TOKEN)
+    pusher.push_folder("checkpoint-2", checkpoint, "checkpoints/checkpoint-2", "Training checkpoint at step 2")
+    shutil.rmtree(checkpoint)  # e.g. --checkpoints_total_limit, before the upload: what was taken is uploaded
+    pusher.finish()
+    assert hub.repos["someone/nested"] == {
+        "checkpoints/checkpoint-2/pytorch_model/shard.pt": b"shard",
+        "checkpoints/checkpoint-2/training_state.json": b"{}",
+    }
+    assert not (tmp_path / "run" / ".hub").exists()
+    checkpoint.mkdir()
+    (checkpoint / "training_state.json").write_text("{}")
+    hub.gated.add("someone/refused")
+    pusher = HubPusher(tmp_path / "run", "someone/refused", TOKEN)
+    pusher.push_folder("checkpoint-2", checkpoint, "checkpoints/checkpoint-2", "Training checkpoint at step 2")
+    pusher.finish()
+    err = capsys.readouterr().err
+    assert "warning: could not push checkpoint-2 to the Hub repo 'someone/refused' (GatedRepoError" in err
+    assert TOKEN not in err and not hub.repos["someone/refused"]
+
+
 # Reading the offline run files: a LevelDB-style log (32 KiB blocks of records, each with a 7-byte header) after a
 # 7-byte W&B header, each record a wandb_internal_pb2.Record.
 BLOCK, HEADER = 32768, 7
