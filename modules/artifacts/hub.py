@@ -11,6 +11,9 @@ and `--init_from` read, whether it is local or a Hub id:
     vae/, text_encoder/                                a local VAE or CLIP text encoder the model needs (a Hub one
                                                        is named by its id instead)
 
+With --push_checkpoints_to_hub the training checkpoints go to the same repo too, each folder in one commit
+(`HubPusher.push_folder`; modules/training/remote.py says which folders).
+
 Uploads run in a background thread, so training never waits for the network; a failed one (no token, bad repo id,
 no network) prints a warning with the command that pushes the finished run later:
 
