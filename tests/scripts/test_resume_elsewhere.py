@@ -15,8 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from helpers import SIX_STEPS, fails, in_process, weights
+from helpers import SIX_STEPS, assert_same_model, fails, in_process
 from hub_server import FakeHub
 
 import modules.training.loop
@@ -84,11 +83,11 @@ def interrupted(hub, tmp_path_factory):
     wait_for(lambda: [c["summary"] for c in commits(hub)] == ["Training checkpoint at step 3"], "the upload")
     wait_for(lambda: not (out / ".hub").exists() or not any((out / ".hub").iterdir()), "the staged copy's removal")
     wandb.finish(exit_code=1)
+    records, _ = offline_run(out / "wandb")
     server = tmp / "wandb-server"
     shutil.copytree(out / "wandb", server)
-    [run_file] = server.glob("offline-run-*/run-*.wandb")
     shutil.rmtree(out)
-    return SimpleNamespace(out=out, tmp=tmp, server=server, records=wandb_records(run_file))
+    return SimpleNamespace(out=out, tmp=tmp, server=server, records=records)
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +115,6 @@ def commits(hub) -> list[dict]:
     return [c for c in hub.commits if c["repo"] == REPO]
 
 
-def assert_same_model(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def test_resumed_from_the_hub_after_the_disk_is_lost_it_equals_an_uninterrupted_run(hub, from_hub, tiny_cfm_run):
     assert_same_model(from_hub, tiny_cfm_run)
     downloaded = from_hub / "checkpoints" / "downloaded" / "hub-someone--preemptible"
@@ -142,8 +136,7 @@ def test_resumed_from_the_hub_after_the_disk_is_lost_it_equals_an_uninterrupted_
 
 
 def test_the_resumed_run_continues_the_wandb_run_with_increasing_steps(interrupted, from_hub):
-    [run_file] = (from_hub / "wandb").glob("offline-run-*/run-*.wandb")
-    before, after = interrupted.records, wandb_records(run_file)
+    before, (after, run_file) = interrupted.records, offline_run(from_hub / "wandb")
     run_id = before["run"][0].run_id
     assert after["run"][0].run_id == run_id and run_file.parent.name.endswith(f"-{run_id}")
     state = json.loads((from_hub / "checkpoints" / "checkpoint-6" / "training_state.json").read_text())
@@ -163,8 +156,8 @@ def test_the_resumed_run_continues_the_wandb_run_with_increasing_steps(interrupt
 
 def test_resumed_from_the_wandb_artifact_it_equals_an_uninterrupted_run(interrupted, from_wandb, tiny_cfm_run):
     assert_same_model(from_wandb, tiny_cfm_run)
-    [run_file] = (from_wandb / "wandb").glob("offline-run-*/run-*.wandb")
-    assert wandb_records(run_file)["run"][0].run_id == interrupted.records["run"][0].run_id
+    records, _ = offline_run(from_wandb / "wandb")
+    assert records["run"][0].run_id == interrupted.records["run"][0].run_id
     assert (from_wandb / "checkpoints" / "downloaded").is_dir()
 
 
@@ -205,6 +198,16 @@ def test_bad_references_fail_in_one_line_and_write_nothing(hub, interrupted, fro
         mp.setattr(wandb, "Api", lambda *args, **kwargs: OfflineWandbApi(tmp_path))
         with pytest.raises(UserError, match="could not get the checkpoint artifact 'someone/p/abc-checkpoint:latest'"):
             fetch(parse_reference("wandb:someone/p/abc"), out, None)
+        foreign = SimpleNamespace(artifact=lambda name, type=None: SimpleNamespace(metadata={"epoch": 1}))
+        mp.setattr(wandb, "Api", lambda *args, **kwargs: foreign)
+        with pytest.raises(UserError, match="has no step in its metadata, so it is no checkpoint of ours"):
+            fetch(parse_reference("wandb:someone/p/abc"), out, None)
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(UserError, match="HF_HUB_OFFLINE is set, so the Hub cannot be reached"):
+            fetch(parse_reference(f"hub:{REPO}"), out, TOKEN)
     # A checkpoint of another model is refused once downloaded, as a local one is; the run dir stays empty.
     other = tmp_path / "other"
     argv = ["--output_dir", str(other), *SIX_STEPS, "--base_channels", "16", "--resume_from_checkpoint", f"hub:{REPO}"]
@@ -269,6 +272,14 @@ def wandb_records(path: Path) -> dict[str, list]:
             )
             parts = b""
     return found
+
+
+def offline_run(wandb_dir: Path) -> tuple[dict[str, list], Path]:
+    """The records and the file of the one offline run under `wandb_dir`, once wandb has written them all (its exit
+    record: `finish` can return before its writer has flushed the file)."""
+    [path] = wandb_dir.glob("offline-run-*/run-*.wandb")
+    wait_for(lambda: "exit" in wandb_records(path), f"wandb to write {path}", timeout=60)
+    return wandb_records(path), path
 
 
 class OfflineWandbApi:
