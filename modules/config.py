@@ -208,13 +208,21 @@ class TrainingArguments:
         default=20,
     )
     resume_from_checkpoint: str | None = help_field(
-        "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint directory.", default=None
+        "'latest' (the newest complete checkpoint in output_dir, if any), a checkpoint directory, "
+        "'hub:user/repo[@revision]' (the newest checkpoint pushed there with --push_checkpoints_to_hub) or "
+        "'wandb:entity/project/run_id' (the newest logged with --wandb_log_checkpoints, continuing that run).",
+        default=None,
     )
     logging_steps: int = help_field("Log loss, lr and throughput every N steps.", default=10)
     report_to: str = help_field(
         "Trackers: tensorboard, wandb, mlflow, all (those installed) or none. metrics.jsonl is always written; "
         "docs/metrics.md says where each tracker logs.",
         default="none",
+    )
+    wandb_log_checkpoints: bool = help_field(
+        "With --report_to wandb: log each checkpoint as a wandb artifact '<run id>-checkpoint' (aliases latest and "
+        "step-N), for --resume_from_checkpoint wandb:entity/project/run_id.",
+        default=False,
     )
     validation_steps: int = help_field(
         "Every N steps (and at the end), the EMA model's loss on held-out images at fixed noise and t (0: never).",
@@ -256,6 +264,12 @@ class TrainingArguments:
         "Hub token (never written anywhere). Default: $HF_TOKEN or the saved login.", default=None
     )
     hub_private_repo: bool = help_field("Create the Hub repo as private.", default=False)
+    push_checkpoints_to_hub: bool = help_field(
+        "Upload each complete checkpoint (model, optimizer, RNG, EMA, training state) to checkpoints/checkpoint-N/ "
+        "of the --hub_model_id repo, one commit each, in the background, keeping --checkpoints_total_limit there "
+        "too; resume elsewhere with --resume_from_checkpoint hub:user/repo.",
+        default=False,
+    )
 
 
 @dataclass

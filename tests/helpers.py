@@ -122,6 +122,12 @@ def weights(run_dir) -> dict:
     return load_file(str(run_dir / "diffusion_pytorch_model.safetensors"))
 
 
+def assert_same_model(a, b):
+    """Two runs ended with the same EMA weights, bit for bit."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 # Runs a training script with some of its library calls wrapped: how a test makes a step slow, fail or not finite
 # on purpose. The loss's third call (call 1 measures FLOPs) is step 2's.
 RUNNER = """

@@ -11,6 +11,9 @@ and `--init_from` read, whether it is local or a Hub id:
     vae/, text_encoder/                                a local VAE or CLIP text encoder the model needs (a Hub one
                                                        is named by its id instead)
 
+With --push_checkpoints_to_hub the training checkpoints go to the same repo too, each folder in one commit
+(`HubPusher.push_folder`; modules/training/remote.py says which folders).
+
 Uploads run in a background thread, so training never waits for the network; a failed one (no token, bad repo id,
 no network) prints a warning with the command that pushes the finished run later:
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -262,31 +266,65 @@ class HubPusher:
                 self.staging / f"step-{step:07d}", write_model, self.repo_id, self.run_dir, latest_grid(self.run_dir)
             )
         except Exception as e:  # noqa: BLE001 - e.g. a full disk: the run and its checkpoints matter more
-            self._failed(step, e)
+            self._failed(f"step {step}", e)
             return
         message = f"{'Final model' if final else 'Checkpoint'} at step {step}"
-        self.futures.append(self.api.run_as_future(self._upload, folder, message, step))
+        self.futures.append(self.api.run_as_future(self._upload, folder, message, f"step {step}"))
 
-    def _upload(self, folder: Path, message: str, step: int):
+    def _upload(self, folder: Path, message: str, label: str):
         try:
             repo_id = self.repo.result().repo_id
             self.api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
-            self.pushed = (repo_id, step)
+            self.pushed = (repo_id, label)
         except Exception as e:  # noqa: BLE001 - no network, no rights, a bad id: warn and go on
-            self._failed(step, e)
+            self._failed(label, e)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _failed(self, step: int, error: Exception):
+    def push_folder(self, label: str, source: Path, path_in_repo: str, message: str, stale=None):
+        """Upload `source` as it is now (hard links taken at once, so later changes in the run dir do not reach it)
+        to `path_in_repo`, in the background and in one commit, which also deletes the repo paths that
+        `stale(files in the repo)` names (a folder ends with '/'), first: the folder in the repo is whole or absent."""
+        folder = self.staging / source.name
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(source, folder, copy_function=_link_or_copy)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: the run and its checkpoints matter more
+            shutil.rmtree(folder, ignore_errors=True)
+            self._failed(label, e)
+            return
+        self.futures.append(
+            self.api.run_as_future(self._commit_folder, label, folder, path_in_repo.rstrip("/"), message, stale)
+        )
+
+    def _commit_folder(self, label: str, folder: Path, path_in_repo: str, message: str, stale):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        try:
+            repo_id = self.repo.result().repo_id
+            deletes = [CommitOperationDelete(p) for p in stale(self.api.list_repo_files(repo_id))] if stale else []
+            adds = [
+                CommitOperationAdd(f"{path_in_repo}/{p.relative_to(folder).as_posix()}", str(p))
+                for p in sorted(folder.rglob("*"))
+                if p.is_file()
+            ]
+            self.api.create_commit(repo_id, deletes + adds, commit_message=message)
+            self.pushed = (repo_id, label)
+        except Exception as e:  # noqa: BLE001 - no network, no rights, a bad id: warn and go on
+            self._failed(label, e)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _failed(self, label: str, error: Exception):
         self.failures += 1
         if self.failures == 1:
             warn(
-                f"could not push step {step} to the Hub repo {self.repo_id!r} ({describe_error(error, self.token)}); "
+                f"could not push {label} to the Hub repo {self.repo_id!r} ({describe_error(error, self.token)}); "
                 f"training goes on and the checkpoints stay in {self.run_dir}; once it has finished, push it with "
                 f"`{push_later(self.run_dir, self.repo_id)}`"
             )
         else:
-            warn(f"could not push step {step} to the Hub either ({describe_error(error, self.token)})")
+            warn(f"could not push {label} to the Hub either ({describe_error(error, self.token)})")
 
     def finish(self):
         """Wait for the uploads still running, then say where the model is."""
@@ -296,7 +334,15 @@ class HubPusher:
         if self.pushed:
             from huggingface_hub import constants
 
-            print(f"pushed step {self.pushed[1]} to {constants.ENDPOINT}/{self.pushed[0]}", flush=True)
+            print(f"pushed {self.pushed[1]} to {constants.ENDPOINT}/{self.pushed[0]}", flush=True)
+
+
+def _link_or_copy(src: str, dst: str):
+    """A hard link (instant; the run's files are never changed in place once written), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def push_run(run_dir: str | Path, repo_id: str | None, token: str | None = None, private: bool = False) -> str:

@@ -21,10 +21,11 @@ from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
 from modules.files import write_text_atomically
 from modules.objectives.protocol import PreviewRequest
 from modules.training.checkpoint import list_checkpoints, save_checkpoint
+from modules.training.remote import share_checkpoint
 from modules.training.run import Run
 from modules.training.step import StepResult
 from modules.training.stopping import Outlook, outlook
-from modules.training.tracking import peak_memory
+from modules.training.tracking import peak_memory, wandb_record
 
 
 def update_after_step(run: Run, result: StepResult, done: int):
@@ -138,7 +139,7 @@ def stop_early(run: Run, done: int):
     """A stop was asked for (signal, time limit): a checkpoint now (unless this step has one), then exit 0."""
     run.progress.close()
     if not checkpoint_due(run, done):
-        checkpoint(run, done, upload=False)  # no upload: a preempted job has seconds, not minutes
+        checkpoint(run, done, upload=False)  # no model push: a preempted job has seconds, not minutes
     run.accelerator.print(
         f"stopped at step {done} of {run.train_args.max_train_steps} ({run.stop_reason}): checkpoint saved in "
         f"{run.out / 'checkpoints'}; rerun the same command with --resume_from_checkpoint latest to continue"
@@ -179,21 +180,26 @@ def finish(run: Run):
 
 
 def checkpoint(run: Run, step: int, upload: bool = True):
-    """A checkpoint of everything resume needs (modules/training/checkpoint.py), then its push to the Hub."""
+    """A checkpoint of everything resume needs (modules/training/checkpoint.py) and the wandb run to continue, sent
+    to the Hub and wandb (modules/training/remote.py), then the push of the model (`upload`)."""
     state = {
         "images_seen": run.images_seen,
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "model_config": dict(run.unwrapped.config),
         "train_seconds": run.train_seconds(),
     }
-    save_checkpoint(run.accelerator, run.out, step, run.ema, state, run.train_args.checkpoints_total_limit)
+    if (wandb := wandb_record(run.accelerator)) is not None:
+        state["wandb_run"] = wandb
+    path = save_checkpoint(run.accelerator, run.out, step, run.ema, state, run.train_args.checkpoints_total_limit)
+    if run.accelerator.is_main_process:
+        share_checkpoint(run, path, step)
     if upload and step < run.train_args.max_train_steps:  # the last one is pushed after the final grid and FID
         push(run, step)
 
 
 def push(run: Run, step: int, final: bool = False):
     """The EMA model, its record and its grid to the Hub, in the background (main process)."""
-    if run.pusher is None:
+    if run.pusher is None or not run.train_args.push_to_hub:
         return
     if run.train_args.num_sample_images and not grid_path(run, step).is_file():
         write_grid(run, step)  # each push shows what its weights generate

@@ -27,12 +27,20 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder named `checkpoint-<step>`, else None."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (those holding training_state.json, written last), oldest first."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (s, p) for p in root.iterdir() if (s := checkpoint_step(p.name)) is not None and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 

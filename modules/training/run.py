@@ -72,6 +72,7 @@ class Run:
     flops_per_image: float = 0.0
     peak_tflops: float | None = None
     seconds_before: float = 0.0  # training time of the earlier parts of a resumed run
+    resumed_wandb_run: dict | None = None  # the wandb run a resumed run continues (id, entity), from its checkpoint
     started: float = field(default_factory=time.perf_counter)
     validation_set: Any = None  # held-out images and conditions, decoded at the first validation
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -38,6 +38,7 @@ from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
 from modules.training.checkpoint import check_compatible, load_checkpoint, resolve_resume
 from modules.training.ema import EMA
 from modules.training.flops import model_flops_per_image, peak_tflops
+from modules.training.remote import fetch, parse_reference
 from modules.training.run import Run, RunData
 from modules.training.stopping import NonFiniteGuard, StopRequest
 from modules.training.tracking import (
@@ -78,10 +79,8 @@ def setup_run(
     model, objective, num_classes = build_network(
         objective, model_args, train_args, data, resolution, num_classes, text
     )
-    resume = resolve_resume(train_args.resume_from_checkpoint, out)
-    if resume is not None:
-        check_compatible(resume, model)
     accelerator = make_accelerator(train_args, out, trackers)
+    resume = find_resume(train_args, out, accelerator, model)
     device, world = accelerator.device, accelerator.num_processes
     decode = None
     if data.latent is not None and accelerator.is_main_process:  # before the run dir: a VAE that does not fit stops
@@ -124,18 +123,23 @@ def setup_run(
     prepare_training(run)
     if resume is not None:
         resume_from(run, resume)
-    sampler.start_batch = run.start_step * train_args.gradient_accumulation_steps
-    loader = train_loader(
-        data.train.dataset,
-        sampler,
-        train_args.seed,
-        data_args.dataloader_num_workers,
-        with_index=text is not None,
-        pin_memory=device.type == "cuda",
-    )
-    run.batches = iter(loader)
+    start_batches(run, sampler)
     start_logging(run, record, trackers, cleanup)
     return run
+
+
+def start_batches(run: Run, sampler: ResumableBatchSampler):
+    """The run's batches from its start step on (the sampler skips exactly what an earlier run consumed)."""
+    sampler.start_batch = run.start_step * run.train_args.gradient_accumulation_steps
+    loader = train_loader(
+        run.data.train.dataset,
+        sampler,
+        run.train_args.seed,
+        run.data_args.dataloader_num_workers,
+        with_index=run.text is not None,
+        pin_memory=run.accelerator.device.type == "cuda",
+    )
+    run.batches = iter(loader)
 
 
 def check_training_arguments(train: TrainingArguments):
@@ -185,6 +189,9 @@ def check_training_arguments(train: TrainingArguments):
             raise UserError(f"--fid_weights: {e}") from None
     if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {train.checkpoints_total_limit}")
+    if train.wandb_log_checkpoints and train.report_to not in ("wandb", "all"):
+        raise UserError(f"--wandb_log_checkpoints needs --report_to wandb (or all), got --report_to {train.report_to}")
+    parse_reference(train.resume_from_checkpoint)  # a malformed hub: or wandb: reference fails now
 
 
 def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments) -> RunData:
@@ -408,7 +415,7 @@ def start_run_dir(record: dict, train_args: TrainingArguments, accelerator) -> H
     out = Path(train_args.output_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / RUN_CONFIG_FILE, json.dumps(record, indent=2))
-    if not train_args.push_to_hub:
+    if not (train_args.push_to_hub or train_args.push_checkpoints_to_hub):
         return None
     problem = check_push(train_args.hub_model_id, train_args.hub_token, out)
     if problem:
@@ -479,12 +486,29 @@ def prepare_training(run: Run):
         unwrapped.compile(backend=train_args.torch_compile_backend)
 
 
+def find_resume(train_args: TrainingArguments, out: Path, accelerator, model) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names, if any: local, or a hub: / wandb: one that the main process
+    downloads (modules/training/remote.py); refused when it was made for another model."""
+    reference = parse_reference(train_args.resume_from_checkpoint)
+    if reference is None:
+        path = resolve_resume(train_args.resume_from_checkpoint, out)
+    else:
+        if reference.kind == "wandb" and train_args.report_to not in ("wandb", "all"):
+            warn(f"--resume_from_checkpoint {reference} without --report_to wandb: the wandb run is not continued")
+        path = fetch(reference, out, train_args.hub_token) if accelerator.is_main_process else None
+        path = broadcast_object_list([path])[0]  # the others wait for the download
+    if path is not None:
+        check_compatible(path, model)
+    return path
+
+
 def resume_from(run: Run, checkpoint: Path):
     """Model, optimizer, RNG states and EMA from `checkpoint`, and where the run was (see checkpoint.py)."""
     state = load_checkpoint(run.accelerator, checkpoint, run.ema)
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.start_step, run.images_seen = state["step"], state["images_seen"]
     run.seconds_before = state.get("train_seconds", 0.0)
+    run.resumed_wandb_run = state.get("wandb_run")
     run.accelerator.print(f"resumed from {checkpoint} at step {run.start_step}")
 
 
@@ -533,7 +557,9 @@ def start_trackers(run: Run, record: dict, trackers: list[str], cleanup: context
     if "mlflow" in trackers:
         accelerator.print(f"mlflow: logging to {hide_password(mlflow_store(run.out))}")
         cleanup.push(end_mlflow_run_on_error)
-    accelerator.init_trackers(Path(record["script"]).stem, init_kwargs=tracker_settings(trackers, run.out))
+    accelerator.init_trackers(
+        Path(record["script"]).stem, init_kwargs=tracker_settings(trackers, run.out, run.resumed_wandb_run)
+    )
     config = to_dict(run.data_args, run.model_args, run.objective.args)
     for tracker in accelerator.trackers:
         params = mlflow_params(record, run.train_args.hub_token) if tracker.name == "mlflow" else config

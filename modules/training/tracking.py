@@ -63,12 +63,13 @@ def resolve_trackers(report_to: str, out: Path) -> list[str]:
     return trackers
 
 
-def tracker_settings(trackers: list[str], out: Path) -> dict:
-    """Accelerate's init_kwargs for the trackers: wandb writes into the run dir; MLflow names its run after the run
-    dir (its experiment is the project name, or $MLFLOW_EXPERIMENT_NAME)."""
+def tracker_settings(trackers: list[str], out: Path, continued_wandb: dict | None = None) -> dict:
+    """Accelerate's init_kwargs for the trackers: wandb writes into the run dir and continues the run a resumed
+    checkpoint names (`continued_wandb`); MLflow names its run after the run dir (its experiment is the project name,
+    or $MLFLOW_EXPERIMENT_NAME)."""
     settings = {}
     if "wandb" in trackers:
-        settings["wandb"] = {"dir": str(out)}
+        settings["wandb"] = wandb_init_kwargs(out, continued_wandb)
     if "mlflow" in trackers:
         settings["mlflow"] = {"run_name": out.resolve().name}
     return settings
@@ -127,11 +128,40 @@ def flat_params(record: dict, max_length: int, token: str | None = None) -> dict
     return leaves
 
 
+def wandb_run(accelerator):
+    """The wandb run this process logs to (the main process, with --report_to wandb), else None."""
+    if not accelerator.is_main_process:
+        return None
+    return next((t.tracker for t in accelerator.trackers if t.name == "wandb"), None)
+
+
+def wandb_record(accelerator) -> dict | None:
+    """What a checkpoint keeps of the wandb run, so that a resumed run continues it: id, entity, project."""
+    run = wandb_run(accelerator)
+    return None if run is None else {"id": run.id, "entity": run.entity or None, "project": run.project}
+
+
+def wandb_init_kwargs(out: Path, continued: dict | None) -> dict:
+    """wandb.init's arguments: its files in the run dir and, for a resumed run, the run to continue."""
+    kwargs = {"dir": str(out)}
+    if continued:
+        kwargs |= {"id": continued["id"], "resume": "allow"}
+        if continued.get("entity"):
+            kwargs["entity"] = continued["entity"]
+    return kwargs
+
+
 class MetricsLog:
-    """metrics.jsonl in the run dir (always), plus the Accelerate trackers when --report_to asks for them."""
+    """metrics.jsonl in the run dir (always), plus the Accelerate trackers when --report_to asks for them.
+
+    A continued wandb run refuses steps below the one it has reached (`Run.starting_step`: an attempt may have
+    logged steps past its last checkpoint); those steps go to metrics.jsonl only. The resumed run recomputes them
+    exactly, so the wandb history loses nothing."""
 
     def __init__(self, accelerator, path: Path):
         self.accelerator, self.path = accelerator, path
+        run = wandb_run(accelerator)
+        self.first_tracker_step = getattr(run, "starting_step", 0) if run is not None else 0
 
     def log(self, step: int, values: dict):
         """A row of metrics.jsonl; its numbers go to the trackers at `step` (a tracker's metric is a number: any other
@@ -140,7 +170,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
+        if step >= self.first_tracker_step:
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
 
     def log_files(self, paths, folder: str | None = None):
         """Files the run wrote (a sample grid, fid.json) as artifacts of the trackers that keep files (MLflow), under

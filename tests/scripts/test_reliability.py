@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, SIX_STEPS, TINY, in_process, read_metrics, runner, script, weights
+from helpers import ROOT, SIX_STEPS, TINY, assert_same_model, in_process, read_metrics, runner, script, weights
 
 import train_cfm
 from modules.training.checkpoint import list_checkpoints, resolve_resume
@@ -31,11 +31,6 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180, poll: floa
             proc.kill()
             pytest.fail("timed out waiting for the run")
         time.sleep(poll)
-
-
-def assert_same_model(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def resume(out):
