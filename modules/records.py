@@ -8,6 +8,8 @@ import os
 import shlex
 import sys
 
+from modules.config import UserError
+
 OBJECTIVE_FILE = "objective.json"  # next to a saved model: how it trained and samples
 RUN_CONFIG_FILE = "run_config.json"  # in a run dir: the training command (token hidden) and every setting
 
@@ -54,3 +56,18 @@ def redact(text: str, token: str | None = None) -> str:
 def describe_error(error: Exception, token: str | None = None) -> str:
     reason = (str(error).strip().splitlines() or [""])[0][:300]
     return f"{type(error).__name__}: {redact(reason, token)}"
+
+
+def hub_lookup_error(error: Exception, subject: str, revision: str | None, missing: str) -> UserError | None:
+    """The one line for a Hub lookup of `subject` (a model id, a flag's repo) that the user can fix: no such
+    revision, a gated repo, or a repo that is not there or private (`missing` says what that means to the caller);
+    None for any other error."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, RevisionNotFoundError):
+        return UserError(f"{subject} has no revision {revision!r} on the Hub")
+    if isinstance(error, GatedRepoError):
+        return UserError(f"{subject} is gated: accept its terms on the Hub and log in")
+    if isinstance(error, RepositoryNotFoundError):
+        return UserError(f"{subject} {missing}")
+    return None

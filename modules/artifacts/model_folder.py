@@ -16,7 +16,7 @@ from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.presets import MODEL_CLASSES
 from modules.objectives.ddpm import DDPMObjective, with_schedule_of
 from modules.objectives.registry import objective_from_config
-from modules.records import OBJECTIVE_FILE, describe_error, from_dict
+from modules.records import OBJECTIVE_FILE, describe_error, from_dict, hub_lookup_error
 
 
 def save_model(model, objective, directory: str | Path, extra: dict | None = None):
@@ -119,34 +119,25 @@ WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")  # pickled
 def download_model(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
     """A model folder from the Hub (cached), or a `UserError` that says why and suggests a local path."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
         folder = snapshot_download(
             repo_id, revision=revision, token=token, ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES]
         )
-    except RevisionNotFoundError:
-        raise UserError(f"model {repo_id!r} has no revision {revision!r} on the Hub") from None
-    except GatedRepoError:
-        raise UserError(f"model {repo_id!r} is gated: accept its terms on the Hub and log in") from None
-    except RepositoryNotFoundError:
-        raise UserError(
-            f"model {repo_id!r} is neither a local directory nor a model on the Hub (or it is private: log in or "
-            "pass a token); for a local model give the path of its directory"
-        ) from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise UserError(
-            f"model {repo_id!r} is not a local directory and could not be downloaded ({describe_error(e, token)}); "
-            "offline (HF_HUB_OFFLINE=1), only models already in the Hub cache load: download it first, or give a "
-            "local path"
-        ) from None
     except Exception as e:  # noqa: BLE001 - bad id, network errors: all the user's to fix
+        missing = (
+            "is neither a local directory nor a model on the Hub (or it is private: log in or pass a token); for a "
+            "local model give the path of its directory"
+        )
+        if known := hub_lookup_error(e, f"model {repo_id!r}", revision, missing):
+            raise known from None
+        if isinstance(e, LocalEntryNotFoundError | OfflineModeIsEnabled):
+            raise UserError(
+                f"model {repo_id!r} is not a local directory and could not be downloaded "
+                f"({describe_error(e, token)}); offline (HF_HUB_OFFLINE=1), only models already in the Hub cache "
+                "load: download it first, or give a local path"
+            ) from None
         raise UserError(
             f"model {repo_id!r} is not a local directory and could not be downloaded from the Hub "
             f"({describe_error(e, token)}); check the id and the network, or give a local path"

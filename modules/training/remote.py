@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules.config import UserError, warn
-from modules.records import describe_error
+from modules.records import describe_error, hub_lookup_error
 from modules.training.checkpoint import STATE_FILE, checkpoint_step, checkpoints_dir
 from modules.training.run import Run
 from modules.training.tracking import wandb_run
@@ -118,28 +118,20 @@ def complete_hub_checkpoints(files: list[str]) -> dict[int, str]:
 def _hub_latest(reference: RemoteCheckpoint, token: str | None) -> tuple[str, int, str]:
     """(the commit, the newest complete checkpoint's step and folder) of a `hub:` reference."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     flag = f"--resume_from_checkpoint {reference}"
     try:
         info = HfApi(token=token).model_info(reference.path, revision=reference.revision or "main")
-    except RevisionNotFoundError:
-        raise UserError(f"{flag}: the repo {reference.path!r} has no revision {reference.revision!r}") from None
-    except GatedRepoError:
-        raise UserError(f"{flag}: the repo {reference.path!r} is gated: accept its terms on the Hub") from None
-    except RepositoryNotFoundError:
-        raise UserError(
-            f"{flag}: no model repo {reference.path!r} on the Hub, or it is private and no token gives access (pass "
-            "--hub_token, set HF_TOKEN or run `hf auth login`)"
-        ) from None
-    except OfflineModeIsEnabled:
-        raise UserError(f"{flag}: HF_HUB_OFFLINE is set, so the Hub cannot be reached") from None
     except Exception as e:  # noqa: BLE001 - the network, a bad token: the user's to fix
+        missing = (
+            "is not a model repo on the Hub, or it is private and no token gives access (pass --hub_token, set "
+            "HF_TOKEN or run `hf auth login`)"
+        )
+        if known := hub_lookup_error(e, f"{flag}: the repo {reference.path!r}", reference.revision, missing):
+            raise known from None
+        if isinstance(e, OfflineModeIsEnabled):
+            raise UserError(f"{flag}: HF_HUB_OFFLINE is set, so the Hub cannot be reached") from None
         raise UserError(f"{flag}: could not read the repo ({describe_error(e, token)})") from None
     found = complete_hub_checkpoints([s.rfilename for s in info.siblings or []])
     if not found:

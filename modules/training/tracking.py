@@ -75,15 +75,22 @@ def tracker_settings(trackers: list[str], out: Path, continued_wandb: dict | Non
     return settings
 
 
+_MLFLOW_DEFAULT_URIS: set[str] = set()  # the run-dir stores set here (mlflow.set_tracking_uri also exports them)
+
+
 def mlflow_store(out: Path) -> str:
-    """Where MLflow logs: $MLFLOW_TRACKING_URI (a server, a database or a folder) when set, else a file store in the
-    run dir, out/mlruns. MLflow 3 keeps its file store in maintenance mode and refuses it unless
-    MLFLOW_ALLOW_FILE_STORE=true, which is set here only for that default."""
+    """Where MLflow logs: $MLFLOW_TRACKING_URI (a server, a database or a folder) when the user set it, else a file
+    store in the run dir, out/mlruns. MLflow 3 keeps its file store in maintenance mode and refuses it unless
+    MLFLOW_ALLOW_FILE_STORE=true, which is set here only for that default. mlflow.set_tracking_uri exports the URI to
+    the environment, so a URI this function set for an earlier run in the process is not the user's."""
     import mlflow  # optional: only with --report_to mlflow (or all)
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        uri = (out / "mlruns").resolve().as_uri()
+    if not uri or uri in _MLFLOW_DEFAULT_URIS:
+        store = out / "mlruns"
+        (store / ".trash").mkdir(parents=True, exist_ok=True)  # mlflow keeps its store per URI: not made again
+        uri = store.resolve().as_uri()
+        _MLFLOW_DEFAULT_URIS.add(uri)
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     mlflow.set_tracking_uri(uri)  # also when set: a run before it in this process may have set another
     return uri

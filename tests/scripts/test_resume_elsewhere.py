@@ -179,8 +179,8 @@ def test_bad_references_fail_in_one_line_and_write_nothing(hub, interrupted, fro
     hub.repos["someone/gated"] = {}
     hub.gated.add("someone/gated")
     for reference, needle in (
-        ("hub:someone/missing", "no model repo 'someone/missing' on the Hub, or it is private"),
-        ("hub:someone/private", "no model repo 'someone/private' on the Hub, or it is private"),
+        ("hub:someone/missing", "the repo 'someone/missing' is not a model repo on the Hub, or it is private"),
+        ("hub:someone/private", "the repo 'someone/private' is not a model repo on the Hub, or it is private"),
         ("hub:someone/gated", "is gated"),
         ("hub:someone/empty", "holds no complete checkpoint (no checkpoints/checkpoint-<step>/training_state.json)"),
         (f"hub:{REPO}@nope", f"the repo '{REPO}' has no revision 'nope'"),

@@ -50,6 +50,10 @@ def test_mlflow_logs_into_the_run_dir_unless_a_tracking_uri_is_set(monkeypatch, 
         assert tracking.mlflow_store(tmp_path / "run") == (tmp_path / "run" / "mlruns").as_uri()
         assert mlflow.get_tracking_uri() == (tmp_path / "run" / "mlruns").as_uri()
         assert tracking.os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
+        # mlflow exported that URI; the next run of this process still logs into its own run dir, made again
+        assert tracking.os.environ["MLFLOW_TRACKING_URI"] == (tmp_path / "run" / "mlruns").as_uri()
+        assert tracking.mlflow_store(tmp_path / "next") == (tmp_path / "next" / "mlruns").as_uri()
+        assert (tmp_path / "next" / "mlruns").is_dir()
 
         monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
