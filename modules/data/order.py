@@ -43,6 +43,11 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             epoch, offset = epoch + 1, 0
 
 
+def keyed_generator(key: tuple[int, ...], device="cpu") -> torch.Generator:
+    """A generator seeded by a tuple of integers alone (their hash is the same in every process and run)."""
+    return torch.Generator(device=device).manual_seed(hash(key) & ((1 << 63) - 1))
+
+
 def step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
     """The generator for one micro-batch: a pure function of where the run is, so resume replays it exactly."""
-    return torch.Generator(device=device).manual_seed(hash((seed, rank, step, micro)) & ((1 << 63) - 1))
+    return keyed_generator((seed, rank, step, micro), device)

@@ -25,6 +25,7 @@ import torch
 
 from modules.config import UserError
 from modules.data.images import load_fashion_mnist
+from modules.data.order import keyed_generator
 from modules.pixels import resize_uint8, to_model_range
 
 FASHION_MNIST_ITEM_SIZE = 28
@@ -47,12 +48,6 @@ def item_size_for(resolution: int) -> int:
     """The side of an item on a canvas of `resolution`: 28 (Fashion-MNIST's own) from 32 up, else scaled to 7/8 of
     the canvas, so that an item always has room to move."""
     return min(FASHION_MNIST_ITEM_SIZE, resolution * 7 // 8)
-
-
-def clip_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of clip `index`: a function of (seed, index) only, so a clip is the same in any order or
-    process."""
-    return torch.Generator().manual_seed(hash((seed, index)) & ((1 << 63) - 1))
 
 
 def bounce_step(positions: torch.Tensor, velocities: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +129,7 @@ class MovingFashionMNIST(torch.utils.data.Dataset):
         """Clip `index`'s item indices (n,), start positions (n, 2) and velocities (n, 2), from its own generator."""
         if not 0 <= index < self.num_clips:
             raise IndexError(f"clip {index} out of range (the dataset has {self.num_clips} clips)")
-        g = clip_generator(self.seed, index)
+        g = keyed_generator((self.seed, index))  # (seed, index) only: the same clip in any order or process
         n = self.num_items
         item_indices = torch.randint(len(self.items), (n,), generator=g)
         start = torch.randint(self.room + 1, (n, 2), generator=g)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from modules.config import UserError
-from modules.data.images import FASHION_MNIST_DIR, load_fashion_mnist
+from modules.data.images import FASHION_MNIST_DIR, collate_examples, load_fashion_mnist
 from modules.data.video import MovingFashionMNIST, load_moving_fashion_mnist
 from modules.evaluation.video_metrics import (
+    acceleration_ratio,
     frame_difference_ratio,
     intensity_centroid,
     item_centroid_paths,
@@ -111,6 +112,11 @@ def test_frames_hold_the_source_items_at_their_positions(test_split):
                 for (r, c), item in zip(((r0, c0), (r1, c1)), clips.items[b], strict=True):
                     assert torch.equal(clips.frames[b, f, 0, r : r + 28, c : c + 28], item)
     assert separate > 20
+    assert torch.equal(data.uint8_clips(3), clips.frames[:3])
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate_examples)
+    batch = next(iter(loader))  # one index op a batch, as the image datasets are read
+    assert torch.equal(batch["pixel_values"], to_model_range(clips.frames[:4]))
+    assert torch.equal(batch["positions"], clips.positions[:4]) and torch.equal(batch["labels"], clips.labels[:4])
     example = data[5]
     assert example["pixel_values"].shape == (16, 3, 64, 64) and example["pixel_values"].dtype == torch.float32
     assert torch.equal(example["pixel_values"], to_model_range(data.clips([5]).frames[0]))
@@ -156,6 +162,9 @@ def test_tracker_finds_a_single_item_and_acceleration_only_at_bounces():
     expected = acceleration.double().pow(2).sum(-1).mean((1, 2))
     assert torch.allclose(mean_squared_acceleration(true_paths), expected, atol=1e-9, rtol=0)
     assert torch.allclose(mean_squared_acceleration(track_centroids(clips.frames)), expected, atol=1e-9, rtol=0)
+    assert acceleration_ratio(clips.frames, clips.frames) == pytest.approx(1)
+    still = clips.frames[:, [0] * 16]  # every frame the first: no motion at all
+    assert acceleration_ratio(still, clips.frames) == 0 and frame_difference_ratio(still, clips.frames) == 0
 
 
 def test_tracker_follows_separate_items():
