@@ -111,13 +111,14 @@ class MovingFashionMNIST(torch.utils.data.Dataset):
             raise UserError(
                 f"moving_fashion_mnist: items of {size}px leave no room to move on a {resolution}px canvas"
             )
-        for name, value in (("num_frames", num_frames), ("num_items", num_items), ("max_speed", max_speed)):
+        num_clips = len(items) if num_clips is None else num_clips
+        counts = {"num_clips": num_clips, "num_frames": num_frames, "num_items": num_items, "max_speed": max_speed}
+        for name, value in counts.items():
             if value < 1:
-                raise UserError(f"moving_fashion_mnist: --{name} must be at least 1, got {value}")
+                raise UserError(f"moving_fashion_mnist: {name} must be at least 1, got {value}")
         if num_channels not in (1, 3):
-            raise UserError(f"moving_fashion_mnist: --num_channels must be 1 or 3, got {num_channels}")
-        self.items, self.labels = items, labels
-        self.num_clips = len(items) if num_clips is None else num_clips
+            raise UserError(f"moving_fashion_mnist: num_channels must be 1 or 3, got {num_channels}")
+        self.items, self.labels, self.num_clips = items, labels, num_clips
         self.num_frames, self.resolution, self.num_items = num_frames, resolution, num_items
         self.seed, self.num_channels, self.room = seed, num_channels, room
         self.max_speed = min(max_speed, room)  # one reflection per frame at most keeps the law exact

@@ -6,7 +6,7 @@ import torch
 
 from modules.config import UserError
 from modules.data.images import FASHION_MNIST_DIR, collate_examples, load_fashion_mnist
-from modules.data.video import MovingFashionMNIST, load_moving_fashion_mnist
+from modules.data.video import MovingFashionMNIST, item_size_for, load_moving_fashion_mnist
 from modules.evaluation.video_metrics import (
     acceleration_ratio,
     frame_difference_ratio,
@@ -16,7 +16,7 @@ from modules.evaluation.video_metrics import (
     mean_squared_acceleration,
     track_centroids,
 )
-from modules.pixels import to_model_range
+from modules.pixels import resize_uint8, to_model_range
 
 needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="needs make setup"
@@ -136,14 +136,21 @@ def test_train_and_test_splits_draw_from_their_own_images(monkeypatch):
     assert asked == ["train", "test"]
 
 
-def test_small_canvas_scales_items_and_bad_settings_are_named():
+def test_small_canvas_scales_items_and_bad_settings_are_named(monkeypatch):
     items, labels = _squares(size=28)
+    monkeypatch.setattr("modules.data.video.load_fashion_mnist", lambda split: (items, labels))
+    assert [item_size_for(r) for r in (64, 32, 16, 8)] == [28, 28, 14, 7]
+    small = load_moving_fashion_mnist(resolution=16)
+    assert torch.equal(small.items, resize_uint8(items[:, None], 14)[:, 0]) and small.max_speed == 2
+    assert small.clips([0]).frames.shape == (1, 16, 1, 16, 16)
     with pytest.raises(UserError, match="no room to move on a 28px canvas"):
         MovingFashionMNIST(items, labels, resolution=28)
-    with pytest.raises(UserError, match="--num_frames must be at least 1, got 0"):
+    with pytest.raises(UserError, match="num_frames must be at least 1, got 0"):
         MovingFashionMNIST(items, labels, num_frames=0)
-    with pytest.raises(UserError, match="--num_channels must be 1 or 3"):
+    with pytest.raises(UserError, match="num_channels must be 1 or 3, got 2"):
         MovingFashionMNIST(items, labels, num_channels=2)
+    with pytest.raises(UserError, match="num_clips must be at least 1, got 0"):
+        MovingFashionMNIST(items, labels, num_clips=0)
 
 
 @needs_fashion_mnist
