@@ -17,6 +17,8 @@ from modules.objectives.flow import FlowObjective
 # video_attention="factorized" (the presets' defaults but for the classes): clips of 16 4x32x32 latents. The
 # positions are fixed buffers, so the count does not depend on num_frames or sample_size.
 VIDEO_DIT_PARAMS = {"video_dit_tiny": 5_914_000, "video_dit_s": 45_277_456, "video_dit_b": 179_913_232}
+# The same with adaln="single".
+VIDEO_DIT_SINGLE_PARAMS = {"video_dit_tiny": 4_183_120, "video_dit_s": 30_387_856, "video_dit_b": 120_347_920}
 
 FRAMES, SIZE, CHANNELS = 4, 8, 2  # the tiny clips: (B, 4, 2, 8, 8), a 4 x 4 x 4 token grid at tp = 1, p = 2
 
@@ -78,17 +80,21 @@ VARIANTS = [
 def test_video_dit_preset_param_count(name):
     """Pinned; with full attention the image DiT's count exactly (the same parameters, one token per patch); the
     factorized blocks add a time attention (4D^2 + 4D) and its three modulations (3D^2 + 3D) each; a temporal patch
-    of 2 adds the second frame's patch weights and outputs."""
+    of 2 adds the second frame's patch weights and outputs. adaLN-single trades the depth + 1 modulation linears
+    (9D^2 + 9D per block, 2D^2 + 2D in the final layer) for one shared 9D-wide linear and (9, D) and (2, D) tables."""
     image = name.removeprefix("video_")
     common = dict(in_channels=4, sample_size=32, num_frames=16, patch_size=2, num_classes=1000)
     with torch.device("meta"):
         factorized = VIDEO_DIT_PRESETS[name](**common)
         full = VIDEO_DIT_PRESETS[name](video_attention="full", **common)
         pairs = VIDEO_DIT_PRESETS[name](temporal_patch_size=2, **common)
+        single = VIDEO_DIT_PRESETS[name](adaln="single", **common)
     D, depth, C, p = factorized.config.hidden_size, factorized.config.depth, 4, 2
     assert num_params(factorized) == VIDEO_DIT_PARAMS[name] == DIT_PARAMS[image] + depth * (7 * D * D + 7 * D)
     assert num_params(full) == DIT_PARAMS[image]
     assert num_params(pairs) == VIDEO_DIT_PARAMS[name] + C * p * p * D + p * p * C * (D + 1)
+    saved = (depth - 1) * (9 * D * D + 9 * D) + 2 * D * D + 2 * D - depth * 9 * D - 2 * D
+    assert num_params(single) == VIDEO_DIT_SINGLE_PARAMS[name] == VIDEO_DIT_PARAMS[name] - saved
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
