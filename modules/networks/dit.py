@@ -45,10 +45,10 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1).float()
 
 
-def grid_positions(grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column index of each token in row-major order: 2 x (grid_h * grid_w,)."""
-    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    return rows.reshape(-1), cols.reshape(-1)
+def grid_positions(*sizes: int) -> tuple[torch.Tensor, ...]:
+    """Index along each axis of each token of a grid, in row-major order: len(sizes) x (prod(sizes),). For a 2-D
+    grid (grid_h, grid_w), the row and the column of each token."""
+    return tuple(axis.reshape(-1) for axis in torch.meshgrid(*(torch.arange(n) for n in sizes), indexing="ij"))
 
 
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -64,9 +64,20 @@ def rope_2d_angles(head_dim: int, grid_h: int, grid_w: int, theta: float = 10000
     half. Returns (N, head_dim / 2).
     """
     quarter = head_dim // 4
-    inv_freq = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    rows, cols = grid_positions(grid_h, grid_w)
-    return torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=1)
+    return rope_angles(grid_positions(grid_h, grid_w), (quarter, quarter), theta)
+
+
+def rope_angles(positions: tuple[torch.Tensor, ...], pairs: tuple[int, ...], theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles for RoPE over several axes: axis a rotates pairs[a] channel pairs of its own, in order.
+
+    angle[n, i] = positions[a][n] * theta^(-i / pairs[a]) for i < pairs[a]. positions: one (N,) tensor per axis.
+    Returns (N, sum(pairs)).
+    """
+    parts = []
+    for pos, n in zip(positions, pairs, strict=True):
+        inv_freq = 1.0 / theta ** (torch.arange(n, dtype=torch.float32) / n)
+        parts.append(pos[:, None] * inv_freq)  # (N, n)
+    return torch.cat(parts, dim=1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,6 +148,9 @@ class DiTBlock(nn.Module):
     """Self-attention [, cross-attention] and MLP, modulated by adaLN-Zero (a modulation MLP of its own) or
     adaLN-single (the shared modulations plus a learned table of its own)."""
 
+    num_modulations = 6  # shift, scale and gate of the attention, then of the MLP
+    gates = GATES
+
     def __init__(
         self,
         dim: int,
@@ -154,20 +168,23 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio, mlp)
         if adaln == "zero":
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.num_modulations * dim))
             self.scale_shift_table = None
         else:  # E(i) of PixArt-alpha: this block's offsets to the shared modulations (set in initialize_weights)
-            self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))
+            self.scale_shift_table = nn.Parameter(torch.zeros(self.num_modulations, dim))
+
+    def modulations(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """num_modulations x (B, D) from c: the conditioning vector (B, D) under adaLN-Zero, the shared modulations
+        (B, num_modulations, D) under adaLN-single."""
+        if self.scale_shift_table is None:
+            return self.adaLN_modulation(c).chunk(self.num_modulations, dim=1)
+        return (self.scale_shift_table.to(c.dtype) + c).unbind(1)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, context=None
     ) -> torch.Tensor:
         """c: the conditioning vector (B, D) under adaLN-Zero, the shared modulations (B, 6, D) under adaLN-single."""
-        if self.scale_shift_table is None:
-            modulations = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
-        else:
-            modulations = (self.scale_shift_table.to(c.dtype) + c).unbind(1)  # 6 x (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         if self.cross_attn is not None:
             x = self.cross_attn(x, *context)
@@ -197,7 +214,73 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiTModel(ModelMixin, ConfigMixin):
+class DiTTrunk:
+    """What the image and the video DiT share around their blocks: the weight initialisation, the conditioning of
+    a forward and the block runner (gradient checkpointing). Expects x_embedder, cond_embed, adaLN_shared, blocks
+    (with their `modulations` and `gates`), final_layer and text_model."""
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform linears, normal(0.02) embeddings; zero adaLN modulations and final layer (adaLN-Zero).
+
+        Under adaLN-single the shared MLP starts at zero and each table at PixArt-alpha's normal(0, 1/D), except
+        its gate rows, which start at zero: every gate is zero, so every block starts as the identity."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        # The patch embedding is a linear map of each flattened patch.
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.cond_embed.time.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.cond_embed.time.mlp[2].weight, std=0.02)
+        if self.cond_embed.label is not None:
+            nn.init.normal_(self.cond_embed.label.embedding.weight, std=0.02)
+        for block in self.blocks:
+            if block.scale_shift_table is None:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            else:
+                nn.init.normal_(block.scale_shift_table, std=self.config.hidden_size**-0.5)
+                with torch.no_grad():
+                    block.scale_shift_table[list(block.gates)] = 0.0
+            if block.cross_attn is not None:  # starts as the identity, like every other branch
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        if self.adaLN_shared is not None:
+            nn.init.zeros_(self.adaLN_shared[-1].weight)
+            nn.init.zeros_(self.adaLN_shared[-1].bias)
+        if self.final_layer.scale_shift_table is None:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        else:
+            nn.init.normal_(self.final_layer.scale_shift_table, std=self.config.hidden_size**-0.5)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        if self.text_model is not None:  # its own initialisation, not the DiT's
+            self.text_model.initialize_weights()
+
+    def condition(self, t: torch.Tensor | float, cond, batch_size: int, dtype: torch.dtype):
+        """(c, block_c, context): the conditioning vector c (B, D) of the final layer; what each block modulates
+        with (c under adaLN-Zero, the shared modulations (B, num_modulations, D) under adaLN-single); and the text
+        tokens and mask that cross-attention reads, or None."""
+        cond = resolve_text(self.text_model, cond)
+        c = self.cond_embed(t, cond, batch_size).to(dtype)  # (B, D)
+        context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
+        block_c = c if self.adaLN_shared is None else self.adaLN_shared(c).unflatten(1, (-1, c.shape[1]))
+        return c, block_c, context
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+
+class DiTModel(DiTTrunk, ModelMixin, ConfigMixin):
     """DiT. `forward(x, t, cond)` maps (B, in_channels, H, W) to (B, out_channels, H, W).
 
     H and W must be multiples of `patch_size`. Inputs of another size than `sample_size` work too: the position
@@ -274,51 +357,6 @@ class DiTModel(ModelMixin, ConfigMixin):
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, adaln)
         self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        """Xavier-uniform linears, normal(0.02) embeddings; zero adaLN modulations and final layer (adaLN-Zero).
-
-        Under adaLN-single the shared MLP starts at zero and each table at PixArt-alpha's normal(0, 1/D), except
-        its gate rows, which start at zero: every gate is zero, so every block starts as the identity."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        # The patch embedding is a linear map of each flattened patch.
-        w = self.x_embedder.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.cond_embed.time.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.cond_embed.time.mlp[2].weight, std=0.02)
-        if self.cond_embed.label is not None:
-            nn.init.normal_(self.cond_embed.label.embedding.weight, std=0.02)
-        for block in self.blocks:
-            if block.scale_shift_table is None:
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            else:
-                nn.init.normal_(block.scale_shift_table, std=self.config.hidden_size**-0.5)
-                with torch.no_grad():
-                    block.scale_shift_table[list(GATES)] = 0.0
-            if block.cross_attn is not None:  # starts as the identity, like every other branch
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
-        if self.adaLN_shared is not None:
-            nn.init.zeros_(self.adaLN_shared[-1].weight)
-            nn.init.zeros_(self.adaLN_shared[-1].bias)
-        if self.final_layer.scale_shift_table is None:
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        else:
-            nn.init.normal_(self.final_layer.scale_shift_table, std=self.config.hidden_size**-0.5)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-        if self.text_model is not None:  # its own initialisation, not the DiT's
-            self.text_model.initialize_weights()
-
     @property
     def downsample_factor(self) -> int:
         """Input height and width must be multiples of this."""
@@ -330,11 +368,6 @@ class DiTModel(ModelMixin, ConfigMixin):
         x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)  # (B, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)  # (B, C, H, W)
-
-    def _run(self, block: nn.Module, *args) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, *args)
-        return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
         """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
@@ -357,10 +390,7 @@ class DiTModel(ModelMixin, ConfigMixin):
                 angles = rope_2d_angles(2 * cos.shape[-1], grid_h, grid_w).to(h.device)
                 cos, sin = angles.cos(), angles.sin()
             rope = (cos, sin)
-        cond = resolve_text(self.text_model, cond)
-        c = self.cond_embed(t, cond, x.shape[0]).to(h.dtype)  # (B, D)
-        context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
-        block_c = c if self.adaLN_shared is None else self.adaLN_shared(c).unflatten(1, (6, -1))  # (B, 6, D)
+        c, block_c, context = self.condition(t, cond, x.shape[0], h.dtype)
         for block in self.blocks:
             h = self._run(block, h, block_c, rope, context)
         h = self.final_layer(h, c)  # (B, N, p * p * C)
