@@ -175,6 +175,19 @@ def hub_env(hub_url: str, home) -> dict:
     }
 
 
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter so zero-initialised layers no longer hide the rest of the network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
 # UNets at in_channels=3, sample_size=32, unconditional (CIFAR-10 shape). unet_l is the DDPM CIFAR-10 network:
 # 35.7M in the paper, plus 2,560,896 for the scale half of the scale-shift conditioning.
 UNET_PARAMS = {"unet_s": 1_034_515, "unet_m": 9_925_059, "unet_l": 38_307_203}

@@ -14,6 +14,7 @@ from modules.config import DDPMArguments, UserError, warn
 from modules.files import write_text_atomically
 from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.presets import MODEL_CLASSES
+from modules.networks.weights import state_dict_mismatches
 from modules.objectives.ddpm import DDPMObjective, with_schedule_of
 from modules.objectives.registry import objective_from_config
 from modules.records import OBJECTIVE_FILE, describe_error, from_dict, hub_lookup_error
@@ -97,14 +98,7 @@ def load_pretrained_weights(model, path_or_id: str, revision: str | None = None,
             f"pass --adaln {saved_adaln}"
         )
     state = load_file(str(weights))
-    own = model.state_dict()
-    problems = [f"{k} missing" for k in own if k not in state]
-    problems += [f"{k} unexpected" for k in state if k not in own]
-    problems += [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    problems = state_dict_mismatches(model.state_dict(), state)
     if problems:
         raise UserError(
             f"--init_from '{path_or_id}' does not fit the model being trained ({len(problems)} parameter(s) differ: "

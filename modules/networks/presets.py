@@ -7,8 +7,15 @@ from modules.networks.dit import DIT_PRESETS, DiTModel
 from modules.networks.unet import UNET_PRESETS, UNetModel
 from modules.networks.vae import KLVAE, VAE_CONFIGS, VAE_PRESETS
 from modules.networks.video_dit import VideoDiTModel
+from modules.networks.video_unet import VideoUNetModel
 
-MODEL_CLASSES = {"UNetModel": UNetModel, "DiTModel": DiTModel, "VideoDiTModel": VideoDiTModel, "KLVAE": KLVAE}
+MODEL_CLASSES = {
+    "UNetModel": UNetModel,
+    "DiTModel": DiTModel,
+    "KLVAE": KLVAE,
+    "VideoDiTModel": VideoDiTModel,
+    "VideoUNetModel": VideoUNetModel,
+}
 
 
 def build_model(args: ModelArguments, in_channels: int, resolution: int, num_classes: int = 0, text=None):

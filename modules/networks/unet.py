@@ -105,16 +105,23 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class FrameLayer(nn.Module):
+    """A layer across the frames of a clip: forward(x, num_frames) with x (B * F, C, H, W), each clip's F frames
+    consecutive. The image UNet has none; the video UNet (networks/video_unet.py) adds its temporal layers as these."""
+
+
 class EmbedSequential(nn.Sequential):
     """A run of layers between two skip connections; ResBlocks also get the conditioning vector, cross-attention
-    layers the text tokens and mask."""
+    layers the text tokens and mask, frame layers the number of frames per clip."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context=None, num_frames: int = 1) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, CrossAttention):
                 x = layer(x, *context)
+            elif isinstance(layer, FrameLayer):
+                x = layer(x, num_frames)
             else:
                 x = layer(x)
         return x
@@ -218,38 +225,51 @@ class UNetModel(ModelMixin, ConfigMixin):
         """Input height and width must be multiples of this."""
         return 2 ** (len(self.config.channel_mult) - 1)
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context) -> torch.Tensor:
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context, num_frames: int) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, h, emb, context)
-        return block(h, emb, context)
+            return self._gradient_checkpointing_func(block, h, emb, context, num_frames)
+        return block(h, emb, context, num_frames)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
         """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
         text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py)."""
+        self.check_input_size(x)
+        emb, context = self.embed_condition(t, cond, x.shape[0], x.dtype)
+        return self.apply_blocks(x, emb, context)
+
+    def check_input_size(self, x: torch.Tensor) -> None:
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(
                 f"Input size {tuple(x.shape[-2:])} is not divisible by the UNet's downsample factor {f}; "
                 f"use a resolution that is a multiple of {f} or fewer channel_mult levels."
             )
+
+    def embed_condition(self, t: torch.Tensor | float, cond, batch_size: int, dtype: torch.dtype):
+        """(emb, context): the conditioning vector every ResBlock gets, (B, 4 * base_channels), through SiLU once
+        here rather than in every block; the text tokens and mask cross-attention attends to, or None."""
         cond = resolve_text(self.text_model, cond)
-        emb = F.silu(self.cond_embed(t, cond, x.shape[0])).to(x.dtype)
+        emb = F.silu(self.cond_embed(t, cond, batch_size)).to(dtype)
         context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
+        return emb, context
+
+    def apply_blocks(self, x: torch.Tensor, emb: torch.Tensor, context, num_frames: int = 1) -> torch.Tensor:
+        """conv_in, the down, middle and up blocks and conv_out on x (N, C, H, W) conditioned by emb (N, D); for
+        clips N = B * F with each clip's frames consecutive, and `num_frames` F goes to the frame layers."""
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, emb, context, num_frames)
             skips.append(h)
-        h = self._run(self.mid_block, h, emb, context)
+        h = self._run(self.mid_block, h, emb, context, num_frames)
         for block in self.up_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def unet_s(**overrides) -> UNetModel:
-    """Small UNet for 32x32 data on a CPU (Fashion-MNIST's main job): 3 levels of 16/32/64 channels, so the
-    full-resolution level, where most of the compute goes, stays thin; attention at 8x8."""
-    config = dict(
+# The presets' configurations; the video UNet's presets (networks/video_unet.py) are these with temporal layers.
+UNET_CONFIGS = {
+    "unet_s": dict(
         in_channels=3,
         sample_size=32,
         base_channels=16,
@@ -258,13 +278,8 @@ def unet_s(**overrides) -> UNetModel:
         attention_resolutions=(8,),
         num_head_channels=64,
         dropout=0.0,
-    )
-    return UNetModel(**{**config, **overrides})
-
-
-def unet_m(**overrides) -> UNetModel:
-    """Medium UNet: 4 levels, attention at 16x16 and 8x8."""
-    config = dict(
+    ),
+    "unet_m": dict(
         in_channels=3,
         sample_size=32,
         base_channels=64,
@@ -273,13 +288,8 @@ def unet_m(**overrides) -> UNetModel:
         attention_resolutions=(16, 8),
         num_head_channels=64,
         dropout=0.1,
-    )
-    return UNetModel(**{**config, **overrides})
-
-
-def unet_l(**overrides) -> UNetModel:
-    """The DDPM paper's CIFAR-10 network (35.7M parameters there; scale-shift conditioning adds ~2M here)."""
-    config = dict(
+    ),
+    "unet_l": dict(
         in_channels=3,
         sample_size=32,
         base_channels=128,
@@ -288,8 +298,24 @@ def unet_l(**overrides) -> UNetModel:
         attention_resolutions=(16,),
         num_head_channels=64,
         dropout=0.1,
-    )
-    return UNetModel(**{**config, **overrides})
+    ),
+}
+
+
+def unet_s(**overrides) -> UNetModel:
+    """Small UNet for 32x32 data on a CPU (Fashion-MNIST's main job): 3 levels of 16/32/64 channels, so the
+    full-resolution level, where most of the compute goes, stays thin; attention at 8x8."""
+    return UNetModel(**{**UNET_CONFIGS["unet_s"], **overrides})
+
+
+def unet_m(**overrides) -> UNetModel:
+    """Medium UNet: 4 levels, attention at 16x16 and 8x8."""
+    return UNetModel(**{**UNET_CONFIGS["unet_m"], **overrides})
+
+
+def unet_l(**overrides) -> UNetModel:
+    """The DDPM paper's CIFAR-10 network (35.7M parameters there; scale-shift conditioning adds ~2M here)."""
+    return UNetModel(**{**UNET_CONFIGS["unet_l"], **overrides})
 
 
 UNET_PRESETS = {"unet_s": unet_s, "unet_m": unet_m, "unet_l": unet_l}

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
-from helpers import DIT_PARAMS, DIT_SINGLE_PARAMS, UNET_PARAMS
+from helpers import DIT_PARAMS, DIT_SINGLE_PARAMS, UNET_PARAMS, num_params, perturb_
 
 from modules.networks.conditioning import drop_labels, timestep_embedding
 from modules.networks.dit import DIT_PRESETS, GATES, DiTModel, apply_rope, rope_2d_angles
@@ -19,10 +19,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def tiny_unet(**overrides) -> UNetModel:
@@ -50,15 +46,6 @@ MODEL_FACTORIES = {
     "dit": lambda **kw: tiny_dit(qk_norm=True, pos_embed="rope", mlp="swiglu", **kw),
     "dit_single": lambda **kw: tiny_dit(adaln="single", **kw),
 }
-
-
-def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised layers no longer hide the rest of the network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def inputs(batch: int = 3, channels: int = 2, size: int = 16, num_classes: int = 0, seed: int = 0):

@@ -1,0 +1,19 @@
+"""Whether a state dict fits a network: the parameters it lacks, has beyond the network's, or has in another shape.
+`--init_from` (artifacts/model_folder.py) and the video UNet's image weights (networks/video_unet.py) say it so."""
+
+from __future__ import annotations
+
+import torch
+
+
+def state_dict_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """One line per parameter that differs between a network's state dict `own` and `state`, the one to load:
+    "<key> missing" (in own, not in state), "<key> unexpected" (the reverse), "<key> (saved shape) vs (own shape)"."""
+    problems = [f"{k} missing" for k in own if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in own]
+    problems += [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return problems
