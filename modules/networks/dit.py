@@ -397,37 +397,37 @@ class DiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         return self.unpatchify(h, grid_h, grid_w)
 
 
-def _dit(depth: int, hidden_size: int, num_heads: int, overrides: dict) -> DiTModel:
-    config = dict(
-        in_channels=4,
-        sample_size=32,
-        patch_size=2,
-        hidden_size=hidden_size,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=4.0,
-    )
-    return DiTModel(**{**config, **overrides})
+# (depth, hidden size, heads) of the DiT paper's sizes (and a tiny one); the video DiT's presets take them too.
+DIT_SIZES = {"tiny": (6, 192, 3), "s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}
+# What a preset sets besides its size: 4x32x32 latents (256 px images through an 8x VAE), patch 2.
+PRESET_DEFAULTS = dict(in_channels=4, sample_size=32, patch_size=2, mlp_ratio=4.0)
+
+
+def preset(cls, size: str, overrides: dict, **defaults):
+    """A `cls` of DiT size `size` with the preset defaults, then `defaults`, then `overrides`."""
+    depth, hidden_size, num_heads = DIT_SIZES[size]
+    sizes = dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+    return cls(**{**PRESET_DEFAULTS, **defaults, **sizes, **overrides})
 
 
 def dit_tiny(**overrides) -> DiTModel:
-    return _dit(6, 192, 3, overrides)
+    return preset(DiTModel, "tiny", overrides)
 
 
 def dit_s(**overrides) -> DiTModel:
-    return _dit(12, 384, 6, overrides)
+    return preset(DiTModel, "s", overrides)
 
 
 def dit_b(**overrides) -> DiTModel:
-    return _dit(12, 768, 12, overrides)
+    return preset(DiTModel, "b", overrides)
 
 
 def dit_l(**overrides) -> DiTModel:
-    return _dit(24, 1024, 16, overrides)
+    return preset(DiTModel, "l", overrides)
 
 
 def dit_xl(**overrides) -> DiTModel:
-    return _dit(28, 1152, 16, overrides)
+    return preset(DiTModel, "xl", overrides)
 
 
 DIT_PRESETS = {"dit_tiny": dit_tiny, "dit_s": dit_s, "dit_b": dit_b, "dit_l": dit_l, "dit_xl": dit_xl}

@@ -35,6 +35,7 @@ from modules.networks.dit import (
     FinalLayer,
     grid_positions,
     modulate,
+    preset,
     rope_angles,
     sincos_1d,
 )
@@ -251,31 +252,20 @@ def check_video_dit_config(config) -> None:
         )
 
 
-def _video_dit(depth: int, hidden_size: int, num_heads: int, overrides: dict) -> VideoDiTModel:
-    config = dict(
-        in_channels=4,
-        sample_size=32,
-        num_frames=16,
-        patch_size=2,
-        temporal_patch_size=1,
-        hidden_size=hidden_size,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=4.0,
-    )
-    return VideoDiTModel(**{**config, **overrides})
+# Clips of 16 frames of the image presets' latents, one frame a patch in time.
+VIDEO_DEFAULTS = dict(num_frames=16, temporal_patch_size=1)
 
 
 def video_dit_tiny(**overrides) -> VideoDiTModel:
-    return _video_dit(6, 192, 3, overrides)
+    return preset(VideoDiTModel, "tiny", overrides, **VIDEO_DEFAULTS)
 
 
 def video_dit_s(**overrides) -> VideoDiTModel:
-    return _video_dit(12, 384, 6, overrides)
+    return preset(VideoDiTModel, "s", overrides, **VIDEO_DEFAULTS)
 
 
 def video_dit_b(**overrides) -> VideoDiTModel:
-    return _video_dit(12, 768, 12, overrides)
+    return preset(VideoDiTModel, "b", overrides, **VIDEO_DEFAULTS)
 
 
 VIDEO_DIT_PRESETS = {"video_dit_tiny": video_dit_tiny, "video_dit_s": video_dit_s, "video_dit_b": video_dit_b}

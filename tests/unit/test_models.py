@@ -5,34 +5,16 @@ import itertools
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
-from helpers import DIT_PARAMS, DIT_SINGLE_PARAMS, UNET_PARAMS, num_params, perturb_
+from helpers import DIT_PARAMS, DIT_SINGLE_PARAMS, TINY_UNET, UNET_PARAMS, num_params, perturb_
 
 from modules.networks.conditioning import drop_labels, timestep_embedding
 from modules.networks.dit import DIT_PRESETS, GATES, DiTModel, apply_rope, rope_2d_angles
 from modules.networks.unet import UNET_PRESETS, UNetModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from threads, and with a busy second core each op would wait for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(**overrides) -> UNetModel:
     torch.manual_seed(0)  # same weights on every call, so two builds can be compared
-    config = dict(
-        in_channels=2,
-        sample_size=16,
-        base_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        num_head_channels=8,
-    )
-    return UNetModel(**{**config, **overrides})
+    return UNetModel(**{**TINY_UNET, **overrides})
 
 
 def tiny_dit(**overrides) -> DiTModel:

@@ -4,7 +4,7 @@ everything."""
 
 import pytest
 import torch
-from helpers import DIT_PARAMS
+from helpers import DIT_PARAMS, perturb_
 
 from modules.artifacts.model_folder import load_model, save_model
 from modules.config import FlowArguments
@@ -21,15 +21,6 @@ VIDEO_DIT_PARAMS = {"video_dit_tiny": 5_914_000, "video_dit_s": 45_277_456, "vid
 VIDEO_DIT_SINGLE_PARAMS = {"video_dit_tiny": 4_183_120, "video_dit_s": 30_387_856, "video_dit_b": 120_347_920}
 
 FRAMES, SIZE, CHANNELS = 4, 8, 2  # the tiny clips: (B, 4, 2, 8, 8), a 4 x 4 x 4 token grid at tp = 1, p = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from threads, and with a busy second core each op would wait for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -49,15 +40,6 @@ def tiny_video_dit(**overrides) -> VideoDiTModel:
         pos_embed="rope",
     )
     return VideoDiTModel(**{**config, **overrides})
-
-
-def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised layers no longer hide the rest of the network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def clips(batch: int = 2, frames: int = FRAMES, size: int = SIZE, num_classes: int = 0, seed: int = 0):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import UNET_PARAMS, num_params, perturb_
+from helpers import TINY_UNET, UNET_PARAMS, num_params, perturb_
 from safetensors.torch import load_file
 
 import modules.networks.video_unet as video_unet
@@ -28,25 +28,8 @@ VIDEO_UNET_PARAMS = {
     "video_unet_m": (11_069_763, 11_924_739),
     "video_unet_l": (42_857_603, 46_263_299),
 }
-TINY = dict(
-    in_channels=2,
-    sample_size=16,
-    base_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(8,),
-    num_head_channels=8,
-)
+TINY = TINY_UNET
 TEXT = dict(text_conditioning="cross_attn", text_dim=8, pooled_dim=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from threads, and with a busy second core each op would wait for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def image_unet(**overrides) -> UNetModel:
