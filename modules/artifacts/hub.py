@@ -119,7 +119,7 @@ def model_card(folder: Path, repo_id: str, run_config: dict, fid: dict | None) -
     usage = f"python sample.py --model {repo_id} --num_images 16 --output grid.png"
     if text:
         usage += ' --prompt "a photo of a bag" --guidance_scale 4'
-    elif config.get("num_classes"):
+    elif num_classes(config):
         usage += " --class_labels 0,1,2,3"
     command = run_config.get("command")
     command = command if isinstance(command, str) else shlex.join(["python", *map(str, command or [])])
@@ -154,6 +154,12 @@ With this repository's training scripts (`sample.py` downloads the model, and an
 """
 
 
+def num_classes(config: dict) -> int:
+    """A network config's number of classes: ours name it num_classes, diffusers' DiTTransformer2DModel
+    num_embeds_ada_norm and UNet2DModel num_class_embeds."""
+    return config.get("num_classes") or config.get("num_embeds_ada_norm") or config.get("num_class_embeds") or 0
+
+
 def _card_metadata(config: dict, record: dict, run_config: dict) -> tuple[dict, str, str]:
     """(the card's YAML metadata, the kind of condition, the objective's name) of a model."""
     latent, text = record.get("latent"), record.get("text_encoder")
@@ -161,7 +167,7 @@ def _card_metadata(config: dict, record: dict, run_config: dict) -> tuple[dict, 
     objective = {"flow": "flow-matching", "ddpm": "ddpm"}.get(record["objective"], record["objective"])
     if text:
         condition, pipeline_tag = "text-to-image", "text-to-image"
-    elif config.get("num_classes"):
+    elif num_classes(config):
         condition, pipeline_tag = "class-conditional", "unconditional-image-generation"
     else:
         condition, pipeline_tag = "unconditional", "unconditional-image-generation"

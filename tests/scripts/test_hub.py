@@ -211,6 +211,15 @@ def test_model_card_names_components_and_latent_space(tmp_path):
     assert '--prompt "a photo of a bag"' in card
 
 
+def test_model_card_of_a_fine_tuned_diffusers_dit_is_class_conditional(tmp_path):
+    """A diffusers DiT names its class count num_embeds_ada_norm: its card still says class-conditional."""
+    config = {"_class_name": "DiTTransformer2DModel", "sample_size": 8, "in_channels": 4, "num_embeds_ada_norm": 1000}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "objective.json").write_text(json.dumps({"objective": "ddpm", "steps": 4, "images_seen": 32}))
+    card = model_card(tmp_path, "me/dit-ft", {"command": "python train_ddpm.py", "config": {}}, None)
+    assert "- class-conditional" in card and "--class_labels 0,1,2,3" in card and "unconditional)" not in card
+
+
 def test_a_local_vae_and_text_encoder_travel_with_the_pushed_model(tiny_cfm_run, clip_text_folder, tmp_path):
     """A model trained with a VAE and a CLIP text encoder from local folders: the pushed folder holds copies of both
     (weights as safetensors only) and names them relatively, so it loads anywhere."""
