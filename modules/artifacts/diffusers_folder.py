@@ -67,13 +67,12 @@ def find_diffusers_checkpoint(path: Path) -> DiffusersCheckpoint | None:
     config = read_json(path / "config.json")
     if config.get("_class_name") in MODEL_CLASSES:
         return None
-    name = network_class_name(config)
-    if name is None:
-        raise UserError(
-            f"{path / 'config.json'}: _class_name {config.get('_class_name')!r} is neither a model of ours "
-            f"({', '.join(MODEL_CLASSES)}) nor a supported diffusers model ({', '.join(NETWORK_CLASSES)})"
-        )
-    check_network_config(name, config, str(path / "config.json"))
+    name = _supported_network(
+        config,
+        path / "config.json",
+        f"is neither a model of ours ({', '.join(MODEL_CLASSES)}) nor a supported diffusers model "
+        f"({', '.join(NETWORK_CLASSES)})",
+    )
     if (path / OBJECTIVE_FILE).is_file():  # fine-tuned here: our record says how it samples
         record = read_json(path / OBJECTIVE_FILE)
         kind = (record.get("network") or {}).get("kind")
@@ -91,6 +90,16 @@ def find_diffusers_checkpoint(path: Path) -> DiffusersCheckpoint | None:
     )
 
 
+def _supported_network(config: dict, config_path: Path, unsupported: str) -> str:
+    """The diffusers network class that `config` (read from `config_path`) builds, its settings checked; a one-line
+    error naming the file and its _class_name, followed by `unsupported`, when it is none that we wrap."""
+    name = network_class_name(config)
+    if name is None:
+        raise UserError(f"{config_path}: _class_name {config.get('_class_name')!r} {unsupported}")
+    check_network_config(name, config, str(config_path))
+    return name
+
+
 def _pipeline(path: Path) -> DiffusersCheckpoint:
     """A pipeline folder: its unet/ or transformer/, scheduler/ and vae/."""
     index = read_json(path / MODEL_INDEX)
@@ -103,13 +112,11 @@ def _pipeline(path: Path) -> DiffusersCheckpoint:
     if not (network / "config.json").is_file():
         raise UserError(f"{path / MODEL_INDEX} names a {component}, but {network / 'config.json'} does not exist")
     config = read_json(network / "config.json")
-    name = network_class_name(config)
-    if name is None:
-        raise UserError(
-            f"{network / 'config.json'}: _class_name {config.get('_class_name')!r} is not a supported diffusers model "
-            f"({', '.join(NETWORK_CLASSES)}; pipeline {index.get('_class_name')})"
-        )
-    check_network_config(name, config, str(network / "config.json"))
+    name = _supported_network(
+        config,
+        network / "config.json",
+        f"is not a supported diffusers model ({', '.join(NETWORK_CLASSES)}; pipeline {index.get('_class_name')})",
+    )
     scheduler = path / "scheduler" / SCHEDULER_CONFIG
     if not scheduler.is_file():
         raise UserError(f"{path}: a {index.get('_class_name')} without {scheduler.relative_to(path)}")
