@@ -27,7 +27,6 @@ import torch
 
 from modules.config import DataArguments, UserError, cli_entry, help_field, parse_args
 from modules.data import latents
-from modules.data.images import load_train_data
 from modules.data.latents import FLIP_COLUMNS, LATENT_COLUMNS, METADATA_FILE, TEXT_COLUMNS, channel_statistics
 from modules.data.shards import (
     ShardedFormat,
@@ -36,6 +35,7 @@ from modules.data.shards import (
     process_state,
     write_sharded_dataset,
 )
+from modules.data.sources import load_train_data
 from modules.networks.text import load_text_encoder
 from modules.networks.vae import load_vae
 

@@ -20,8 +20,8 @@ from modules.artifacts.model_folder import load_model, model_dir
 from modules.artifacts.visualize import DenoisingRecorder, save_image, save_image_grid, write_denoising_figures
 from modules.config import DataArguments, UserError, cli_entry, parse_args
 from modules.data.captioning import class_phrase
-from modules.data.images import load_train_data
 from modules.data.latents import latent_decoder
+from modules.data.sources import load_train_data
 from modules.evaluation.fid import InceptionFeatures, check_inception_weights
 from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
 from modules.networks.text import TextConditioner, text_encoder_from_record

@@ -6,7 +6,7 @@
 
 Two sources, each read by training's own DataLoader (`modules.data.batches.train_loader` over a
 ResumableBatchSampler, with its worker and pin-memory settings):
-(a) images: `modules.data.images.load_train_data` (Fashion-MNIST at --resolution);
+(a) images: `modules.data.sources.load_train_data` (Fashion-MNIST at --resolution);
 (b) latents: encode_latents.py with a tiny random VAE (the one of bench/encode_latents.py) writes --num_latents
     Fashion-MNIST images into a temporary directory, read back by `modules.data.latents.load_latent_data`.
 A step is training's own `modules.training.step.optimizer_step` on one batch: the batch to the device,
@@ -38,9 +38,9 @@ from bench.report import Goal, finish, print_setting
 from modules.config import DataArguments, FlowArguments, ModelArguments, TrainingArguments, help_field, parse_args
 from modules.data.batches import train_loader
 from modules.data.conditions import ConditionSource
-from modules.data.images import load_train_data
 from modules.data.latents import load_latent_data
 from modules.data.order import ResumableBatchSampler
+from modules.data.sources import load_train_data
 from modules.networks.presets import build_model
 from modules.objectives.flow import FlowObjective
 from modules.training.run import Run, RunData

@@ -25,8 +25,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.config import DataArguments, help_field, parse_args
-from modules.data.images import load_fashion_mnist, load_train_data
+from modules.data.images import load_fashion_mnist
 from modules.data.latents import encode_shard
+from modules.data.sources import load_train_data
 from modules.networks.vae import load_vae
 from modules.pixels import to_model_range
 

@@ -56,7 +56,7 @@ from modules.config import (
     parse_args,
 )
 from modules.data.batches import random_flip
-from modules.data.images import load_train_data
+from modules.data.sources import load_train_data
 from modules.evaluation.metrics import evaluate_generated
 from modules.networks.presets import build_model
 from modules.pixels import to_uint8

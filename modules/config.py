@@ -45,7 +45,8 @@ def help_field(text, **extra):
 class DataArguments:
     dataset_name: str | None = help_field(
         "Dataset to train on: 'fashion_mnist' (the Debian package dataset-fashion-mnist when installed, else the "
-        "Hub copy), or any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
+        "Hub copy), 'moving_fashion_mnist' (clips of Fashion-MNIST items moving on the canvas, docs/video.md), or "
+        "any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
         default="fashion_mnist",
     )
     dataset_config_name: str | None = help_field("Config name of the Hub dataset, if it has several.", default=None)
@@ -76,7 +77,9 @@ class DataArguments:
         "split; none for folders), a split name, or 'none'.",
         default="auto",
     )
-    validation_samples: int = help_field("Held-out images used for the validation loss.", default=200)
+    validation_samples: int = help_field(
+        "Held-out images used for the validation loss (clips of F frames count F each).", default=200
+    )
     caption_column: str | None = help_field(
         "Column holding text captions (for an image folder, a metadata.jsonl key); 'none' for no captions. Default: "
         "'caption' or 'text' if the dataset has one.",
@@ -87,6 +90,18 @@ class DataArguments:
         "first) instead of stopping on the first. Without it, start-up only checks file headers.",
         default=False,
     )
+    num_frames: int | None = help_field(
+        "Frames per clip. Setting it trains on clips (video data: --train_data_dir of video files or frame folders, "
+        "or a dataset's --video_column); 'moving_fashion_mnist' and the video models (video_*) default to 16.",
+        default=None,
+    )
+    frame_stride: int = help_field("Clips take every N-th frame of a video.", default=1)
+    skip_short_clips: bool = help_field(
+        "Leave out videos shorter than a clip (counted in one warning) instead of stopping on the first.",
+        default=False,
+    )
+    video_column: str = help_field("Column holding the videos of a dataset of clips.", default="video")
+    num_moving_items: int = help_field("moving_fashion_mnist: items moving in each clip (1 or 2).", default=1)
     latent_dataset: str | None = help_field(
         "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "
         "of images; grids, FID and sample.py decode through the VAE it records.",
@@ -97,7 +112,9 @@ class DataArguments:
 @dataclass
 class ModelArguments:
     model: str = help_field(
-        "Model preset: unet_s, unet_m, unet_l, dit_tiny, dit_s, dit_b, dit_l, dit_xl.", default="unet_s"
+        "Model preset: unet_s, unet_m, unet_l, dit_tiny, dit_s, dit_b, dit_l, dit_xl; for clips video_unet_s, "
+        "video_unet_m, video_unet_l, video_dit_tiny, video_dit_s, video_dit_b (docs/video_models.md).",
+        default="unet_s",
     )
     patch_size: int = help_field("DiT patch size (2, 4 or 8).", default=2)
     qk_norm: bool = help_field("DiT: normalise queries and keys per head.", default=False)
@@ -107,6 +124,14 @@ class ModelArguments:
         "DiT conditioning: 'zero' (adaLN-Zero, DiT: a modulation MLP per block) or 'single' (adaLN-single, "
         "PixArt-alpha: one shared MLP, plus a learned table per block; a third fewer parameters for DiT-XL/2).",
         default="zero",
+    )
+    temporal_patch_size: int = help_field("Video DiT: frames per patch.", default=1)
+    video_attention: Literal["factorized", "full"] = help_field(
+        "Video DiT: attention over space then time in each block (factorized, as Latte) or over all tokens (full).",
+        default="factorized",
+    )
+    temporal_conv: bool = help_field(
+        "Video UNet: a temporal convolution after each temporal attention.", default=False
     )
     base_channels: int | None = help_field("UNet: override the preset's base channel count.", default=None)
     dropout: float | None = help_field("Override the preset's dropout.", default=None)
@@ -273,7 +298,24 @@ class TrainingArguments:
 
 
 @dataclass
-class FlowArguments:
+class FrameTrainerArguments:
+    """The shared-noise frame trainer's settings, which flow matching and DDPM both take."""
+
+    shared_noise: bool = help_field(
+        "Train an image network (unet_*, dit_*) on the frames of clips as a batch: every frame of a clip is noised "
+        "with the same noise sample and t, and at sampling starts from one noise sample and shares every random "
+        "draw (docs/video.md).",
+        default=False,
+    )
+    reg_weight: float = help_field(
+        "With --shared_noise: weight of the temporal-consistency term, the squared difference between the x0 "
+        "estimates of consecutive frames minus the same difference in the data.",
+        default=0.0,
+    )
+
+
+@dataclass
+class FlowArguments(FrameTrainerArguments):
     time_sampling: Literal["uniform", "logit_normal"] = help_field(
         "How training t in [0, 1] is drawn.", default="uniform"
     )
@@ -286,7 +328,7 @@ class FlowArguments:
 
 
 @dataclass
-class DDPMArguments:
+class DDPMArguments(FrameTrainerArguments):
     num_train_timesteps: int = help_field("Diffusion steps T.", default=1000)
     beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = help_field(
         "Noise schedule.", default="linear"

@@ -11,9 +11,10 @@ from modules.data.order import ResumableBatchSampler
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image of (B,C,H,W) horizontally with probability 1/2, drawn from `generator`."""
+    """Flip each image of (B,C,H,W), or each clip of (B,F,C,H,W), horizontally with probability 1/2, drawn from
+    `generator`."""
     flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return torch.where(flip.to(x.device).view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
 class WithIndex(torch.utils.data.Dataset):

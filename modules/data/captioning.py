@@ -24,7 +24,8 @@ import torch
 
 from modules.config import UserError
 from modules.data.checks import open_image
-from modules.data.images import FASHION_MNIST_CLASSES, load_train_data
+from modules.data.images import FASHION_MNIST_CLASSES
+from modules.data.sources import load_train_data
 
 # --captioner name -> (default model id, the model_type its config must have)
 NAMED_CAPTIONERS = {

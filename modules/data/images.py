@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +160,7 @@ class TrainData:
     class_names: tuple[str, ...] | None
     key: str  # names the data for caches (e.g. FID reference statistics)
     captions: Sequence[str] | None = None  # by index; not in the dataset's items, so batches stay tensors
+    num_frames: int = 0  # frames per clip of clip data (examples (F, C, H, W)); 0 for images
 
 
 def short_digest(text: str) -> str:
@@ -331,8 +331,9 @@ def _hub_dataset(args: DataArguments):
     return _LazyColumn(ds, args.image_column), labels, class_names, names, captions, grey
 
 
-def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData:
-    """Open the training images named by `args`; raise `UserError` for anything a user must fix."""
+def load_image_data(args: DataArguments) -> TrainData:
+    """Open the training images named by `args`; raise `UserError` for anything a user must fix. (Every source,
+    images and clips, opens through modules/data/sources.py.)"""
     if args.resolution <= 0:
         raise UserError(f"--resolution must be positive, got {args.resolution}")
     if args.num_channels not in (None, 1, 3):
@@ -376,9 +377,6 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         dataset = DecodedImageDataset(images, labels, names, args.resolution, channels, args.center_crop)
         key = f"{source}-{len(images)}-{args.resolution}px-{channels}ch"
         data = TrainData(dataset, channels, num_classes, class_names, key, captions)
-    if need_labels and data.num_classes == 0:
-        source = f"the folder '{args.train_data_dir}'" if args.train_data_dir else f"the dataset '{args.dataset_name}'"
-        raise labels_needed(source, "name them with --label_column (or one subfolder per class), or ")
     return data
 
 
@@ -388,53 +386,3 @@ def labels_needed(source: str, fix: str = "") -> UserError:
         f"--class_conditional true needs labels, but {source} has none; {fix}pass --class_conditional false (or "
         "leave it unset: auto)"
     )
-
-
-def load_validation_data(args: DataArguments) -> TrainData | None:
-    """The held-out images for the validation loss, or None when there is no held-out split."""
-    import dataclasses
-
-    split = args.validation_split
-    if split in (None, "none") or args.validation_samples <= 0:
-        return None
-    if args.train_data_dir is not None:
-        if split == "auto":
-            return None
-        if not Path(split).is_dir():
-            raise UserError(
-                f"--validation_split '{split}': an image folder has no splits; give a folder of held-out images, "
-                "or 'none'"
-            )
-        held_out = dataclasses.replace(
-            args, train_data_dir=split, max_train_samples=args.validation_samples, validation_split="none"
-        )
-        return _non_empty(load_train_data(held_out), split)
-    if split == "auto":
-        if args.dataset_name == "fashion_mnist":
-            split = "test"
-        else:
-            import datasets
-
-            try:
-                names = datasets.get_dataset_split_names(args.dataset_name, args.dataset_config_name)
-            except Exception:  # noqa: BLE001 - no split listing (offline, unusual builder): no validation
-                return None
-            split = next((s for s in ("test", "validation") if s in names and s != args.dataset_split), None)
-            if split is None:
-                return None
-    held_out = dataclasses.replace(
-        args, dataset_split=split, max_train_samples=args.validation_samples, validation_split="none"
-    )
-    try:
-        data = load_train_data(held_out)
-    except EmptySplitError:
-        data = None
-    return _non_empty(data, f"{args.dataset_name}[{split}]")
-
-
-def _non_empty(data: TrainData | None, name: str) -> TrainData | None:
-    """`data`, or None with a warning when it holds no images: training goes on without a validation loss."""
-    if data is None or len(data.dataset) == 0:
-        warnings.warn(f"held-out data {name} is empty: no validation loss", stacklevel=3)
-        return None
-    return data

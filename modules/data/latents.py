@@ -222,6 +222,7 @@ class LatentData:
     captions: list[str] | None = None  # by index, when the images had captions (for text-conditional training)
     root: Path | None = None  # the local directory (a Hub dataset's download)
     text_encoder: dict | None = None  # config_record() of the text encoder whose embeddings are stored, if any
+    num_frames: int = 0  # frames per clip of encoded clips (latents (F, C, h, w)); 0 for images
 
     def text_embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The stored text embeddings of every distinct caption of the first len(dataset) rows, and of the empty

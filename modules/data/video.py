@@ -19,16 +19,18 @@ where two items overlap the brighter pixel shows, with no clipping.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from modules.config import UserError
-from modules.data.images import load_fashion_mnist
+from modules.config import DataArguments, UserError
+from modules.data.images import FASHION_MNIST_CLASSES, TrainData, load_fashion_mnist
 from modules.data.order import keyed_generator
 from modules.pixels import resize_uint8, to_model_range
 
 FASHION_MNIST_ITEM_SIZE = 28
+MOVING_FASHION_MNIST = "moving_fashion_mnist"
 
 
 @dataclass
@@ -118,7 +120,7 @@ class MovingFashionMNIST(torch.utils.data.Dataset):
                 raise UserError(f"moving_fashion_mnist: {name} must be at least 1, got {value}")
         if num_channels not in (1, 3):
             raise UserError(f"moving_fashion_mnist: num_channels must be 1 or 3, got {num_channels}")
-        self.items, self.labels, self.num_clips = items, labels, num_clips
+        self.items, self.item_classes, self.num_clips = items, labels, num_clips
         self.num_frames, self.resolution, self.num_items = num_frames, resolution, num_items
         self.seed, self.num_channels, self.room = seed, num_channels, room
         self.max_speed = min(max_speed, room)  # one reflection per frame at most keeps the law exact
@@ -148,7 +150,7 @@ class MovingFashionMNIST(torch.utils.data.Dataset):
         items = self.items[item_indices]  # (B, n, S, S)
         frames = render_clips(items, positions, self.resolution)[:, :, None]  # (B, F, 1, H, W)
         frames = frames.expand(-1, -1, self.num_channels, -1, -1).contiguous()  # (B, F, C, H, W)
-        item_labels = self.labels[item_indices]
+        item_labels = self.item_classes[item_indices]
         return Clips(frames, item_labels[:, 0], item_labels, item_indices, items, positions, velocities)
 
     def __getitems__(self, indices):
@@ -169,6 +171,13 @@ class MovingFashionMNIST(torch.utils.data.Dataset):
     def uint8_clips(self, n: int) -> torch.Tensor:
         """The first `n` clips as uint8 (n, F, C, H, W), for grids and metrics."""
         return self.clips(range(min(n, self.num_clips))).frames
+
+    uint8_images = uint8_clips  # what held-out data and FID references read, for images and clips alike
+
+    @functools.cached_property
+    def labels(self) -> torch.Tensor:
+        """Every clip's label (its first item's class), int64 (num_clips,)."""
+        return self.item_classes[torch.stack([self._draw(i)[0][0] for i in range(self.num_clips)])]
 
 
 def load_moving_fashion_mnist(
@@ -191,3 +200,27 @@ def load_moving_fashion_mnist(
     return MovingFashionMNIST(
         items, labels, num_clips, num_frames, resolution, num_items, seed, max_speed, num_channels
     )
+
+
+def moving_fashion_mnist_data(args: DataArguments) -> TrainData:
+    """Moving Fashion-MNIST as training data: `--max_train_samples` clips (default: one per item of the split) of
+    `--num_frames` frames on a `--resolution` canvas, `--num_moving_items` items each."""
+    if args.frame_stride != 1:
+        raise UserError(
+            f"--frame_stride {args.frame_stride}: {MOVING_FASHION_MNIST} is generated frame by frame (set the clip "
+            "length with --num_frames); --frame_stride applies to video files"
+        )
+    if args.num_moving_items not in (1, 2):
+        raise UserError(f"--num_moving_items must be 1 or 2, got {args.num_moving_items}")
+    channels = args.num_channels or 1
+    dataset = load_moving_fashion_mnist(
+        args.dataset_split,
+        args.resolution,
+        args.num_frames,
+        args.num_moving_items,
+        num_clips=args.max_train_samples,
+        num_channels=channels,
+    )
+    frames, items = args.num_frames, args.num_moving_items
+    key = f"{MOVING_FASHION_MNIST}-{args.dataset_split}-{args.resolution}px-{frames}f-{items}items-{channels}ch"
+    return TrainData(dataset, channels, 10, FASHION_MNIST_CLASSES, key, num_frames=frames)

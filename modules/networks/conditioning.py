@@ -150,6 +150,15 @@ def select_condition(cond, index):
     return {k: v[index] for k, v in cond.items()} if is_text(cond) else cond[index]
 
 
+def repeat_condition(cond, repeats: int):
+    """Each row of a condition (labels or a text dict) `repeats` times in a row: one per frame of a clip."""
+    if cond is None:
+        return None
+    if is_text(cond):
+        return {k: v.repeat_interleave(repeats, 0) for k, v in cond.items()}
+    return cond.repeat_interleave(repeats, 0)
+
+
 class CrossAttention(nn.Module):
     """x + proj(Attn(q = LN(x), k, v = tokens)) over the text tokens, masked where the mask is False.
 

@@ -51,8 +51,16 @@ class VAEObjective:
         """Decoding of the posterior mean, clamped to [-1, 1]."""
         return model(x0)[0].float().clamp(-1, 1)
 
-    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None) -> KLVAE:
-        """The `--vae_model` preset for the data; labels and text are not used."""
+    def build_model(
+        self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None, num_frames: int = 0
+    ) -> KLVAE:
+        """The `--vae_model` preset for the data; labels and text are not used. It encodes images: clips are encoded
+        frame by frame (encode_latents.py), so a VAE trains on images."""
+        if num_frames:
+            raise UserError(
+                f"train_vae.py trains on images, but the data are clips of {num_frames} frames; train the VAE on "
+                "images (e.g. --dataset_name fashion_mnist): encode_latents.py encodes clips frame by frame"
+            )
         return build_vae(self.args, in_channels, resolution)
 
     def sample(self, model, noise, cond=None, **settings) -> torch.Tensor:

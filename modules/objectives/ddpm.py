@@ -13,7 +13,7 @@ import torch
 
 from modules.config import DDPMArguments, UserError
 from modules.objectives.denoising import DenoisingObjective
-from modules.objectives.samplers import ddim_sample, scheduler_sample
+from modules.objectives.samplers import ddim_sample, predict_x0_eps, scheduler_sample
 
 # Our names for diffusers' beta schedules.
 BETA_SCHEDULES = {
@@ -142,15 +142,16 @@ class DDPMObjective(DenoisingObjective):
         if args.snr_gamma is not None and args.snr_gamma <= 0:
             raise UserError(f"--snr_gamma must be positive, got {args.snr_gamma}")
 
-    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample (optionally Min-SNR weighted) MSE to the target, in fp32."""
+    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise like x0 and uniform integer steps, as times t = step / T."""
         device = generator.device
         t = torch.randint(0, self.args.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device).to(x0)
-        return self.loss_at(model, x0, cond, noise, t.to(x0.device).float() / self.args.num_train_timesteps)
+        return noise, t.to(x0.device).float() / self.args.num_train_timesteps
 
-    def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
-        """The loss for given noise and times t in [0, 1) (B,), i.e. integer steps round(t T)."""
+    def loss_and_estimate(self, model, x0, cond, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (optionally Min-SNR weighted) MSE to the target, in fp32, for given noise and times t in
+        [0, 1) (B,), i.e. integer steps round(t T); and the x0 estimate."""
         a = self.args
         steps = (t * a.num_train_timesteps).round().long().clamp(0, a.num_train_timesteps - 1)
         alpha_bar = self.alphas_cumprod.to(x0.device)[steps]
@@ -160,7 +161,8 @@ class DDPMObjective(DenoisingObjective):
         loss = (out.float() - target).pow(2).flatten(1).mean(1)
         if a.snr_gamma is not None:
             loss = loss * min_snr_weight(alpha_bar, a.snr_gamma, a.prediction_type)
-        return loss
+        a_t = alpha_bar.view(-1, *([1] * (x0.ndim - 1))).to(out.dtype)
+        return loss, predict_x0_eps(x_t, out, a_t, a.prediction_type)[0]
 
     def run_sampler(self, sampler, fn, noise, steps, generators, callback):
         """The reverse process from t = T to 0."""

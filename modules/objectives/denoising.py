@@ -3,19 +3,24 @@ validation loss at fixed noise and times, previews from fixed noise."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from modules.config import UserError
 from modules.networks.conditioning import select_condition
-from modules.networks.presets import build_model
+from modules.networks.presets import build_model, is_video_model
+from modules.objectives.frames import shared_noise_loss, shared_noise_sample
 from modules.objectives.protocol import PreviewRequest
 from modules.objectives.samplers import generate_images, guided_model
 
 
 class DenoisingObjective:
-    """The members of the objective protocol (modules/objectives/protocol.py) that flow matching and DDPM share.
-    A subclass sets `name` and `samplers` and implements `loss`, `loss_at` (the loss at given noise and times, what
-    validation evaluates) and `run_sampler` (one of its samplers on a guided network)."""
+    """The members of the objective protocol (modules/objectives/protocol.py) that flow matching and DDPM share,
+    with the shared-noise frame trainer (modules/objectives/frames.py) when `args.shared_noise`. A subclass sets
+    `name` and `samplers` and implements `draw` (the noise and times of a training batch), `loss_and_estimate` (the
+    loss at given noise and times, and the x0 estimate) and `run_sampler` (one of its samplers on a guided
+    network)."""
 
     name: str
     samplers: tuple[str, ...] = ()
@@ -27,17 +32,57 @@ class DenoisingObjective:
             raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
         self.args = args
 
-    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None):
-        """The `--model` preset (a UNet or a DiT) for the data."""
-        return build_model(model_args, in_channels, resolution, num_classes, text)
+    def build_model(
+        self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None, num_frames=0
+    ):
+        """The `--model` preset (a UNet or a DiT, or their video versions for clips) for the data; for the
+        shared-noise trainer, an image network for the frames of the clips."""
+        if self.args.shared_noise:
+            if not num_frames:
+                raise UserError(
+                    "--shared_noise trains an image network on the frames of clips, but the data are images"
+                )
+            if is_video_model(model_args.model):
+                raise UserError(
+                    f"--shared_noise trains an image network on frames, but --model {model_args.model} is a video "
+                    "model; give an image model (unet_*, dit_*), or train the video model without --shared_noise"
+                )
+            num_frames = 0
+        return build_model(model_args, in_channels, resolution, num_classes, text, num_frames)
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise (like x0) and times t in [0, 1] (B,) of a training batch x0, drawn from `generator`."""
+        raise NotImplementedError
+
+    def loss_and_estimate(self, model, x0, cond, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-sample loss (B,) in fp32 at the given noise and times, and the network's estimate of x0."""
+        raise NotImplementedError
+
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss at noise and times drawn from `generator` (one per clip for the shared-noise trainer)."""
+        noise, t = self.draw(x0[:, 0] if self.args.shared_noise else x0, generator)
+        return self.loss_at(model, x0, cond, noise, t)
 
     def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss for given noise and times t in [0, 1] (B,): what validation evaluates on a fixed grid. The
+        shared-noise trainer takes one noise frame per clip (a clip's first when the noise is shaped as x0)."""
+        if self.args.shared_noise:
+            return shared_noise_loss(self, model, x0, cond, noise, t, self.args.reg_weight)
+        return self.loss_and_estimate(model, x0, cond, noise, t)[0]
 
     def run_sampler(self, sampler: str, fn, noise, steps: int, generators, callback) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(
+    def sample(self, model, noise, cond=None, generators=None, **settings):
+        """From pure noise to x0 (settings: sampler, num_inference_steps, guidance_scale, null_cond, callback).
+        `generators`: one per sample, for samplers that draw noise on the way. The shared-noise trainer's image
+        network makes clips (B, F, C, H, W) frame by frame, with shared noise (modules/objectives/frames.py)."""
+        if self.args.shared_noise:
+            frames = functools.partial(self.sample_images, model)
+            return shared_noise_sample(frames, noise, cond, generators, **settings)
+        return self.sample_images(model, noise, cond, generators=generators, **settings)
+
+    def sample_images(
         self,
         model,
         noise,
@@ -49,7 +94,7 @@ class DenoisingObjective:
         null_cond=None,
         callback=None,
     ):
-        """From pure noise to x0. `generators`: one per sample, for samplers that draw noise on the way."""
+        """`sample` for the network as it is: its output shape is the noise's."""
         a = self.args
         fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
         sampler = sampler or a.sampler

@@ -59,19 +59,22 @@ class FlowObjective(DenoisingObjective):
     def __init__(self, args: FlowArguments):
         super().__init__(args)
 
-    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample mean squared error between predicted and conditional velocity, in fp32."""
+    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise like x0 (paired with x0 by minibatch OT with --ot_coupling) and times from --time_sampling."""
         a = self.args
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
         t = sample_time(x0.shape[0], generator, a.time_sampling, a.logit_mean, a.logit_std).to(x0)
         if a.ot_coupling:
             noise = ot_pair(x0, noise)
-        return self.loss_at(model, x0, cond, noise, t)
+        return noise, t
 
-    def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
-        """The loss for given noise and times t in [0, 1] (B,): what validation evaluates on a fixed grid."""
-        v = model(flow_interpolate(x0, noise, t), t, cond)
-        return (v.float() - flow_velocity(x0, noise).float()).pow(2).flatten(1).mean(1)
+    def loss_and_estimate(self, model, x0, cond, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample mean squared error between predicted and conditional velocity, in fp32, and the x0 estimate
+        x_t - t v."""
+        x_t = flow_interpolate(x0, noise, t)
+        v = model(x_t, t, cond)
+        loss = (v.float() - flow_velocity(x0, noise).float()).pow(2).flatten(1).mean(1)
+        return loss, x_t - t.view(-1, *([1] * (x0.ndim - 1))) * v
 
     def run_sampler(self, sampler, fn, noise, steps, generators, callback):
         """Integrate from t = 1 (noise) to t = 0."""

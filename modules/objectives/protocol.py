@@ -21,7 +21,7 @@ class PreviewRequest:
 
     num_images: int
     seed: int
-    shape: tuple[int, ...]  # (C, H, W) of what the model generates: images, or latents when `decode` is given
+    shape: tuple[int, ...]  # (C, H, W) of what the model generates, (F, C, H, W) for clips; latents with `decode`
     device: torch.device | str = "cpu"
     cond: Any = None  # one condition per image: class labels, a text dict (modules/networks/conditioning.py), None
     null_cond: dict | None = None  # a text model's unconditional condition, for classifier-free guidance
@@ -43,21 +43,25 @@ class Objective(Protocol):
     samplers: tuple[str, ...]
     """The sampler names `sample` takes; empty for an objective that does not generate."""
 
-    def build_model(self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None):
-        """The network this objective trains, sized for the data (a diffusers ModelMixin)."""
+    def build_model(
+        self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None, num_frames: int = 0
+    ):
+        """The network this objective trains, sized for the data (a diffusers ModelMixin); `num_frames`: the clip
+        length of clip data, 0 for images."""
 
     def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         """Per-sample training loss (B,) in float32; every random number is drawn from `generator`."""
 
     def sample(self, model, noise: torch.Tensor, cond=None, **settings) -> torch.Tensor:
-        """From noise to x0 (settings: sampler, num_inference_steps, guidance_scale, generators, null_cond,
-        callback); an objective that does not generate raises UserError."""
+        """From noise to x0, images (B, C, H, W) or clips (B, F, C, H, W) as the noise (settings: sampler,
+        num_inference_steps, guidance_scale, generators, null_cond, callback); an objective that does not generate
+        raises UserError."""
 
     def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int) -> dict[str, float]:
         """Metrics of held-out data (at least "val_loss"), at fixed noise so that values compare across steps."""
 
     def preview(self, model, request: PreviewRequest) -> torch.Tensor:
-        """What grids and FID look at: `request.num_images` images, uint8 (N, C, H, W)."""
+        """What grids and FID look at: `request.num_images` images, uint8 (N, C, H, W), or clips (N, F, C, H, W)."""
 
     def grid_layout(self, images: torch.Tensor, data) -> tuple[torch.Tensor, int | None]:
         """The images of a sample grid in the order to show them, and the number per row (None: square)."""

@@ -213,6 +213,7 @@ def model_record(run: Run, step: int) -> dict:
     return {
         "dataset_key": data.key,
         "class_names": data.class_names,
+        **({"num_frames": data.num_frames} if data.num_frames else {}),
         **({"latent": run.data.latent} if run.data.latent else {}),
         **({"text_encoder": text.record, "sample_prompts": list(data.captions[:16])} if text else {}),
         "steps": step,

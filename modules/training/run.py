@@ -54,7 +54,7 @@ class Run:
     batches: Iterator[dict] = field(default_factory=lambda: iter(()))  # training batches, from the start step
     # Where it writes, and what it shows.
     out: Path = Path("runs/default")
-    shape: tuple[int, ...] = ()  # (C, H, W) of what the model generates
+    shape: tuple[int, ...] = ()  # (C, H, W) of what the model generates, (F, C, H, W) for clips
     decode: Callable | None = None  # latents -> images in [-1, 1], on the main process of a latent run
     metrics: MetricsLog | None = None
     progress: Any = None  # the progress bar

@@ -25,13 +25,14 @@ from modules.artifacts.model_folder import load_pretrained_network, load_pretrai
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, warn
 from modules.data.batches import WithIndex, model_input, train_loader
 from modules.data.conditions import ConditionSource
-from modules.data.images import load_train_data, load_validation_data
 from modules.data.latents import LatentData, latent_decoder, load_latent_data
 from modules.data.order import ResumableBatchSampler
+from modules.data.sources import load_train_data, load_validation_data, with_clip_length
 from modules.evaluation.fid import check_inception_weights
 from modules.evaluation.metrics import parse_eval_metrics
 from modules.files import write_text_atomically
 from modules.networks.diffusers_models import DiffusersDenoiser
+from modules.networks.presets import is_video_model
 from modules.networks.text import TextConditioner, load_text_encoder, stored_text_matches
 from modules.objectives.protocol import Objective
 from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
@@ -69,6 +70,7 @@ def setup_run(
     """The run, ready for its first step (`run.start_step`). `cleanup` closes the progress bar on the way out."""
     out = Path(train_args.output_dir)
     trackers = resolve_trackers(train_args.report_to, out)
+    data_args = with_clip_length(data_args, is_video_model(model_args.model))  # recorded with its clip length
     data = open_data(data_args, model_args, train_args)
     check_evaluation(train_args, data)
     model_args, condition = resolve_class_conditional(model_args, data.train)
@@ -111,7 +113,7 @@ def setup_run(
         model=model,
         optimizer=None,
         out=out,
-        shape=(data.train.num_channels, resolution, resolution),
+        shape=sample_shape(data.train, resolution),
         decode=decode,
         pusher=pusher,
         text=text,
@@ -140,6 +142,12 @@ def start_batches(run: Run, sampler: ResumableBatchSampler):
         pin_memory=run.accelerator.device.type == "cuda",
     )
     run.batches = iter(loader)
+
+
+def sample_shape(data, resolution: int) -> tuple[int, ...]:
+    """The shape of one sample the model generates: (C, H, W), or (F, C, H, W) for clips."""
+    image = (data.num_channels, resolution, resolution)
+    return (data.num_frames, *image) if data.num_frames else image
 
 
 def check_training_arguments(train: TrainingArguments):
@@ -327,7 +335,8 @@ def build_network(
             model, objective, record = pretrained
             return model, objective, fit_pretrained(model, record, data, resolution, num_classes, model_args)
     text_config = text.model_config() if text else None
-    model = objective.build_model(model_args, data.train.num_channels, resolution, num_classes, text_config)
+    channels, frames = data.train.num_channels, data.train.num_frames
+    model = objective.build_model(model_args, channels, resolution, num_classes, text_config, frames)
     if source:
         load_pretrained_weights(model, source, model_args.init_from_revision, train_args.hub_token)
     return model, objective, num_classes
@@ -526,8 +535,9 @@ def start_logging(run: Run, record: dict, trackers: list[str], cleanup: contextl
     until = f"{train_args.max_train_steps}"
     if train_args.max_train_minutes:
         until += f" or {train_args.max_train_minutes:g} minutes, whichever ends first"
+    what = f"clips of {data.num_frames} frames" if data.num_frames else "images"
     accelerator.print(
-        f"{name}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} images ({data.key}) | "
+        f"{name}: {n_params / 1e6:.2f}M parameters | {len(data.dataset)} {what} ({data.key}) | "
         f"{run.condition} | {accelerator.num_processes} process(es), global batch {run.images_per_step} | steps "
         f"{run.start_step} -> {until}"
     )

@@ -19,7 +19,7 @@ from PIL import Image
 import train_cfm
 import train_ddpm
 from modules.config import DataArguments, UserError
-from modules.data.images import load_train_data
+from modules.data.sources import load_train_data
 
 
 @pytest.fixture

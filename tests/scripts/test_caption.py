@@ -16,7 +16,8 @@ from PIL import Image
 import caption
 from modules.config import DataArguments
 from modules.data.captioning import class_phrase
-from modules.data.images import FASHION_MNIST_CLASSES, load_train_data
+from modules.data.images import FASHION_MNIST_CLASSES
+from modules.data.sources import load_train_data
 
 FASHION = CAPTION_FASHION
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 import encode_latents
 from modules.config import DataArguments, UserError
-from modules.data.images import load_train_data
 from modules.data.latents import denormalize_latents, load_latent_data, sample_latents
+from modules.data.sources import load_train_data
 from modules.networks.vae import load_vae
 
 FASHION = LATENT_FASHION

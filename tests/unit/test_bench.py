@@ -11,7 +11,7 @@ from helpers import ROOT
 sys.path.insert(0, str(ROOT))
 
 from bench.quality_per_hour import Baseline, BenchArguments, recipe_arguments  # noqa: E402
-from modules.data.images import load_train_data
+from modules.data.sources import load_train_data
 
 
 @pytest.fixture(scope="module")

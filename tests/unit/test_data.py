@@ -10,8 +10,9 @@ from PIL import Image
 
 from modules.config import DataArguments, UserError
 from modules.data.batches import random_flip
-from modules.data.images import FASHION_MNIST_DIR, collate_examples, load_train_data, read_idx
+from modules.data.images import FASHION_MNIST_DIR, collate_examples, read_idx
 from modules.data.order import ResumableBatchSampler
+from modules.data.sources import load_train_data
 from modules.pixels import to_model_range, to_uint8
 
 
