@@ -45,7 +45,8 @@ def help_field(text, **extra):
 class DataArguments:
     dataset_name: str | None = help_field(
         "Dataset to train on: 'fashion_mnist' (the Debian package dataset-fashion-mnist when installed, else the "
-        "Hub copy), or any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
+        "Hub copy), any Hub dataset id / local dataset path loadable by `datasets.load_dataset`, or a folder written "
+        "by `save_to_disk`.",
         default="fashion_mnist",
     )
     dataset_config_name: str | None = help_field("Config name of the Hub dataset, if it has several.", default=None)
