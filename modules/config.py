@@ -57,6 +57,9 @@ class DataArguments:
         default=None,
     )
     image_column: str = help_field("Column holding the images.", default="image")
+    video_column: str = help_field(
+        "Column holding the videos of video data (the files' bytes, or paths).", default="video"
+    )
     label_column: str | None = help_field(
         "Column holding integer class labels. Default: 'label' if the dataset has one. 'none' disables labels.",
         default=None,
@@ -86,6 +89,20 @@ class DataArguments:
     skip_corrupt_images: bool = help_field(
         "Decode every image once at start and leave out those that cannot be read (with a warning naming the "
         "first) instead of stopping on the first. Without it, start-up only checks file headers.",
+        default=False,
+    )
+    num_frames: int | None = help_field(
+        "Frames per clip; setting it trains on clips (video data); default 16 for video data. --train_data_dir "
+        "then holds video files (.mp4, .webm, .gif, .avi, .mov, .mkv) and frame folders (a folder of images, "
+        "frames in name order, is one clip).",
+        default=None,
+    )
+    frame_stride: int = help_field(
+        "Take every n-th frame of a video from its start: a clip spans (num_frames - 1) * frame_stride + 1 frames.",
+        default=1,
+    )
+    skip_short_clips: bool = help_field(
+        "Leave out videos shorter than a clip spans (with a warning counting them) instead of stopping on the first.",
         default=False,
     )
     latent_dataset: str | None = help_field(

@@ -161,6 +161,7 @@ class TrainData:
     class_names: tuple[str, ...] | None
     key: str  # names the data for caches (e.g. FID reference statistics)
     captions: Sequence[str] | None = None  # by index; not in the dataset's items, so batches stay tensors
+    num_frames: int = 0  # frames per clip of video data; 0: images
 
 
 def short_digest(text: str) -> str:
