@@ -45,8 +45,9 @@ def help_field(text, **extra):
 class DataArguments:
     dataset_name: str | None = help_field(
         "Dataset to train on: 'fashion_mnist' (the Debian package dataset-fashion-mnist when installed, else the "
-        "Hub copy), 'moving_fashion_mnist' (clips of Fashion-MNIST items moving on the canvas, docs/video.md), or "
-        "any Hub dataset id / local dataset path loadable by `datasets.load_dataset`.",
+        "Hub copy), 'moving_fashion_mnist' (clips of Fashion-MNIST items moving on the canvas, docs/video.md), "
+        "any Hub dataset id / local dataset path loadable by `datasets.load_dataset`, or a folder written by "
+        "`save_to_disk`.",
         default="fashion_mnist",
     )
     dataset_config_name: str | None = help_field("Config name of the Hub dataset, if it has several.", default=None)
@@ -57,6 +58,9 @@ class DataArguments:
         default=None,
     )
     image_column: str = help_field("Column holding the images.", default="image")
+    video_column: str = help_field(
+        "Column holding the videos of video data (the files' bytes, or paths).", default="video"
+    )
     label_column: str | None = help_field(
         "Column holding integer class labels. Default: 'label' if the dataset has one. 'none' disables labels.",
         default=None,
@@ -91,16 +95,19 @@ class DataArguments:
         default=False,
     )
     num_frames: int | None = help_field(
-        "Frames per clip. Setting it trains on clips (video data: --train_data_dir of video files or frame folders, "
-        "or a dataset's --video_column); 'moving_fashion_mnist' and the video models (video_*) default to 16.",
+        "Frames per clip. Setting it trains on clips: --train_data_dir then holds video files (.mp4, .webm, .gif, "
+        ".avi, .mov, .mkv) and frame folders (a folder of images, frames in name order, is one clip), a dataset "
+        "its --video_column; 'moving_fashion_mnist' and the video models (video_*) default to 16.",
         default=None,
     )
-    frame_stride: int = help_field("Clips take every N-th frame of a video.", default=1)
+    frame_stride: int = help_field(
+        "Take every n-th frame of a video from its start: a clip spans (num_frames - 1) * frame_stride + 1 frames.",
+        default=1,
+    )
     skip_short_clips: bool = help_field(
-        "Leave out videos shorter than a clip (counted in one warning) instead of stopping on the first.",
+        "Leave out videos shorter than a clip spans (with a warning counting them) instead of stopping on the first.",
         default=False,
     )
-    video_column: str = help_field("Column holding the videos of a dataset of clips.", default="video")
     num_moving_items: int = help_field("moving_fashion_mnist: items moving in each clip (1 or 2).", default=1)
     latent_dataset: str | None = help_field(
         "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "

@@ -45,15 +45,21 @@ def open_image(source, name: str, mode: str) -> Image.Image:
     return convert_mode(image, mode)
 
 
-def _decode(source, full: bool = True) -> tuple[tuple[int, int], str] | str:
+def stored_file(source):
+    """What opens a stored file: a path as it is, raw bytes or a `datasets` {"bytes", "path"} value as a file
+    object (its path when it holds no bytes)."""
+    if isinstance(source, dict):
+        source = source["bytes"] if source.get("bytes") is not None else source.get("path")
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def inspect_image(source, full: bool = True) -> tuple[tuple[int, int], str] | str:
     """Check one image (a path, or a `datasets` {"bytes", "path"} value): its ((width, height), mode), or why it
     cannot be read. `full` decodes every pixel. Otherwise PIL's `verify` checks the file's structure (PNG checksums
     included), and a JPEG is decoded only when it does not end with its end-of-image marker: `verify` passes a
     truncated JPEG, the commonest broken download."""
     try:
-        if isinstance(source, dict):
-            source = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source.get("path")
-        with Image.open(source) as image:
+        with Image.open(stored_file(source)) as image:
             size, mode = image.size, image.mode
             full = full or (image.format == "JPEG" and not _ends_like_jpeg(image.fp))
             image.load() if full else image.verify()
@@ -75,6 +81,34 @@ def _ends_like_jpeg(f, tail: int = 64) -> bool:
         f.seek(position)
 
 
+def in_threads(check, sources, count: int, desc: str):
+    """`check(source)` of every source, in order, run on a few threads a chunk at a time (so that a large dataset's
+    bytes are never all in memory), with a progress bar from 1000 sources up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    sources = iter(sources)
+    with (
+        ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
+        tqdm(total=count, desc=desc, disable=count < 1000) as progress,
+    ):
+        while chunk := list(itertools.islice(sources, 256)):
+            yield from pool.map(check, chunk)
+            progress.update(len(chunk))
+
+
+def warn_small(small: list[tuple[int, int, int]], count: int, what: str, name, resolution: int) -> None:
+    """One warning for the (index, width, height) of the `what` smaller than `resolution` among `count`."""
+    if small:
+        i, w, h = small[0]
+        warnings.warn(
+            f"{len(small)} of {count} {what} are smaller than --resolution {resolution} (the first, "
+            f"{name(i)}, is {w}x{h}): they are upscaled",
+            stacklevel=4,
+        )
+
+
 def check_images(sources, count: int, name, args: DataArguments) -> tuple[list[int], bool]:
     """Check every image once, before anything is written: (indices of the readable ones, whether all are grey).
 
@@ -83,33 +117,21 @@ def check_images(sources, count: int, name, args: DataArguments) -> tuple[list[i
     1-5 ms for a 512px JPEG or PNG, spread over threads, on every process), since `Image.verify` misses truncated
     JPEGs; without it the check verifies structure and decodes only JPEGs that look truncated, so starting on a
     large dataset stays quick, and an image that still fails to decode during training stops the run naming it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
     keep, corrupt, small, grey = [], [], [], True
-    sources = iter(sources)
-    with (
-        ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
-        tqdm(total=count, desc="checking images", disable=count < 1000) as progress,
-    ):
-        while chunk := list(itertools.islice(sources, 256)):
-            results = pool.map(functools.partial(_decode, full=args.skip_corrupt_images), chunk)
-            for i, result in enumerate(results, start=len(keep) + len(corrupt)):
-                if isinstance(result, str):
-                    corrupt.append((i, result))
-                    continue
-                keep.append(i)
-                (w, h), mode = result
-                small += [(i, w, h)] if min(w, h) < args.resolution else []
-                grey = grey and (mode in GRAYSCALE_MODES or mode.startswith("I;16"))
-            progress.update(len(chunk))
-            if corrupt and not args.skip_corrupt_images:
-                i, reason = corrupt[0]
+    check = functools.partial(inspect_image, full=args.skip_corrupt_images)
+    for i, result in enumerate(in_threads(check, sources, count, "checking images")):
+        if isinstance(result, str):
+            if not args.skip_corrupt_images:
                 raise UserError(
-                    f"cannot read image {name(i)}: {reason}; fix or remove it, or pass --skip_corrupt_images to "
+                    f"cannot read image {name(i)}: {result}; fix or remove it, or pass --skip_corrupt_images to "
                     "leave such images out"
                 )
+            corrupt.append((i, result))
+            continue
+        keep.append(i)
+        (w, h), mode = result
+        small += [(i, w, h)] if min(w, h) < args.resolution else []
+        grey = grey and is_grey_mode(mode)
     if corrupt:
         i, reason = corrupt[0]
         if not keep:
@@ -119,14 +141,13 @@ def check_images(sources, count: int, name, args: DataArguments) -> tuple[list[i
             f"{name(i)} ({reason})",
             stacklevel=3,
         )
-    if small:
-        i, w, h = small[0]
-        warnings.warn(
-            f"{len(small)} of {len(keep)} images are smaller than --resolution {args.resolution} (the first, "
-            f"{name(i)}, is {w}x{h}): they are upscaled",
-            stacklevel=3,
-        )
+    warn_small(small, len(keep), "images", name, args.resolution)
     return keep, grey
+
+
+def is_grey_mode(mode: str) -> bool:
+    """Whether PIL `mode` holds one channel of grey (a palette does not count)."""
+    return mode in GRAYSCALE_MODES or mode.startswith("I;16")
 
 
 def check_captions(values, column: str, name) -> list[str]:

@@ -186,7 +186,7 @@ def _caption_column(args: DataArguments, columns, where: str) -> str | None:
 
 
 def _metadata_column(metadata: dict, files, column: str, meta_path) -> list:
-    """The metadata.jsonl value of `column` for every image file; every file must have one."""
+    """The metadata.jsonl value of `column` for every file (or folder); every one must have one."""
     values = []
     for p in files:
         row = metadata.get(str(p.resolve()))
@@ -196,13 +196,8 @@ def _metadata_column(metadata: dict, files, column: str, meta_path) -> list:
     return values
 
 
-def _image_folder(data_dir: str, args: DataArguments):
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UserError(f"--train_data_dir: no such directory '{data_dir}'")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise UserError(f"--train_data_dir: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under '{data_dir}'")
+def _read_metadata(root: Path) -> tuple[dict, Path]:
+    """The rows of `root`/metadata.jsonl by the resolved path their 'file_name' names (none: {}), and its path."""
     metadata = {}
     meta_path = root / "metadata.jsonl"
     if meta_path.is_file():
@@ -216,9 +211,43 @@ def _image_folder(data_dir: str, args: DataArguments):
             if "file_name" not in row:
                 raise UserError(f"{meta_path}:{n}: missing key 'file_name' (keys: {', '.join(row)})")
             metadata[str((root / row["file_name"]).resolve())] = row
+    return metadata, meta_path
+
+
+@dataclass
+class FolderColumns:
+    """What a data folder's metadata.jsonl and subfolders give its items (image files, or clips): labels from a
+    metadata column or one class per subfolder, and captions from a metadata column."""
+
+    root: Path
+    metadata: dict
+    meta_path: Path
+    label_column: str | None  # a metadata column; None: labels from subfolders (when class_names) or none
+    class_names: tuple[str, ...] | None
+    caption_column: str | None
+
+    def labels(self, items: list[Path]) -> list[int] | None:
+        if self.label_column:
+            return [int(v) for v in _metadata_column(self.metadata, items, self.label_column, self.meta_path)]
+        if self.class_names:
+            index = {name: i for i, name in enumerate(self.class_names)}
+            return [index[p.parent.relative_to(self.root).as_posix()] for p in items]
+        return None
+
+    def captions(self, items: list[Path]) -> list[str] | None:
+        if not self.caption_column:
+            return None
+        values = _metadata_column(self.metadata, items, self.caption_column, self.meta_path)
+        where = lambda i: f"{self.meta_path} ({items[i].relative_to(self.root)})"
+        return check_captions(values, self.caption_column, where)
+
+
+def folder_columns(root: Path, items: list[Path], args: DataArguments) -> FolderColumns:
+    """Read `root`'s metadata.jsonl and pick the label and caption columns for `items` (all of them, before any are
+    left out, so that the classes do not depend on --max_train_samples)."""
+    metadata, meta_path = _read_metadata(root)
     columns = sorted({k for row in metadata.values() for k in row} - {"file_name"})
     label_column = args.label_column
-    labels, class_names = None, None
     if label_column is None and "label" in columns:
         label_column = "label"
     from_metadata = bool(label_column and label_column != "none")
@@ -227,30 +256,36 @@ def _image_folder(data_dir: str, args: DataArguments):
             f"{meta_path}: no column '{label_column}' (columns: {', '.join(columns) or 'none'}); "
             "pass --label_column none to train without labels"
         )
-    parents = sorted({p.parent.relative_to(root).as_posix() for p in files})
+    class_names = None
+    parents = sorted({p.parent.relative_to(root).as_posix() for p in items})
     if not from_metadata and label_column != "none" and len(parents) > 1 and "." not in parents:
         class_names = tuple(parents)
     caption_column = _caption_column(args, columns, str(meta_path))
+    return FolderColumns(
+        root, metadata, meta_path, label_column if from_metadata else None, class_names, caption_column
+    )
+
+
+def _image_folder(data_dir: str, args: DataArguments):
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--train_data_dir: no such directory '{data_dir}'")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(f"--train_data_dir: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under '{data_dir}'")
+    columns = folder_columns(root, files, args)
     files = files[: args.max_train_samples] if args.max_train_samples else files
     keep, grey = check_images(files, len(files), lambda i: str(files[i]), args)
     files = [files[i] for i in keep]
-    if from_metadata:
-        labels = [int(v) for v in _metadata_column(metadata, files, label_column, meta_path)]
-    elif class_names:
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = [index[p.parent.relative_to(root).as_posix()] for p in files]
-    captions = None
-    if caption_column:
-        values = _metadata_column(metadata, files, caption_column, meta_path)
-        captions = check_captions(values, caption_column, lambda i: f"{meta_path} ({files[i].relative_to(root)})")
-    return [str(p) for p in files], labels, class_names, (lambda i: str(files[i])), captions, grey
+    labels, captions = columns.labels(files), columns.captions(files)
+    return [str(p) for p in files], labels, columns.class_names, (lambda i: str(files[i])), captions, grey
 
 
 class EmptySplitError(UserError):
     """The split exists but holds no rows."""
 
 
-class _LazyColumn:
+class LazyColumn:
     """One column of a `datasets.Dataset`, decoded row by row on access rather than all at once."""
 
     def __init__(self, ds, column: str):
@@ -263,13 +298,40 @@ class _LazyColumn:
         return self.ds[int(i)][self.column]
 
 
-def _hub_dataset(args: DataArguments):
+def _is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `datasets`' save_to_disk, which load_dataset refuses to read."""
+    folder = Path(path)
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_saved_dataset(args: DataArguments):
+    import datasets
+
+    ds = datasets.load_from_disk(args.dataset_name)
+    if isinstance(ds, datasets.DatasetDict):
+        if args.dataset_split not in ds:
+            raise UserError(
+                f"dataset '{args.dataset_name}' has no split '{args.dataset_split}' (splits: {', '.join(ds)}); "
+                "pass --dataset_split"
+            )
+        ds = ds[args.dataset_split]
+    if len(ds) == 0:
+        raise EmptySplitError(f"dataset '{args.dataset_name}': split '{args.dataset_split}' is empty")
+    return ds
+
+
+def open_dataset(args: DataArguments):
+    """The split of --dataset_name (a Hub id, a local dataset, or a folder written by save_to_disk), cut to
+    --max_train_samples; every way it can fail is a UserError saying what to do."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(
-            args.dataset_name, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir
-        )
+        if _is_saved_dataset(args.dataset_name):
+            ds = _load_saved_dataset(args)
+        else:
+            ds = datasets.load_dataset(
+                args.dataset_name, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir
+            )
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise UserError(
             f"unknown dataset '{args.dataset_name}': not a local path and not found on the Hub ({e}). Use "
@@ -292,6 +354,36 @@ def _hub_dataset(args: DataArguments):
         ) from None
     if args.max_train_samples:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))
+    return ds
+
+
+def dataset_columns(ds, args: DataArguments) -> tuple[str | None, tuple[str, ...] | None, str | None]:
+    """The label column of `ds` (None: no labels), its class names when the column has them, and the caption
+    column."""
+    columns = ds.column_names
+    label_column = args.label_column
+    if label_column is None and "label" in columns:
+        label_column = "label"
+    label_column = None if label_column == "none" else label_column
+    if label_column and label_column not in columns:
+        raise UserError(
+            f"dataset '{args.dataset_name}' has no label column '{label_column}' "
+            f"(columns: {', '.join(columns)}); pass --label_column, or --label_column none"
+        )
+    feature = ds.features.get(label_column) if label_column else None
+    class_names = tuple(feature.names) if hasattr(feature, "names") else None
+    return label_column, class_names, _caption_column(args, columns, f"dataset '{args.dataset_name}'")
+
+
+def dataset_row(args: DataArguments):
+    """Row i's name in messages: dataset[split][i]."""
+    return lambda i: f"{args.dataset_name}[{args.dataset_split}][{i}]"
+
+
+def _hub_dataset(args: DataArguments):
+    import datasets
+
+    ds = open_dataset(args)
     columns = ds.column_names
     if args.image_column not in columns:
         raise UserError(
@@ -304,40 +396,66 @@ def _hub_dataset(args: DataArguments):
             f"dataset '{args.dataset_name}': column '{args.image_column}' holds {feature}, not images (or image "
             f"paths); pass --image_column (columns: {', '.join(columns)})"
         )
-    label_column = args.label_column
-    if label_column is None and "label" in columns:
-        label_column = "label"
-    label_column = None if label_column == "none" else label_column
-    if label_column and label_column not in columns:
-        raise UserError(
-            f"dataset '{args.dataset_name}' has no label column '{label_column}' "
-            f"(columns: {', '.join(columns)}); pass --label_column, or --label_column none"
-        )
-    feature = ds.features.get(label_column) if label_column else None
-    class_names = tuple(feature.names) if hasattr(feature, "names") else None
-    caption_column = _caption_column(args, columns, f"dataset '{args.dataset_name}'")
-    row = lambda i: f"{args.dataset_name}[{args.dataset_split}][{i}]"
+    label_column, class_names, caption_column = dataset_columns(ds, args)
+    row = dataset_row(args)
     # The stored bytes, read in arrow batches: decoding them here rather than through `datasets` names the bad row.
-    batches = ds.select_columns([args.image_column]).with_format("arrow").iter(batch_size=256)
-    sources = (v for batch in batches for v in batch.column(args.image_column).to_pylist())
+    sources = stored_values(ds, args.image_column)
     rows, grey = check_images(sources, len(ds), lambda i: f"{row(i)}.{args.image_column}", args)
     if len(rows) < len(ds):
         ds = ds.select(rows)
+    labels, captions = dataset_labels_and_captions(ds, rows, label_column, caption_column, row)
+    names = lambda i: f"{row(rows[i])}.{args.image_column}"
+    return LazyColumn(ds, args.image_column), labels, class_names, names, captions, grey
+
+
+def dataset_labels_and_captions(ds, rows: list[int], label_column, caption_column, row):
+    """The labels and the checked captions of `ds`, whose row i was row `rows[i]` of the dataset `row` names."""
     labels = ds[label_column] if label_column else None
     captions = None
     if caption_column:
         captions = check_captions(ds[caption_column], caption_column, lambda i: f"{row(rows[i])}.{caption_column}")
-    names = lambda i: f"{row(rows[i])}.{args.image_column}"
-    return _LazyColumn(ds, args.image_column), labels, class_names, names, captions, grey
+    return labels, captions
+
+
+def stored_values(ds, column: str):
+    """The values of `column` as stored (a file's {"bytes", "path"}, not the decoded image or video), row by row,
+    read in arrow batches."""
+    batches = ds.select_columns([column]).with_format("arrow").iter(batch_size=256)
+    return (v for batch in batches for v in batch.column(column).to_pylist())
+
+
+def check_size_arguments(args: DataArguments) -> None:
+    if args.resolution <= 0:
+        raise UserError(f"--resolution must be positive, got {args.resolution}")
+    if args.num_channels not in (None, 1, 3):
+        raise UserError(f"--num_channels must be 1 or 3, got {args.num_channels}")
+
+
+def count_classes(labels, class_names) -> int:
+    """The number of classes of `labels` (None: 0): the named ones, else the largest label plus one."""
+    if labels is None:
+        return 0
+    if min(labels) < 0:
+        raise UserError(f"labels must be non-negative integers, found {min(labels)}")
+    return len(class_names) if class_names else int(max(labels)) + 1
+
+
+def folder_source(root: Path, files) -> str:
+    """A folder's name in keys: its name and a digest of its files' paths, sizes and modification times."""
+    listing = "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+    return f"folder-{root.resolve().name}-{short_digest(listing)}"
+
+
+def dataset_source(args: DataArguments, ds) -> str:
+    """A dataset's name in keys: its name, split and a digest of its fingerprint."""
+    name = Path(args.dataset_name).name if Path(args.dataset_name).exists() else args.dataset_name
+    return f"{name.replace('/', '--')}-{args.dataset_split}-{short_digest(ds._fingerprint)}"
 
 
 def load_image_data(args: DataArguments) -> TrainData:
     """Open the training images named by `args`; raise `UserError` for anything a user must fix. (Every source,
     images and clips, opens through modules/data/sources.py.)"""
-    if args.resolution <= 0:
-        raise UserError(f"--resolution must be positive, got {args.resolution}")
-    if args.num_channels not in (None, 1, 3):
-        raise UserError(f"--num_channels must be 1 or 3, got {args.num_channels}")
+    check_size_arguments(args)
     if args.train_data_dir is None and args.dataset_name == "fashion_mnist":
         images, labels = load_fashion_mnist(args.dataset_split)
         if args.max_train_samples:
@@ -359,21 +477,14 @@ def load_image_data(args: DataArguments) -> TrainData:
     else:
         if args.train_data_dir is not None:
             images, labels, class_names, names, captions, grey = _image_folder(args.train_data_dir, args)
-            root = Path(args.train_data_dir).resolve()
-            listing = "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in images)
-            source = f"folder-{root.name}-{short_digest(listing)}"
+            source = folder_source(Path(args.train_data_dir), images)
         elif args.dataset_name:
             images, labels, class_names, names, captions, grey = _hub_dataset(args)
-            name = Path(args.dataset_name).name if Path(args.dataset_name).exists() else args.dataset_name
-            source = f"{name.replace('/', '--')}-{args.dataset_split}-{short_digest(images.ds._fingerprint)}"
+            source = dataset_source(args, images.ds)
         else:
             raise UserError("give --dataset_name or --train_data_dir")
         channels = args.num_channels or (1 if grey else 3)
-        num_classes = 0
-        if labels is not None:
-            num_classes = len(class_names) if class_names else int(max(labels)) + 1
-            if min(labels) < 0:
-                raise UserError(f"labels must be non-negative integers, found {min(labels)}")
+        num_classes = count_classes(labels, class_names)
         dataset = DecodedImageDataset(images, labels, names, args.resolution, channels, args.center_crop)
         key = f"{source}-{len(images)}-{args.resolution}px-{channels}ch"
         data = TrainData(dataset, channels, num_classes, class_names, key, captions)

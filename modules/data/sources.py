@@ -12,6 +12,7 @@ from pathlib import Path
 from modules.config import DataArguments, UserError
 from modules.data.images import EmptySplitError, TrainData, labels_needed, load_image_data
 from modules.data.video import MOVING_FASHION_MNIST, moving_fashion_mnist_data
+from modules.data.video_files import is_video_folder, load_video_data
 
 DEFAULT_NUM_FRAMES = 16
 
@@ -38,13 +39,31 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
     if is_moving_fashion_mnist(args):
         data = moving_fashion_mnist_data(with_clip_length(args, True))
     elif args.num_frames is not None:
-        raise UserError("--num_frames: clips come from --dataset_name moving_fashion_mnist")
+        if args.train_data_dir is None and args.dataset_name == "fashion_mnist":
+            raise UserError(
+                "--dataset_name fashion_mnist holds images, not clips: for clips of Fashion-MNIST items use "
+                f"--dataset_name {MOVING_FASHION_MNIST}; for images, an image model without --num_frames"
+            )
+        data = load_video_data(args)
     else:
-        data = load_image_data(args)
+        data = _image_data(args)
     if need_labels and data.num_classes == 0:
         source = f"the folder '{args.train_data_dir}'" if args.train_data_dir else f"the dataset '{args.dataset_name}'"
         raise labels_needed(source, "name them with --label_column (or one subfolder per class), or ")
     return data
+
+
+def _image_data(args: DataArguments) -> TrainData:
+    """The images of `args`; a folder without images that holds videos says how to train on them."""
+    try:
+        return load_image_data(args)
+    except UserError as e:
+        if args.train_data_dir and "no images" in str(e) and is_video_folder(args.train_data_dir):
+            raise UserError(
+                f"--train_data_dir '{args.train_data_dir}' holds videos, not images: train a video model "
+                "(--model video_*) or the shared-noise trainer (--shared_noise) on them"
+            ) from None
+        raise
 
 
 def load_validation_data(args: DataArguments) -> TrainData | None:

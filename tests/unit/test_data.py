@@ -81,6 +81,20 @@ def test_image_folder_metadata_labels_and_small_images(tmp_path):
         load_train_data(DataArguments(train_data_dir=str(root), label_column="category"))
 
 
+def test_a_dataset_written_by_save_to_disk_and_its_splits(tmp_path):
+    import datasets
+
+    images = [Image.new("L", (8, 8), v) for v in (0, 255)]
+    split = datasets.Dataset.from_dict({"image": images, "label": [1, 0]}).cast_column("image", datasets.Image())
+    split.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": split}).save_to_disk(str(tmp_path / "dict"))
+    for name in ("one", "dict"):
+        data = load_train_data(DataArguments(dataset_name=str(tmp_path / name), resolution=8))
+        assert data.num_classes == 2 and data.dataset[1]["pixel_values"].max() == 1
+    with pytest.raises(UserError, match=r"has no split 'test' \(splits: train\); pass --dataset_split"):
+        load_train_data(DataArguments(dataset_name=str(tmp_path / "dict"), dataset_split="test"))
+
+
 def test_uint8_round_trip():
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     assert torch.equal(to_uint8(to_model_range(x)), x)

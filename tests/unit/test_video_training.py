@@ -52,7 +52,7 @@ def test_moving_fashion_mnist_opens_as_clips_with_a_label_per_clip():
         (dict(num_frames=0), "--num_frames must be at least 1"),
         (dict(frame_stride=2), "--frame_stride 2"),
         (dict(num_moving_items=3), "--num_moving_items must be 1 or 2"),
-        (dict(dataset_name="fashion_mnist"), "--num_frames"),
+        (dict(dataset_name="fashion_mnist"), "fashion_mnist holds images, not clips"),
     ],
 )
 def test_bad_clip_settings_are_one_line_errors(args, needle):
