@@ -179,7 +179,7 @@ class Sampling:
     objective: object
     record: dict
     device: torch.device
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]  # of one sample: (C, H, W), or (F, C, H, W) for clips
     cond: object = None  # class labels, or the prompts' text condition
     labels: list[int] | None = None
     null_cond: dict | None = None
@@ -219,6 +219,8 @@ def load_sampling(args, folder: Path) -> Sampling:
             f"--sampler '{args.sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
         )
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    if record.get("num_frames"):  # a model of clips: a video network, or an image network of shared-noise frames
+        shape = (record["num_frames"], *shape)
     sampling = Sampling(model, objective, record, device, shape)
     if "latent" in record:  # trained on a latent dataset: decode through the VAE that encoded it
         sampling.decode = latent_decoder(record["latent"], device)
@@ -320,13 +322,14 @@ def reference_data(args, record: dict, folder: Path, shape) -> DataArguments:
 
     if args.fid_dataset:
         latent = record.get("latent")
-        resolution = latent["image_resolution"] if latent else shape[1]
-        channels = latent["vae"]["in_channels"] if latent else shape[0]
+        resolution = latent["image_resolution"] if latent else shape[-1]
+        channels = latent["vae"]["in_channels"] if latent else shape[-3]
         return DataArguments(
             dataset_name=args.fid_dataset,
             image_column=args.fid_image_column,
             resolution=resolution,
             num_channels=channels,
+            num_frames=shape[0] if len(shape) == 4 else None,
         )
     run_config = folder / "run_config.json"
     if not run_config.is_file():
