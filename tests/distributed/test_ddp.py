@@ -1,5 +1,5 @@
-"""Training on two DDP processes: a DDPM run from the accelerate config and what sample.py makes of it, and a
-failure on one process ending both."""
+"""Training on two DDP processes: a DDPM run of a video UNet on clips from the accelerate config and what sample.py
+makes of it, and a failure on one process ending both."""
 
 import json
 import time
@@ -9,7 +9,11 @@ from helpers import TINY, accelerate_launch, assert_clean_two_process_run, runne
 from PIL import Image
 
 
-def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
+# Clips of 4 frames of Moving Fashion-MNIST at 16 px, for a video UNet as small as TINY's UNet.
+TINY_CLIPS = ["--dataset_name", "moving_fashion_mnist", "--resolution", 16, "--num_frames", 4, "--model", "video_unet_s"]
+
+
+def test_two_process_ddpm_of_clips_from_the_accelerate_config(tmp_path):
     import sample
 
     out = tmp_path / "ddpm2"
@@ -26,11 +30,13 @@ def test_two_process_ddpm_from_the_accelerate_config(tmp_path):
         "--snr_gamma",
         5,
         *TINY,
+        *TINY_CLIPS,
         config_file="accelerate_configs/cpu_2proc.yaml",
     )
     assert_clean_two_process_run(proc, out, 3)
-    assert json.loads((out / "objective.json").read_text())["objective"] == "ddpm"
-    # ancestral sampling draws fresh noise every step: still per image, whatever the batch size
+    record = json.loads((out / "objective.json").read_text())
+    assert record["objective"] == "ddpm" and record["num_frames"] == 4
+    # ancestral sampling draws fresh noise every step: still per clip, whatever the batch size
     grids = []
     for bs in (1, 3):
         sample.main(
