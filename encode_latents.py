@@ -1,18 +1,21 @@
-"""Encode images once with a VAE into a latent dataset (each image's posterior mean and std) for latent diffusion.
+"""Encode images once with a VAE into a latent dataset (each image's posterior mean and std) for latent diffusion;
+clips (Moving Fashion-MNIST, or video files with --num_frames) are encoded frame by frame.
 
     python encode_latents.py --vae stabilityai/sd-vae-ft-ema --dataset_name fashion_mnist --output_dir latents/fm
     accelerate launch encode_latents.py --vae my_vae/ --train_data_dir images/ --resolution 256 --random_flip \\
         --output_dir latents/mine --push_to_hub --hub_dataset_id me/mine-latents
     accelerate launch train_cfm.py --latent_dataset latents/fm
+    python encode_latents.py --vae my_vae/ --dataset_name moving_fashion_mnist --num_frames 8 --output_dir latents/mfm
     python encode_latents.py --vae my_vae/ --dataset_name captioned/ --text_encoder openai/clip-vit-large-patch14 \
         --output_dir latents/captioned   # captions' text embeddings stored too: training never runs the encoder
 
 The dataset (format: modules/latents.py) keeps the images' order and is the same whatever the number of processes:
 shard k is encoded by process k % num_processes and written whole or not at all. Rerunning with the same arguments
 resumes, skipping finished shards; latents.json is written last, once every shard is whole. Images are always
-center-cropped, so the encoding is deterministic; --random_flip also stores each image's flipped latents, for the
-trainer to pick per step. With --text_encoder (a frozen one: a CLIP model or 'minilm') each caption's embeddings are
-stored too, and training with the same --text_encoder reads them instead of loading the encoder.
+center-cropped, so the encoding is deterministic; --random_flip also stores each image's flipped latents (a clip is
+flipped whole), for the trainer to pick per step. With --text_encoder (a frozen one: a CLIP model or 'minilm') each
+caption's embeddings are stored too, and training with the same --text_encoder reads them instead of loading the
+encoder.
 Every flag: python encode_latents.py --help.
 """
 
@@ -35,7 +38,7 @@ from modules.data.shards import (
     process_state,
     write_sharded_dataset,
 )
-from modules.data.sources import load_train_data
+from modules.data.sources import load_train_data, with_clip_length
 from modules.networks.text import load_text_encoder
 from modules.networks.vae import load_vae
 
@@ -52,7 +55,9 @@ class EncodeArguments:
         "save_pretrained."
     )
     vae_revision: str | None = help_field("Hub revision (branch, tag or commit) of the VAE.", default=None)
-    batch_size: int = help_field("Images per VAE forward pass, per process.", default=64)
+    batch_size: int = help_field(
+        "Images per VAE forward pass, per process (of clips, as many frames: at least one clip).", default=64
+    )
     dtype: Literal["fp32", "fp16", "bf16"] = help_field(
         "Precision the VAE runs in; latents are stored as float16.", default="fp32"
     )
@@ -97,27 +102,30 @@ def check_fits(vae, data, resolution: int):
 
 
 def dataset_card(meta: dict, paths) -> str:
-    vae, (c, h, w) = meta["vae"], meta["latent_shape"]
+    vae, (c, h, w), frames = meta["vae"], meta["latent_shape"], meta.get("num_frames")
+    shape, item = (f"({frames}, {c}, {h}, {w})", "clip") if frames else (f"({c}, {h}, {w})", "image")
     stats = "\n".join(
         f"| {i} | {m:.5g} | {s:.5g} |"
         for i, (m, s) in enumerate(zip(meta["channel_mean"], meta["channel_std"], strict=True))
     )
     columns = {
-        "mean": f"posterior mean, float16 ({c}, {h}, {w}), raw (before any scaling)",
-        "std": f"posterior std, float16 ({c}, {h}, {w})",
-        "flip_mean": "posterior mean of the horizontally flipped image",
-        "flip_std": "posterior std of the horizontally flipped image",
+        "mean": f"posterior mean, float16 {shape}, raw (before any scaling)",
+        "std": f"posterior std, float16 {shape}",
+        "flip_mean": f"posterior mean of the horizontally flipped {item}",
+        "flip_std": f"posterior std of the horizontally flipped {item}",
         "label": f"class label ({meta['num_classes']} classes)",
-        "caption": "text caption of the image",
+        "caption": f"text caption of the {item}",
         "text_tokens": "the caption's token embeddings (real tokens only), float16 (tokens, width)",
         "text_pooled": "the caption's pooled embedding, float16 (width,)",
     }
     rows = "\n".join(f"| {name} | {columns[name]} |" for name in meta["columns"])
     res = meta["image_resolution"]
+    what = f"clips of {frames} frames" if frames else "images"
     summary = (
-        f"{meta['num_images']} images of {meta['source']} at {res}x{res} pixels (center-cropped), encoded by the VAE "
-        f"`{vae['source']}` ({vae['kind']}, {meta['vae_dtype']}, downsample factor {vae['downsample_factor']}) into "
-        f"latents of shape {c}x{h}x{w}, in the images' order, in {len(meta['shards'])} shard(s)."
+        f"{meta['num_images']} {what} of {meta['source']} at {res}x{res} pixels (center-cropped), encoded by the VAE "
+        f"`{vae['source']}` ({vae['kind']}, {meta['vae_dtype']}, downsample factor {vae['downsample_factor']}) "
+        f"{'frame by frame ' if frames else ''}into latents of shape {c}x{h}x{w}, in the {item}s' order, in "
+        f"{len(meta['shards'])} shard(s)."
     )
     if meta.get("text_encoder"):
         text = meta["text_encoder"]
@@ -158,9 +166,11 @@ def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments, text
     """`make_shard(rows, progress)`: the latents (and labels, captions, caption embeddings through the text encoder
     `text`) of those images, as a pyarrow table."""
 
+    batch_size = max(1, args.batch_size // data.num_frames) if data.num_frames else args.batch_size  # items
+
     def make_shard(rows: range, progress):
         shard = latents.encode_shard(
-            vae, data.dataset, rows, args.batch_size, data_args.dataloader_num_workers, data_args.random_flip, progress
+            vae, data.dataset, rows, batch_size, data_args.dataloader_num_workers, data_args.random_flip, progress
         )
         if data.captions is not None:
             shard["caption"] = [str(data.captions[i]) for i in rows]
@@ -194,7 +204,8 @@ def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: P
             vae_dtype=args.dtype,
             image_resolution=res,
             image_channels=data.num_channels,
-            latent_shape=[vae.latent_channels, res // f, res // f],
+            latent_shape=[vae.latent_channels, res // f, res // f],  # of each frame, for clips
+            **({"num_frames": data.num_frames} if data.num_frames else {}),
             num_images=len(data.dataset),
             columns=record["columns"],
             shards=[str(p.relative_to(out)) for p in paths],
@@ -206,11 +217,11 @@ def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: P
             command=command,
             **text_meta,
         )
-        c, h, w = meta["latent_shape"]
+        shape = "x".join(map(str, [*([data.num_frames] if data.num_frames else []), *meta["latent_shape"]]))
         return (
             dataset_card(meta, paths),
             meta,
-            f"wrote {len(data.dataset)} latents ({c}x{h}x{w}) in {len(paths)} shard(s) to {out}",
+            f"wrote {len(data.dataset)} latents ({shape}) in {len(paths)} shard(s) to {out}",
         )
 
     return describe
@@ -238,6 +249,7 @@ def main(argv=None):
     validate(data_args, args, out_args)
     state = process_state()
     data_args = dataclasses.replace(data_args, center_crop=True)  # no random crops: a rerun gives the same latents
+    data_args = with_clip_length(data_args, False)  # recorded with its clip length, to find the clips again
     data = load_train_data(data_args)
     vae_path = Path(args.vae).expanduser()
     vae_source = str(vae_path.resolve()) if vae_path.is_dir() else args.vae  # found again from any directory

@@ -97,7 +97,8 @@ class DataArguments:
     num_frames: int | None = help_field(
         "Frames per clip. Setting it trains on clips: --train_data_dir then holds video files (.mp4, .webm, .gif, "
         ".avi, .mov, .mkv) and frame folders (a folder of images, frames in name order, is one clip), a dataset "
-        "its --video_column; 'moving_fashion_mnist' and the video models (video_*) default to 16.",
+        "its --video_column; 'moving_fashion_mnist' and the video models (video_*) default to 16. A --latent_dataset "
+        "of clips has its own (leave it out).",
         default=None,
     )
     frame_stride: int = help_field(
@@ -111,7 +112,7 @@ class DataArguments:
     num_moving_items: int = help_field("moving_fashion_mnist: items moving in each clip (1 or 2).", default=1)
     latent_dataset: str | None = help_field(
         "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "
-        "of images; grids, FID and sample.py decode through the VAE it records.",
+        "of images (or clips); grids, FID and sample.py decode through the VAE it records.",
         default=None,
     )
 

@@ -2,16 +2,19 @@
 
 A latent dataset is a directory (or a Hub dataset repo) that `datasets.load_dataset` also reads:
 
-    data/train-00000-of-00003.parquet  rows in image order: mean, std (float16 (C, h, w), raw latents);
-                                       flip_mean, flip_std (the same for the horizontally flipped image, with
-                                       --random_flip); label (int) and caption (str) when the images have them;
+    data/train-00000-of-00003.parquet  rows in image order: mean, std (float16 (C, h, w), raw latents; of a clip
+                                       (F, C, h, w), its frames encoded one by one); flip_mean, flip_std (the same
+                                       for the horizontally flipped image or clip, with --random_flip); label (int)
+                                       and caption (str) when the images have them;
                                        text_tokens (float16 (L, D): the caption's real tokens), text_pooled
                                        (float16 (P,)) with --text_encoder
     README.md                          dataset card
-    latents.json                       VAE, shapes, statistics, source data; written last: marks the data complete
+    latents.json                       VAE, shapes (latent_shape [C, h, w] of one frame; num_frames F of clips),
+                                       statistics, source data; written last: marks the data complete
 
-Training draws z = mean + std * eps afresh each step and normalises it per channel with statistics over all images:
-channel_mean = E[mean], channel_std^2 = Var[mean] + E[std^2], the variance of z itself (law of total variance).
+Training draws z = mean + std * eps afresh each step and normalises it per channel with statistics over all images
+(every frame of every clip): channel_mean = E[mean], channel_std^2 = Var[mean] + E[std^2], the variance of z itself
+(law of total variance).
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ MEMORY_FRACTION = 0.25
 
 @torch.no_grad()
 def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, flip: bool = False, progress=None):
-    """Encode `dataset[i]` for i in `indices`, in order, through `vae` (modules.vae.VAE).
+    """Encode `dataset[i]` for i in `indices`, in order, through `vae` (modules.vae.VAE): images, or clips frame by
+    frame. `batch_size` counts items (clips, not frames).
 
-    Returns numpy arrays: "mean", "std" (and with `flip` "flip_mean", "flip_std", of the image flipped left-right)
-    float16 (N, C, h, w), plus "label" int64 (N,) when the items have labels. `num_workers` does not change it.
+    Returns numpy arrays: "mean", "std" (and with `flip` "flip_mean", "flip_std", of the image or the whole clip
+    flipped left-right) float16 (N, C, h, w), or (N, F, C, h, w) for clips, plus "label" int64 (N,) when the items
+    have labels. `num_workers` does not change it.
     """
     indices = list(indices)
     loader = torch.utils.data.DataLoader(
@@ -67,9 +72,10 @@ def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, f
     out = {}
     try:
         for batch in loader:
-            x = batch["pixel_values"].to(vae.device, non_blocking=True)
+            x = batch["pixel_values"].to(vae.device, non_blocking=True)  # (N, C, H, W) or clips (N, F, C, H, W)
             n = len(x)
-            mean, std = vae.encode(torch.cat([x, x.flip(-1)]) if flip else x)  # flips in the same forward pass
+            x = torch.cat([x, x.flip(-1)]) if flip else x  # flips in the same forward pass; a clip's every frame
+            mean, std = (v.unflatten(0, x.shape[:-3]) for v in vae.encode(x.flatten(0, -4)))  # as x, latent (C, h, w)
             columns = {"mean": mean[:n], "std": std[:n]}
             if flip:
                 columns.update(flip_mean=mean[n:], flip_std=std[n:])
@@ -77,7 +83,7 @@ def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, f
                 value = value.to(torch.float16)
                 if not torch.isfinite(value).all():
                     raise UserError(
-                        f"the VAE gave latents that are not finite in float16 (column {name}, images "
+                        f"the VAE gave latents that are not finite in float16 (column {name}, rows "
                         f"{indices[0]}..{indices[-1]}); encode with --dtype fp32 or bf16, or another VAE"
                     )
                 out.setdefault(name, []).append(value.cpu())
@@ -112,14 +118,15 @@ def encode_captions(encoder, captions: list[str], batch_size: int) -> dict[str, 
 
 def latent_table(columns: dict, class_names=None):
     """One shard's pyarrow table from columns as `encode_shard` returns them, plus "caption" (list of str) and the
-    `encode_captions` columns. Latents are stored as datasets' Array3D(float16), which `datasets.load_dataset` reads
-    back with its shape; text tokens as lists of fixed-size float16 vectors."""
+    `encode_captions` columns. Latents are stored as datasets' Array3D(float16) (Array4D for clips), which
+    `datasets.load_dataset` reads back with its shape; text tokens as lists of fixed-size float16 vectors."""
     import datasets
 
     features = {}
     for name, values in columns.items():
         if name in BATCH_KEYS:
-            features[name] = datasets.Array3D(tuple(int(d) for d in values.shape[1:]), "float16")
+            array = datasets.Array4D if values.ndim == 5 else datasets.Array3D
+            features[name] = array(tuple(int(d) for d in values.shape[1:]), "float16")
         elif name == "text_tokens":
             width = int(values[0].shape[1])
             features[name] = datasets.List(datasets.List(datasets.Value("float16"), length=width))
@@ -133,7 +140,8 @@ def latent_table(columns: dict, class_names=None):
 
 
 def read_shard(path: Path, columns=None) -> dict[str, np.ndarray]:
-    """Columns of one parquet shard as numpy arrays; latents (stored as nested lists) as float16 (N, C, h, w)."""
+    """Columns of one parquet shard as numpy arrays; latents (stored as nested lists) as float16 (N, C, h, w), or
+    (N, F, C, h, w) for clips."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -150,22 +158,24 @@ def read_shard(path: Path, columns=None) -> dict[str, np.ndarray]:
             inner = array.flatten()
             shape.append(len(inner) // max(len(array), 1))
             array = inner
-        if len(shape) != 4 or int(np.prod(shape)) != len(array):
-            raise UserError(f"{path}: column '{name}' does not hold latents of one shape (C, h, w)")
+        if len(shape) not in (4, 5) or int(np.prod(shape)) != len(array):
+            raise UserError(f"{path}: column '{name}' does not hold latents of one shape (C, h, w) or (F, C, h, w)")
         out[name] = array.to_numpy(zero_copy_only=False).reshape(shape)
     return out
 
 
 def channel_statistics(paths, num_channels: int) -> dict:
-    """Per-channel statistics over every latent of the shards at `paths` (see the module docstring)."""
+    """Per-channel statistics over every latent of the shards at `paths`, every frame of clips (see the module
+    docstring)."""
     total, s_mean, s_mean2, s_var = 0, np.zeros(num_channels), np.zeros(num_channels), np.zeros(num_channels)
     for path in paths:
         shard = read_shard(path, list(LATENT_COLUMNS))
         mean, std = shard["mean"].astype(np.float64), shard["std"].astype(np.float64)
-        total += mean.shape[0] * mean.shape[2] * mean.shape[3]
-        s_mean += mean.sum((0, 2, 3))
-        s_mean2 += np.square(mean).sum((0, 2, 3))
-        s_var += np.square(std).sum((0, 2, 3))
+        others = tuple(a for a in range(mean.ndim) if a != mean.ndim - 3)  # all but the channels of (..., C, h, w)
+        total += mean.size // num_channels
+        s_mean += mean.sum(others)
+        s_mean2 += np.square(mean).sum(others)
+        s_var += np.square(std).sum(others)
     channel_mean = s_mean / total
     var_of_means = np.maximum(s_mean2 / total - channel_mean**2, 0.0)
     return dict(
@@ -178,9 +188,10 @@ def channel_statistics(paths, num_channels: int) -> dict:
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Rows of a latent dataset: `{"latent_mean", "latent_std"[, "flip_mean", "flip_std"]: float32 (C, h, w),
-    "labels": long}`, batched in one index op by `__getitems__`. `rows` is a dict of in-memory tensors (latents
-    float16), or a `datasets.Dataset` in torch format read lazily from its memory-mapped Arrow cache."""
+    """Rows of a latent dataset: `{"latent_mean", "latent_std"[, "flip_mean", "flip_std"]: float32 (C, h, w), or
+    (F, C, h, w) for clips, "labels": long}`, batched in one index op by `__getitems__`. `rows` is a dict of
+    in-memory tensors (latents float16), or a `datasets.Dataset` in torch format read lazily from its memory-mapped
+    Arrow cache."""
 
     def __init__(self, rows, num_rows: int, labels: torch.Tensor | None):
         self.rows, self.num_rows, self.labels = rows, num_rows, labels
@@ -275,7 +286,8 @@ def load_latent_data(
     root = _local_dir(path_or_id, revision)
     meta_path = root / METADATA_FILE
     text, meta = _read_metadata(path_or_id, meta_path)
-    shape = tuple(meta["latent_shape"])
+    num_frames = int(meta.get("num_frames") or 0)
+    shape = (num_frames, *meta["latent_shape"]) if num_frames else tuple(meta["latent_shape"])  # of one row
     paths, total, names = _check_shards(root, meta, meta_path)
     n = min(max_samples or total, total)
     has_labels = "label" in names
@@ -298,8 +310,8 @@ def load_latent_data(
     name = root.name if Path(path_or_id).exists() else path_or_id.replace("/", "--")
     return LatentData(
         dataset=LatentDataset(rows, n, labels),
-        num_channels=shape[0],
-        resolution=shape[1],
+        num_channels=shape[-3],
+        resolution=shape[-2],
         num_classes=int(meta.get("num_classes") or 0) if has_labels else 0,
         class_names=class_names,
         key=f"latents-{name}-{n}-{short_digest(text)}",
@@ -311,6 +323,7 @@ def load_latent_data(
         captions=_captions(paths, n) if "caption" in names else None,
         root=root,
         text_encoder=meta.get("text_encoder") if TEXT_COLUMNS[0] in names else None,
+        num_frames=num_frames,
     )
 
 
@@ -335,6 +348,9 @@ def _read_metadata(path_or_id: str, meta_path: Path) -> tuple[str, dict]:
             f"{meta_path}: latent_shape {list(shape)} should be [C, h, w] with C channel_mean and channel_std "
             f"values (got {len(meta['channel_mean'])} and {len(meta['channel_std'])})"
         )
+    frames = meta.get("num_frames") or 0
+    if not isinstance(frames, int) or frames < 0:
+        raise UserError(f"{meta_path}: num_frames should be the frames per clip (a positive integer), got {frames!r}")
     return text, meta
 
 
@@ -420,19 +436,21 @@ def _stored_text(root: Path, shards: list[str], n: int) -> dict[str, tuple[torch
 
 
 def _channel_stats(data_or_metadata, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) shaped (1, C, 1, 1) on `like`'s device and dtype, from a LatentData or a latents.json dict."""
+    """(mean, std) shaped (C, 1, 1) on `like`'s device and dtype, from a LatentData or a latents.json dict: they
+    broadcast over the channels of images (B, C, h, w) and clips (B, F, C, h, w) alike."""
     if isinstance(data_or_metadata, LatentData):
         mean, std = data_or_metadata.channel_mean, data_or_metadata.channel_std
     else:
         mean, std = (torch.tensor(data_or_metadata[k]) for k in ("channel_mean", "channel_std"))
-    return mean.to(like).view(1, -1, 1, 1), std.to(like).view(1, -1, 1, 1)
+    return mean.to(like).view(-1, 1, 1), std.to(like).view(-1, 1, 1)
 
 
 def sample_latents(batch: dict, generator: torch.Generator, data: LatentData, flip: bool = False) -> torch.Tensor:
-    """z = (mean + std * eps - channel_mean) / channel_std, eps ~ N(0, I) from `generator`: (B, C, h, w).
+    """z = (mean + std * eps - channel_mean) / channel_std, eps ~ N(0, I) from `generator`: (B, C, h, w), or
+    (B, F, C, h, w) for clips.
 
-    With `flip`, each sample first takes its flipped image's (mean, std) with probability 1/2 (one uniform per
-    sample, drawn before eps). Random numbers are drawn on the generator's device (best: the batch's).
+    With `flip`, each sample first takes its flipped image's (or whole clip's) (mean, std) with probability 1/2 (one
+    uniform per sample, drawn before eps). Random numbers are drawn on the generator's device (best: the batch's).
     """
     mean, std = batch["latent_mean"], batch["latent_std"]
     if flip:
@@ -442,7 +460,7 @@ def sample_latents(batch: dict, generator: torch.Generator, data: LatentData, fl
                 "encode_latents.py --random_flip, or train without --random_flip"
             )
         pick = torch.rand(mean.shape[0], generator=generator, device=generator.device) < 0.5
-        pick = pick.to(mean.device)[:, None, None, None]
+        pick = pick.to(mean.device).view(-1, *[1] * (mean.ndim - 1))  # (B, 1, 1, 1) or (B, 1, 1, 1, 1)
         mean = torch.where(pick, batch["flip_mean"], mean)
         std = torch.where(pick, batch["flip_std"], std)
     eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype).to(mean.device)
@@ -471,7 +489,8 @@ def scaled_latent_record(vae, latent_size: int) -> dict:
 
 
 def latent_decoder(record: dict, device="cpu"):
-    """`decode(z)` for a model trained on a latent dataset: normalised latents -> images in [-1, 1].
+    """`decode(z)` for a model trained on a latent dataset: normalised latents (B, C, h, w) -> images in [-1, 1]
+    (B, C', H, W), and clips (B, F, C, h, w) frame by frame -> (B, F, C', H, W), at most B frames per VAE pass.
 
     `record` is what training stores with such a model: {"vae": config_record, "channel_mean", "channel_std"}. The VAE
     is loaded from its recorded source and must still be the one that encoded the data."""
@@ -484,4 +503,10 @@ def latent_decoder(record: dict, device="cpu"):
                 f"VAE '{recorded['source']}' has {key} {getattr(vae, key)}, but the latents were encoded by one with "
                 f"{recorded[key]}: it is not the same VAE"
             )
-    return lambda z: vae.decode(denormalize_latents(z, record))
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        frames = denormalize_latents(z, record).flatten(0, -4)  # (B * F, C, h, w) for clips
+        images = torch.cat([vae.decode(chunk) for chunk in frames.split(max(len(z), 1))])  # (B * F, C', H, W)
+        return images.unflatten(0, z.shape[:-3])  # as z: (B, C', H, W) or (B, F, C', H, W)
+
+    return decode

@@ -19,8 +19,9 @@ DEFAULT_NUM_FRAMES = 16
 
 def with_clip_length(args: DataArguments, clips: bool) -> DataArguments:
     """`args` with --num_frames decided: the default clip length when clips are wanted (a video model, the
-    shared-noise trainer, or Moving Fashion-MNIST) and none is given."""
-    if args.num_frames is None and (clips or is_moving_fashion_mnist(args)):
+    shared-noise trainer, or Moving Fashion-MNIST) and none is given. A latent dataset's clips keep the length they
+    were encoded with (its latents.json)."""
+    if args.num_frames is None and not args.latent_dataset and (clips or is_moving_fashion_mnist(args)):
         return dataclasses.replace(args, num_frames=DEFAULT_NUM_FRAMES)
     return args
 

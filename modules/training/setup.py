@@ -72,6 +72,8 @@ def setup_run(
     trackers = resolve_trackers(train_args.report_to, out)
     data_args = with_clip_length(data_args, is_video_model(model_args.model))  # recorded with its clip length
     data = open_data(data_args, model_args, train_args)
+    if data.latent is not None:  # recorded with the clip length the latents were encoded with
+        data_args = dataclasses.replace(data_args, num_frames=data.train.num_frames or None)
     check_evaluation(train_args, data)
     model_args, condition = resolve_class_conditional(model_args, data.train)
     num_classes = data.train.num_classes if model_args.class_conditional else 0
@@ -228,6 +230,12 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
             held_out = None
         return RunData(data, held_out, data if fid else None)
     data = load_latent_data(data_args.latent_dataset, data_args.max_train_samples, need_labels=need_labels)
+    if data_args.num_frames is not None and data_args.num_frames != data.num_frames:
+        held = f"clips of {data.num_frames} frames" if data.num_frames else "images"
+        raise UserError(
+            f"--num_frames {data_args.num_frames}: the latent dataset '{data_args.latent_dataset}' holds {held}; "
+            "leave --num_frames out (a latent dataset's clip length is the one encode_latents.py encoded)"
+        )
     if model_args.text_encoder and data.captions is None:
         raise UserError(
             f"--text_encoder needs captions, but the latent dataset '{data_args.latent_dataset}' has none: encode a "
