@@ -26,7 +26,7 @@ def save_image(image_uint8: torch.Tensor, path: str | Path):
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(_to_hwc(image_uint8))
+    image = Image.fromarray(to_hwc(image_uint8))
     write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
@@ -116,7 +116,7 @@ def _font(size: int | None = None):
         return ImageFont.load_default()
 
 
-def _enlarge(images_uint8: torch.Tensor, min_px: int = MIN_CELL_PX) -> torch.Tensor:
+def enlarge(images_uint8: torch.Tensor, min_px: int = MIN_CELL_PX) -> torch.Tensor:
     """Nearest-neighbour upscale of (..., H, W) by the smallest integer factor that makes H and W >= min_px."""
     scale = max(1, math.ceil(min_px / min(images_uint8.shape[-2:])))
     return images_uint8.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
@@ -134,7 +134,7 @@ def _add_labels(
     band_w = max((font.getbbox(text)[2] + 6 for text in left), default=0)
     channels, height, width = grid_uint8.shape
     canvas = Image.new("L" if channels == 1 else "RGB", (band_w + width, band_h + height), "white")
-    canvas.paste(Image.fromarray(_to_hwc(grid_uint8)), (band_w, band_h))
+    canvas.paste(Image.fromarray(to_hwc(grid_uint8)), (band_w, band_h))
     draw = ImageDraw.Draw(canvas)
     for text, x in zip(top, centres_x, strict=True):
         draw.text((band_w + x, 2), text, fill="black", font=font, anchor="mt")
@@ -143,7 +143,7 @@ def _add_labels(
     return _from_pil(canvas, channels)
 
 
-def _to_hwc(image_uint8: torch.Tensor):
+def to_hwc(image_uint8: torch.Tensor):
     array = image_uint8.permute(1, 2, 0).cpu().numpy()  # (H, W, C)
     return array[:, :, 0] if array.shape[2] == 1 else array
 
@@ -171,7 +171,7 @@ def denoising_path_grid(recorder: DenoisingRecorder, num_columns: int = 8, with_
     columns = path_columns(recorder.num_steps, num_columns)
     rows = [recorder.x_t[columns], recorder.x0_pred[columns]] if with_x_t else [recorder.x0_pred[columns]]
     cells = torch.stack(rows).permute(2, 0, 1, 3, 4, 5)  # (R, K, N, C, H, W) -> (N, R, K, ...): sample, kind, column
-    cells = _enlarge(to_uint8(cells.flatten(0, 2)))  # (N * R * K, C, H', W'), row-major
+    cells = enlarge(to_uint8(cells.flatten(0, 2)))  # (N * R * K, C, H', W'), row-major
     grid = image_grid(cells, nrow=len(columns))
     height, width = cells.shape[-2:]  # make_grid puts cell k of a row at padding + k * (width + padding)
     kinds = ["x_t", "x0_pred"] if with_x_t else ["x0_pred"]
@@ -258,12 +258,18 @@ def save_gif(
         frames, ts = torch.cat([recorder.x_t, recorder.x0_pred[-1:]]), [*recorder.ts, 0.0]
     images = []
     for x, t in zip(frames, ts, strict=True):
-        grid = image_grid(_enlarge(to_uint8(x), MIN_GIF_CELL_PX), nrow)
-        images.append(Image.fromarray(_to_hwc(_add_labels(grid, [f"{which}  t={t:.2f}"], [grid.shape[-1] / 2]))))
-    durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, 1000)]
+        grid = image_grid(enlarge(to_uint8(x), MIN_GIF_CELL_PX), nrow)
+        images.append(Image.fromarray(to_hwc(_add_labels(grid, [f"{which}  t={t:.2f}"], [grid.shape[-1] / 2]))))
+    write_gif_frames(images, path, [duration_ms] * (len(images) - 1) + [max(duration_ms, 1000)])
+
+
+def write_gif_frames(images: list, path: str | Path, durations_ms: list[int]):
+    """Write PIL images as a looping GIF showing image i for durations_ms[i], atomically like `save_image`."""
     write_atomically(
         path,
-        lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0),
+        lambda f: images[0].save(
+            f, format="GIF", save_all=True, append_images=images[1:], duration=durations_ms, loop=0
+        ),
     )
 
 

@@ -1,4 +1,5 @@
-"""The building blocks of the motion metrics of clips: centroid paths, their acceleration, and frame differences.
+"""The building blocks of the metrics of clips: centroid paths, their acceleration, frame differences, and whether
+the item in a clip stays the same class from frame to frame.
 
 The same measures apply to real and generated clips: a real clip's item paths are known (its recorded positions plus
 each item's own centroid), and the centroid tracker finds them from the pixels alone, which is all a generated clip
@@ -12,6 +13,8 @@ import itertools
 import numpy as np
 import torch
 from scipy import ndimage
+
+from modules.evaluation.classifier import FashionMNISTClassifier, classifier_logits
 
 
 def unit_intensity(frames: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,17 @@ def mean_squared_acceleration(paths: torch.Tensor) -> torch.Tensor:
     return acceleration.pow(2).sum(-1).mean((1, 2))
 
 
+def label_blobs(intensity: np.ndarray, threshold: float, dilation: int) -> tuple[np.ndarray, int]:
+    """The blobs of frames (N, H, W) in [0, 1], as `blob_centroids` defines them: labels (N, H, W), 1..count for
+    the blobs and 0 for the background, and the count."""
+    mask = intensity > threshold
+    if dilation:
+        mask = ndimage.binary_dilation(mask, np.ones((1, 2 * dilation + 1, 2 * dilation + 1), dtype=bool))
+    within_frame = np.zeros((3, 3, 3), dtype=bool)
+    within_frame[1] = True  # connect pixels of one frame only
+    return ndimage.label(mask, structure=within_frame)
+
+
 def blob_centroids(intensity: torch.Tensor, num_blobs: int, threshold: float, dilation: int) -> torch.Tensor:
     """Centroids (N, num_blobs, 2) of the heaviest blobs of frames (N, H, W) in [0, 1], heaviest first.
 
@@ -55,12 +69,7 @@ def blob_centroids(intensity: torch.Tensor, num_blobs: int, threshold: float, di
     blobs repeats its heaviest one; a blank frame gives NaN."""
     x = intensity.double().numpy()
     n = x.shape[0]
-    mask = x > threshold
-    if dilation:
-        mask = ndimage.binary_dilation(mask, np.ones((1, 2 * dilation + 1, 2 * dilation + 1), dtype=bool))
-    within_frame = np.zeros((3, 3, 3), dtype=bool)
-    within_frame[1] = True  # connect pixels of one frame only
-    labels, count = ndimage.label(mask, structure=within_frame)  # (N, H, W): 1..count, 0 the background
+    labels, count = label_blobs(x, threshold, dilation)
     out = np.full((n, num_blobs, 2), np.nan)
     if count:
         index = np.arange(1, count + 1)
@@ -74,6 +83,70 @@ def blob_centroids(intensity: torch.Tensor, num_blobs: int, threshold: float, di
         out[frame[keep], rank[keep]] = centre[keep]
     out = np.where(np.isnan(out), out[:, :1], out)
     return torch.from_numpy(out)
+
+
+def heaviest_blob_boxes(intensity: torch.Tensor, threshold: float = 0.1, dilation: int = 1) -> torch.Tensor:
+    """The bounding box (top, left, bottom, right), inclusive, of the heaviest blob (`blob_centroids`) of each frame
+    of (N, H, W) in [0, 1], as float64 (N, 4); NaN for a blank frame. Stray specks elsewhere leave it alone."""
+    x = intensity.double().numpy()
+    labels, count = label_blobs(x, threshold, dilation)
+    out = np.full((len(x), 4), np.nan)
+    if count:
+        mass = ndimage.sum_labels(x, labels, np.arange(1, count + 1))  # (count,)
+        slices = ndimage.find_objects(labels)  # per blob: (frame, rows, columns) slices
+        frame = np.array([s[0].start for s in slices])
+        spans = np.array([[s[1].start, s[2].start, s[1].stop - 1, s[2].stop - 1] for s in slices])
+        order = np.lexsort((-mass, frame))  # by frame, then heaviest first
+        heaviest = order[np.r_[True, frame[order][1:] != frame[order][:-1]]]  # the first blob of each frame
+        out[frame[heaviest]] = spans[heaviest]
+    return torch.from_numpy(out)
+
+
+def item_window_corners(frames: torch.Tensor, size: int, threshold: float = 0.1, dilation: int = 1) -> torch.Tensor:
+    """Top-left corners (B, F, 2) of the square windows of `size` px centred on the box of the heaviest blob of each
+    frame of clips (B, F, C, H, W); kept inside the frame, and in its middle for a blank frame.
+
+    Fashion-MNIST items are centred in their boxes, so on a real one-item clip with `size` the item's, the window is
+    the item's own box give or take a pixel: what an image classifier of the items was trained on."""
+    b, f, _, h, w = frames.shape
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"a window of {size} px does not fit in {h}x{w} frames")
+    boxes = heaviest_blob_boxes(unit_intensity(frames).mean(2).flatten(0, 1), threshold, dilation)  # (B * F, 4)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # (B * F, 2)
+    centre = torch.where(centre.isnan(), torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=centre.dtype), centre)
+    corners = (centre - (size - 1) / 2).round().long().clamp_min(0)
+    return torch.minimum(corners, torch.tensor([h - size, w - size])).view(b, f, 2)
+
+
+def item_windows(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """The windows (B, F, C, size, size) at `item_window_corners` of clips (B, F, C, H, W)."""
+    b, f, c = frames.shape[:3]
+    corners = item_window_corners(frames, size).flatten(0, 1)  # (B * F, 2)
+    rows = corners[:, 0, None] + torch.arange(size)  # (B * F, S)
+    cols = corners[:, 1, None] + torch.arange(size)
+    frame = torch.arange(b * f)[:, None, None]
+    windows = frames.flatten(0, 1)[frame, :, rows[:, :, None], cols[:, None, :]]  # (B * F, S, S, C)
+    return windows.permute(0, 3, 1, 2).reshape(b, f, c, size, size)
+
+
+def frame_classes(clips_uint8: torch.Tensor, model: FashionMNISTClassifier, item_size: int) -> torch.Tensor:
+    """The Fashion-MNIST classifier's class (B, F) for each frame of one-item clips (B, F, C, H, W), read from the
+    frame's `item_windows` of the items' size."""
+    windows = item_windows(clips_uint8, item_size)  # (B, F, C, S, S)
+    logits = classifier_logits(model, windows.flatten(0, 1))  # (B * F, classes)
+    return torch.from_numpy(logits.argmax(1)).view(clips_uint8.shape[:2])
+
+
+def class_consistency(classes: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """The share of clips whose frames' `classes` (B, F) are all one class, and, given `labels` (B,), the clip's
+    label: an item that stays itself from frame to frame."""
+    same = (classes == classes[:, :1]).all(1)
+    if labels is not None:
+        labels = torch.as_tensor(labels).long().cpu().reshape(-1)
+        if len(labels) != len(classes):
+            raise ValueError(f"got {len(classes)} clips but {len(labels)} labels; give one label per clip")
+        same &= classes[:, 0] == labels
+    return float(same.double().mean())
 
 
 def link_tracks(centroids: torch.Tensor) -> torch.Tensor:
@@ -106,10 +179,17 @@ def track_centroids(
     return link_tracks(centroids.view(b, f, num_items, 2))
 
 
+def mean_acceleration(clips: torch.Tensor, num_items: int = 1) -> float:
+    """The mean over clips of `mean_squared_acceleration` of the centroid paths tracked from pixels, in px^2 per
+    frame^2. A clip with a blank frame has no path, and is left out; NaN if every clip has one."""
+    per_clip = mean_squared_acceleration(track_centroids(clips, num_items))  # (B,)
+    return float(per_clip.nanmean())
+
+
 def acceleration_ratio(generated: torch.Tensor, real: torch.Tensor, num_items: int = 1) -> float:
     """The mean squared centroid acceleration of generated clips over that of real clips, both tracked from pixels."""
-    measure = lambda clips: mean_squared_acceleration(track_centroids(clips, num_items)).mean()
-    return float(measure(generated) / measure(real))
+    ratio = torch.tensor(mean_acceleration(generated, num_items)) / mean_acceleration(real, num_items)
+    return float(ratio)  # inf or NaN, not an exception, when the real clips never accelerate
 
 
 def mean_frame_difference(frames: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import RESUMABLE, TINY, in_process, read_metrics, script
+from helpers import RESUMABLE, TINY, brief_classifier, in_process, read_metrics, script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -122,12 +122,7 @@ def test_sample_is_independent_of_batch_size(tiny_cfm_run, tmp_path):
 @pytest.fixture(scope="module")
 def quick_classifier():
     """A briefly trained Fashion-MNIST classifier standing in for the cached one (minutes to train)."""
-    from modules.data.images import load_fashion_mnist
-    from modules.evaluation import classifier
-    from modules.pixels import resize_uint8
-
-    images, labels = load_fashion_mnist("train")
-    return classifier.train_classifier(resize_uint8(images[:1000, None], 32), labels[:1000], epochs=1, progress=False)
+    return brief_classifier(1000, epochs=1)
 
 
 def test_sample_fid_and_nfe_sweep(tiny_cfm_run, tmp_path, monkeypatch, quick_classifier):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import brief_classifier
 
 from modules.data.images import load_fashion_mnist
 from modules.evaluation import classifier
@@ -44,9 +45,7 @@ def test_set():
 
 @pytest.fixture(scope="module")
 def model():
-    images, labels = load_fashion_mnist("train")
-    images = resize_uint8(images[:NUM_TRAIN, None], 32)
-    return train_classifier(images, labels[:NUM_TRAIN], epochs=2, batch_size=64, seed=0, progress=False)
+    return brief_classifier(NUM_TRAIN, epochs=2)
 
 
 def noise_images(n, seed=1):
