@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
+from modules.artifacts.clips import save_samples
 from modules.artifacts.export import export_pipeline
 from modules.artifacts.model_folder import load_model, model_dir
-from modules.artifacts.visualize import DenoisingRecorder, save_image, save_image_grid, write_denoising_figures
+from modules.artifacts.visualize import DenoisingRecorder, save_image, write_denoising_figures
 from modules.config import DataArguments, UserError, cli_entry, parse_args
 from modules.data.captioning import class_phrase
 from modules.data.latents import latent_decoder
 from modules.data.sources import load_train_data
 from modules.evaluation.fid import InceptionFeatures, check_inception_weights
-from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
+from modules.evaluation.metrics import classifier_measures, evaluate_generated, parse_eval_metrics
 from modules.networks.text import TextConditioner, text_encoder_from_record
 from modules.objectives.samplers import generate_images
 from modules.records import from_dict
@@ -263,13 +264,16 @@ def main(argv=None):
     if recorder is not None:
         written = write_denoising_figures(recorder.decode(decode) if decode else recorder, out.parent, out.stem)
         print("denoising path:", ", ".join(str(p) for p in written.values()))
-    if out.suffix.lower() == ".png":
-        save_image_grid(images, out, nrow=args.nrow or (len(cycle) if cycle and len(cycle) <= 16 else None))
+    what = f"clips of {images.shape[1]} frames" if images.ndim == 5 else "images"
+    if out.suffix.lower() == ".png":  # clips: the frame grid, with their GIF and MP4 beside it
+        save_samples(images, out, nrow=args.nrow or (len(cycle) if cycle and len(cycle) <= 16 else None))
     else:
         out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
-            save_image(image, out / f"{i:06d}.png")
-    print(f"wrote {len(images)} images to {out}")
+            save_samples(image[None], out / f"{i:06d}.png") if images.ndim == 5 else save_image(
+                image, out / f"{i:06d}.png"
+            )
+    print(f"wrote {len(images)} {what} to {out}")
     if evaluator is not None:
         values = evaluator(images, sampling.labels)
         print(f"{evaluator.describe(len(images))}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -300,7 +304,7 @@ class Evaluator:
                 f"--fid_reference_samples {self.num_reference}: the training data has only {len(self.data.dataset)} "
                 "images"
             )
-        if "classifier" in self.metrics and not self.data.key.startswith("fashion_mnist"):
+        if "classifier" in self.metrics and not classifier_measures(self.data.key):
             raise UserError("--eval_metrics classifier measures Fashion-MNIST models only")
         self.features = None
 

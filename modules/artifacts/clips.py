@@ -8,7 +8,15 @@ from pathlib import Path
 
 import torch
 
-from modules.artifacts.visualize import MIN_GIF_CELL_PX, enlarge, image_grid, save_image, to_hwc, write_gif_frames
+from modules.artifacts.visualize import (
+    MIN_GIF_CELL_PX,
+    enlarge,
+    image_grid,
+    save_image,
+    save_image_grid,
+    to_hwc,
+    write_gif_frames,
+)
 from modules.files import write_atomically
 
 MP4_CRF = 18  # libx264's constant rate factor: 18 is visually lossless for these flat, high-contrast frames
@@ -95,3 +103,13 @@ def write_clips(clips_uint8: torch.Tensor, out_base: str | Path, nrow: int | Non
     save_clips_gif(clips_uint8, paths["gif"], nrow)
     save_clips_mp4(clips_uint8, paths["mp4"], nrow)
     return paths
+
+
+def save_samples(samples_uint8: torch.Tensor, path: str | Path, nrow: int | None = None) -> list[Path]:
+    """A sample grid at `path` (.png): of images (N, C, H, W), `nrow` per row; of clips (N, F, C, H, W), the frame
+    grid, with the GIF and MP4 beside it (`write_clips`). Returns the files written."""
+    path = Path(path)
+    if samples_uint8.ndim == 5:
+        return list(write_clips(samples_uint8, path.with_suffix(""), nrow).values())
+    save_image_grid(samples_uint8, path, nrow=nrow)
+    return [path]

@@ -74,6 +74,8 @@ class DenoisingRecorder:
     def __call__(self, step_index: int, t, x_t: torch.Tensor, x0_pred: torch.Tensor):
         if self.steps and step_index <= self.steps[-1]:
             return  # a later sampling loop
+        if x_t.ndim == 5:  # clips (B, F, C, H, W): the path of their first frames
+            x_t, x0_pred = x_t[:, 0], x0_pred[:, 0]
         self.steps.append(int(step_index))
         self.ts.append(float(t))
         self._x_t.append(x_t[: self.max_samples].detach().float().cpu().clone())

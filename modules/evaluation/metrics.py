@@ -22,6 +22,12 @@ from modules.evaluation.video_metrics import (
 EVAL_METRICS = ("fid", "kid", "classifier")
 
 
+def classifier_measures(data_key: str) -> bool:
+    """Whether the Fashion-MNIST classifier's metrics measure the data named `data_key`: Fashion-MNIST's images or
+    the clips of its items (Moving Fashion-MNIST)."""
+    return data_key.startswith(("fashion_mnist", "moving_fashion_mnist"))
+
+
 def parse_eval_metrics(spec: str) -> list[str]:
     """'fid,kid' -> ["fid", "kid"]; a ValueError names any unknown metric."""
     wanted = [m.strip() for m in spec.split(",") if m.strip()]

@@ -49,8 +49,6 @@ def build_model(
         )
     common = dict(in_channels=in_channels, out_channels=in_channels, sample_size=resolution, num_classes=num_classes)
     common.update(text or {})
-    if args.dropout is not None:
-        common["dropout"] = args.dropout
     if args.model in UNET_PRESETS or args.model in VIDEO_UNET_PRESETS:
         model, unit = _unet(args, resolution, common), "the UNet's total downsampling"
     else:
@@ -69,6 +67,8 @@ def _unet(args: ModelArguments, resolution: int, common: dict):
         raise UserError(f"--adaln {args.adaln} is a DiT option, but --model {args.model} is a UNet")
     if args.base_channels is not None:
         common["base_channels"] = args.base_channels
+    if args.dropout is not None:
+        common["dropout"] = args.dropout
     if args.model in VIDEO_UNET_PRESETS:
         build = functools.partial(VIDEO_UNET_PRESETS[args.model], temporal_conv=args.temporal_conv)
     else:
@@ -81,6 +81,8 @@ def _unet(args: ModelArguments, resolution: int, common: dict):
 
 def _dit(args: ModelArguments, resolution: int, num_frames: int, common: dict):
     """A DiT preset, or a video DiT's (patches over time too, --video_attention)."""
+    if args.dropout is not None:
+        raise UserError(f"--dropout is a UNet option, but --model {args.model} is a DiT (it has no dropout)")
     if args.patch_size not in (1, 2, 4, 8):
         raise UserError(f"--patch_size must be 2, 4 or 8, got {args.patch_size}")
     if resolution % args.patch_size:

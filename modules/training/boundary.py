@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from modules.artifacts.clips import save_samples
 from modules.artifacts.model_folder import save_model
-from modules.artifacts.visualize import DenoisingRecorder, save_image_grid, write_denoising_figures
+from modules.artifacts.visualize import DenoisingRecorder, write_denoising_figures
 from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
 from modules.files import write_text_atomically
 from modules.objectives.protocol import PreviewRequest
@@ -246,20 +247,20 @@ def preview(run: Run, num_images: int, seed: int, **settings) -> tuple[torch.Ten
 
 
 def write_grid(run: Run, step: int):
-    """A grid from the EMA model with fixed noise (seed --seed), a column per class when conditional, and the
-    denoising path of its first images next to it (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
+    """A grid from the EMA model with fixed noise (seed --seed), a column per class when conditional (clips: a row
+    each, with their GIF and MP4), and the denoising path of its first images (clips: first frames) next to it
+    (<name>_denoising.png, _trajectories.png, _denoising.gif)."""
     n, path = run.train_args.num_sample_images, grid_path(run, step)
     if not n:
         return
     recorder = DenoisingRecorder(max_samples=min(n, run.data.train.num_classes or 8))
     images, _ = preview(run, n, run.train_args.seed, callback=recorder)
     images, nrow = run.objective.grid_layout(images, run.data.train)
-    save_image_grid(images, path, nrow=nrow)
-    figures = {}
+    files = save_samples(images, path, nrow=nrow)
     if recorder.num_steps:  # objectives that sample record their path; an autoencoder has none
         recorded = recorder.decode(run.decode) if run.decode else recorder
-        figures = write_denoising_figures(recorded, path.parent, path.stem)
-    run.metrics.log_files([path, *figures.values()], "samples")
+        files += write_denoising_figures(recorded, path.parent, path.stem).values()
+    run.metrics.log_files(files, "samples")
 
 
 def evaluate(run: Run, step: int):

@@ -29,7 +29,7 @@ from modules.data.latents import LatentData, latent_decoder, load_latent_data
 from modules.data.order import ResumableBatchSampler
 from modules.data.sources import load_train_data, load_validation_data, with_clip_length
 from modules.evaluation.fid import check_inception_weights
-from modules.evaluation.metrics import parse_eval_metrics
+from modules.evaluation.metrics import classifier_measures, parse_eval_metrics
 from modules.files import write_text_atomically
 from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.presets import is_video_model
@@ -305,7 +305,7 @@ def check_evaluation(train_args: TrainingArguments, data: RunData):
         )
     if train_args.fid_num_samples == 1:
         raise UserError("--fid_num_samples 1: a covariance needs at least 2 images")
-    if "classifier" in train_args.eval_metrics and not (data.reference or data.train).key.startswith("fashion_mnist"):
+    if "classifier" in train_args.eval_metrics and not classifier_measures((data.reference or data.train).key):
         raise UserError("--eval_metrics classifier is trained on Fashion-MNIST and only measures Fashion-MNIST runs")
 
 

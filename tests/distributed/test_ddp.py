@@ -8,9 +8,17 @@ import numpy as np
 from helpers import TINY, accelerate_launch, assert_clean_two_process_run, runner
 from PIL import Image
 
-
 # Clips of 4 frames of Moving Fashion-MNIST at 16 px, for a video UNet as small as TINY's UNet.
-TINY_CLIPS = ["--dataset_name", "moving_fashion_mnist", "--resolution", 16, "--num_frames", 4, "--model", "video_unet_s"]
+TINY_CLIPS = [
+    "--dataset_name",
+    "moving_fashion_mnist",
+    "--resolution",
+    16,
+    "--num_frames",
+    4,
+    "--model",
+    "video_unet_s",
+]
 
 
 def test_two_process_ddpm_of_clips_from_the_accelerate_config(tmp_path):

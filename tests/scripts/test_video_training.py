@@ -30,8 +30,6 @@ CLIPS = [
     "--logging_steps",
     1,
     "--random_flip",
-    "--dropout",
-    0.1,
     "--cond_drop_prob",
     0.3,
     "--validation_steps",
@@ -57,6 +55,8 @@ def clip_run(tmp_path_factory):
         "--num_sample_images",
         3,
         "--fid_num_samples",
+        3,
+        "--fid_reference_samples",
         3,
         "--eval_metrics",
         "fid,classifier",
@@ -106,7 +106,9 @@ def test_sample_py_writes_the_same_clips_whatever_the_batch_size(clip_run, tmp_p
     grids = []
     for batch_size in (1, 3):
         out = tmp_path / f"bs{batch_size}.png"
-        sample.main(["--model", str(clip_run), "--num_images", "3", "--batch_size", str(batch_size), "--output", str(out)])
+        sample.main(
+            ["--model", str(clip_run), "--num_images", "3", "--batch_size", str(batch_size), "--output", str(out)]
+        )
         grids.append(np.array(Image.open(out)))
         assert out.with_suffix(".gif").is_file() and out.with_suffix(".mp4").is_file()
     assert np.array_equal(*grids)

@@ -79,6 +79,7 @@ def test_bad_clip_settings_are_one_line_errors(args, needle):
             "is a video model",
         ),
         (VAEObjective(VAEArguments()), ModelArguments(), 4, "train_vae.py trains on images"),
+        (FlowObjective(FlowArguments()), ModelArguments(model="dit_s", dropout=0.1), 0, "--dropout is a UNet option"),
     ],
 )
 def test_a_network_for_clips_needs_clips_and_an_image_network_images(objective, model, frames, needle):
