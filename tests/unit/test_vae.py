@@ -194,19 +194,21 @@ def test_random_autoencoder_kl_beats_noise():
 
 
 def test_training_learns_to_reconstruct():
-    """200 steps of 16 on 256 Fashion-MNIST images: held-out PSNR 22.5 dB, from 6.8 untrained and 11.2 for the mean
-    training image (measured; ~20 s on 2 CPU cores)."""
-    train = to_model_range(resize_uint8(load_fashion_mnist("train")[0][:256, None], 32))
-    test = to_model_range(resize_uint8(load_fashion_mnist("test")[0][:128, None], 32))
+    """100 steps of 16 on 256 Fashion-MNIST images at 16x16, into 8x8x1 latents (a quarter of the pixel values, as
+    vae_f4 keeps at 32x32 with 4 channels): held-out PSNR 21.1 dB, from 8.2 untrained and 11.9 for the mean training
+    image; 50 steps reach 18.2, 20 steps 14.3, and kl_weight 1 instead of 1e-6 gives 16.8 (measured; ~3 s on one
+    CPU core)."""
+    train = to_model_range(resize_uint8(load_fashion_mnist("train")[0][:256, None], 16))
+    test = to_model_range(resize_uint8(load_fashion_mnist("test")[0][:128, None], 16))
     torch.manual_seed(0)
-    model = KLVAE(in_channels=1, block_out_channels=(16, 32, 64), latent_channels=4, norm_num_groups=8)
+    model = KLVAE(in_channels=1, block_out_channels=(8, 16), latent_channels=1, norm_num_groups=4, sample_size=16)
     objective = VAEObjective(VAEArguments())
     untrained = psnr(objective.reconstruct(model, test), test).mean()
     baseline = psnr(train.mean(0, keepdim=True).expand_as(test), test).mean()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(200):
+    for _ in range(100):
         batch = train[torch.randint(0, len(train), (16,), generator=generator)]
         loss = objective.loss(model, batch, None, generator)
         assert loss.shape == (16,) and loss.dtype == torch.float32
