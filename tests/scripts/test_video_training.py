@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from helpers import in_process, read_metrics
+from helpers import brief_classifier, in_process, read_metrics
 from PIL import Image
 from test_training import _assert_same, _state
 
@@ -42,27 +42,33 @@ VIDEO_DIT = ["--model", "video_dit_tiny", "--patch_size", 4, "--temporal_patch_s
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-    """4 steps of a video DiT with checkpoints at 2 and 4, 3 sample clips, and clip metrics of 3 clips at the end."""
+    """4 steps of a video DiT with checkpoints at 2 and 4, 3 sample clips, and clip metrics of 3 clips at the end
+    (with a briefly trained classifier standing in for the cached one)."""
+    import modules.evaluation.metrics as metrics
+
     out = tmp_path_factory.mktemp("clips") / "run"
-    in_process(
-        "train_cfm.py",
-        "--output_dir",
-        out,
-        "--max_train_steps",
-        4,
-        "--checkpointing_steps",
-        2,
-        "--num_sample_images",
-        3,
-        "--fid_num_samples",
-        3,
-        "--fid_reference_samples",
-        3,
-        "--eval_metrics",
-        "fid,classifier",
-        *VIDEO_DIT,
-        *CLIPS,
-    )
+    classifier = brief_classifier(1000, epochs=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "load_or_train_classifier", lambda: classifier)
+        in_process(
+            "train_cfm.py",
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--num_sample_images",
+            3,
+            "--fid_num_samples",
+            3,
+            "--fid_reference_samples",
+            3,
+            "--eval_metrics",
+            "fid,classifier",
+            *VIDEO_DIT,
+            *CLIPS,
+        )
     return out
 
 
@@ -70,7 +76,7 @@ def test_resume_on_clips_is_exact(clip_run, tmp_path, capsys):
     """From the whole run's checkpoint-2, two more steps in a new run give its checkpoint-4, bit for bit."""
     out = tmp_path / "resumed"
     shutil.copytree(clip_run / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-2")
-    common = ["--output_dir", out, "--num_sample_images", 0, *VIDEO_DIT, *CLIPS]
+    common = ["--output_dir", out, "--num_sample_images", 0, "--fid_num_samples", 0, *VIDEO_DIT, *CLIPS]
     in_process("train_cfm.py", "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *common)
     assert "resumed from" in capsys.readouterr().out
     whole = _state(clip_run / "checkpoints" / "checkpoint-4")
@@ -133,6 +139,8 @@ def test_the_shared_noise_trainer_trains_an_image_unet_on_frames_and_samples_cli
         0.1,
         "--num_sample_images",
         2,
+        "--fid_num_samples",
+        0,
         *CLIPS,
     )
     config, record = (json.loads((out / name).read_text()) for name in ("config.json", "objective.json"))
