@@ -14,6 +14,7 @@ from modules.config import DDPMArguments, UserError, warn
 from modules.files import write_text_atomically
 from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.presets import MODEL_CLASSES
+from modules.networks.video_unet import VideoUNetModel, load_image_unet_weights
 from modules.networks.weights import state_dict_mismatches
 from modules.objectives.ddpm import DDPMObjective, with_schedule_of
 from modules.objectives.registry import objective_from_config
@@ -79,7 +80,8 @@ def load_pretrained_network(objective, path_or_id: str, revision: str | None = N
 
 def load_pretrained_weights(model, path_or_id: str, revision: str | None = None, token: str | None = None):
     """--init_from: copy the weights of a saved model (a run's output_dir or a Hub id) into `model`, which must
-    have the same architecture: every parameter present, with the same shape."""
+    have the same architecture: every parameter present, with the same shape; or, into a video UNet, an image UNet's
+    (into its spatial layers)."""
     from safetensors.torch import load_file
 
     path = model_dir(path_or_id, revision, token)
@@ -87,6 +89,9 @@ def load_pretrained_weights(model, path_or_id: str, revision: str | None = None,
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     if not weights.is_file():
         raise UserError(f"--init_from '{path_or_id}': no diffusion_pytorch_model.safetensors in {path}")
+    if isinstance(model, VideoUNetModel) and config.get("_class_name") == "UNetModel":
+        # An image UNet's weights fill a video UNet's spatial layers; its temporal layers stay the identity.
+        return load_image_unet_weights(model, load_file(str(weights)), config, f"--init_from '{path_or_id}'")
     if config.get("_class_name") != type(model).__name__:
         raise UserError(
             f"--init_from '{path_or_id}' is a {config.get('_class_name')}, but --model builds a {type(model).__name__}"

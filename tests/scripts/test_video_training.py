@@ -149,3 +149,20 @@ def test_the_shared_noise_trainer_trains_an_image_unet_on_frames_and_samples_cli
     sample.main(["--model", str(out), "--num_images", "2", "--output", str(tmp_path / "clips.png")])
     grid = np.array(Image.open(tmp_path / "clips.png"))
     assert grid.shape[1] > grid.shape[0]  # 2 clips in rows, 4 frames in columns
+
+
+def test_init_from_an_image_unet_run_starts_a_video_unet_at_its_per_frame_outputs(tiny_cfm_run):
+    """--init_from the session's image UNet run: the video UNet's frames are then denoised as the image UNet does
+    each alone (its temporal layers start as the identity)."""
+    from modules.artifacts.model_folder import load_model, load_pretrained_weights
+    from modules.config import ModelArguments
+    from modules.networks.presets import build_model
+
+    image, _, _ = load_model(tiny_cfm_run, "cpu")
+    video = build_model(ModelArguments(model="video_unet_s", base_channels=8), 1, 32, 10, num_frames=3)
+    load_pretrained_weights(video, str(tiny_cfm_run))
+    clips, t = torch.randn(2, 3, 1, 32, 32), torch.tensor([0.3, 0.7])
+    labels = torch.tensor([1, 4])
+    with torch.no_grad():
+        frames = image(clips.flatten(0, 1), t.repeat_interleave(3), labels.repeat_interleave(3))
+        torch.testing.assert_close(video(clips, t, labels), frames.view(clips.shape), atol=1e-5, rtol=1e-5)
