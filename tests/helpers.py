@@ -506,3 +506,27 @@ def tiny_dit_pipeline(folder: Path, vae_folder, scheduler=None, sample_size: int
     config["_class_name"] = "Transformer2DModel"
     (folder / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def checkpoint_state(checkpoint):
+    """(model, EMA, optimizer state) of a checkpoint, to compare bit for bit."""
+    model = load_file(str(checkpoint / "model.safetensors"))
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    return model, ema, optimizer
+
+
+def assert_same(a, b, where=""):
+    """Nested dicts, lists and tensors equal exactly, or an assertion naming where they differ."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a} != {b}"

@@ -6,33 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import RESUMABLE, TINY, brief_classifier, in_process, read_metrics, script
+from helpers import RESUMABLE, TINY, assert_same, brief_classifier, checkpoint_state, in_process, read_metrics, script
 from PIL import Image
 from safetensors.torch import load_file
 
 from modules.training.checkpoint import list_checkpoints
-
-
-def _state(checkpoint):
-    model = load_file(str(checkpoint / "model.safetensors"))
-    ema = load_file(str(checkpoint / "ema.safetensors"))
-    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
-    return model, ema, optimizer
-
-
-def _assert_same(a, b, where=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, f"{where}: {a} != {b}"
 
 
 def test_run_writes_checkpoints_model_samples_and_metrics(tiny_cfm_run):
@@ -70,11 +48,11 @@ def test_resume_is_exact(tiny_cfm_run, tmp_path, capsys):
     in_process("train_cfm.py", "--max_train_steps", 3, *common)
     in_process("train_cfm.py", "--max_train_steps", 6, "--resume_from_checkpoint", "latest", *common)
     assert "resumed from" in capsys.readouterr().out
-    whole = _state(tiny_cfm_run / "checkpoints" / "checkpoint-6")
-    resumed = _state(out / "checkpoints" / "checkpoint-6")
-    _assert_same(whole, resumed, "state")
+    whole = checkpoint_state(tiny_cfm_run / "checkpoints" / "checkpoint-6")
+    resumed = checkpoint_state(out / "checkpoints" / "checkpoint-6")
+    assert_same(whole, resumed, "state")
     # and the run did train: step 3 and step 6 differ
-    halfway = _state(tiny_cfm_run / "checkpoints" / "checkpoint-3")
+    halfway = checkpoint_state(tiny_cfm_run / "checkpoints" / "checkpoint-3")
     assert any(not torch.equal(halfway[0][k], whole[0][k]) for k in whole[0])
 
 

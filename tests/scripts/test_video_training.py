@@ -9,9 +9,8 @@ import av
 import numpy as np
 import pytest
 import torch
-from helpers import brief_classifier, in_process, read_metrics
+from helpers import assert_same, brief_classifier, checkpoint_state, in_process, read_metrics
 from PIL import Image
-from test_training import _assert_same, _state
 
 # Four-frame clips of one item at 16 px; everything that draws random numbers in training, for the resume test.
 CLIPS = [
@@ -79,9 +78,9 @@ def test_resume_on_clips_is_exact(clip_run, tmp_path, capsys):
     common = ["--output_dir", out, "--num_sample_images", 0, "--fid_num_samples", 0, *VIDEO_DIT, *CLIPS]
     in_process("train_cfm.py", "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *common)
     assert "resumed from" in capsys.readouterr().out
-    whole = _state(clip_run / "checkpoints" / "checkpoint-4")
-    _assert_same(whole, _state(out / "checkpoints" / "checkpoint-4"), "state")
-    halfway = _state(clip_run / "checkpoints" / "checkpoint-2")
+    whole = checkpoint_state(clip_run / "checkpoints" / "checkpoint-4")
+    assert_same(whole, checkpoint_state(out / "checkpoints" / "checkpoint-4"), "state")
+    halfway = checkpoint_state(clip_run / "checkpoints" / "checkpoint-2")
     assert any(not torch.equal(halfway[0][k], whole[0][k]) for k in whole[0])
 
 
