@@ -7,8 +7,9 @@ on a real device, and under a saved-tensors hook, which adds up the activations 
 Memory is estimated, not measured: per parameter 4 bytes of weights, 4 of gradients, 8 of AdamW state (2 with
 --use_8bit_adam) and 4 of EMA, plus the activations of one batch as the hook counts them (with
 --gradient_checkpointing, only what checkpointing keeps; halved under bf16/fp16 autocast, which keeps most of them
-in 16 bits; views of one tensor are counted once each, so it errs high). Allocator overhead, the recomputation of
-one checkpointed block and framework workspaces come on top.
+in 16 bits; views of one tensor are counted once each, so it errs high; the parameters autograd keeps are the
+weights, already counted). Allocator overhead, the recomputation of one checkpointed block and framework workspaces
+come on top.
 
 The data's shape comes from the data when it opens offline and quickly; otherwise (a Hub dataset not in the cache,
 say) from the arguments, with the assumptions printed: 3 channels (or 4-channel latents at 1/8 the resolution with
@@ -131,12 +132,15 @@ def meta_condition(text: dict | None, num_classes: int, batch: int, max_text_len
 
 
 def activation_bytes(model, objective, x0, cond) -> int:
-    """Bytes of the tensors autograd keeps for backward, over one forward of the loss on `x0`."""
-    total = 0
+    """Bytes of the tensors autograd keeps for backward, over one forward of the loss on `x0`. The parameters it
+    keeps (a linear layer's weight, or a view of it) are the weights themselves, counted once apart: not here, where
+    bytes scale with the batch."""
+    total, weights = 0, {id(p) for p in model.parameters()}
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        if id(t) not in weights and id(t._base) not in weights:
+            total += t.numel() * t.element_size()
         return t
 
     generator = torch.Generator().manual_seed(0)

@@ -85,7 +85,8 @@ def test_dry_run_flops_match_a_real_forward_and_backward(capsys, model):
 def test_dry_run_sizes_clips(capsys):
     """Clips (F, C, H, W): a video DiT's parameters are the real model's and its FLOPs per clip those of a real
     forward and backward on real clips; the shared-noise trainer runs its image network once per frame, so a clip
-    costs exactly F times an image of the same size (the count is of matmuls and convolutions)."""
+    costs exactly F times an image of the same size in FLOPs (the count is of matmuls and convolutions), and about
+    F times in activations."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from modules.config import FlowArguments, ModelArguments
@@ -110,3 +111,6 @@ def test_dry_run_sizes_clips(capsys):
     assert shared["input"] == [3, 1, 16, 16] and shared["class"] == image["class"] == "UNetModel"
     assert shared["parameters"] == image["parameters"] and image["input"] == [1, 16, 16]
     assert shared["train_gflops_per_clip"] == pytest.approx(3 * image["train_gflops_per_image"], rel=1e-12)
+    # Activations too (the frames' own, and the few small tensors of the consistency term); the weights that
+    # autograd keeps are not activations: counted per image, they would make a clip cost 2.4 images here.
+    assert shared["estimated_activation_gib"] == pytest.approx(3 * image["estimated_activation_gib"], rel=0.01)
