@@ -44,6 +44,13 @@ RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--c
 SIX_STEPS = ["--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)]
 
 
+# Two steps on 8 Moving Fashion-MNIST clips of 4 frames at 16x16, two clips a step; no grids, validation or FID.
+TINY_CLIPS = [
+    *("--dataset_name", "moving_fashion_mnist", "--resolution", 16, "--num_frames", 4, "--max_train_samples", 8),
+    *("--train_batch_size", 2, "--max_train_steps", 2, "--num_inference_steps", 2),
+    *("--num_sample_images", 0, "--validation_steps", 0, "--fid_num_samples", 0),
+]
+
 # A tiny text encoder of our own, trained with the denoiser.
 TINY_OWN = "own:width=32,layers=2,heads=2,max_length=16"
 

@@ -2,12 +2,14 @@
 `DiffusionPipeline.from_pretrained(folder or Hub id, trust_remote_code=True)` loads without this repository. It is the
 DenoiserPipeline (modules/artifacts/pipeline.py) of the model, written by its save_pretrained:
 
-    model_index.json             the pipeline class, its components and its settings: objective, id2label (class
-                                 names), text_conditioning (encoder record and prompts), latent_statistics
+    model_index.json             the pipeline class, its components and its settings: objective (with the shared-noise
+                                 settings of a frame trainer), id2label (class names), text_conditioning (encoder
+                                 record and prompts), latent_statistics, num_frames (a model of clips)
     pipeline.py, *_<digest>.py   the entry point of the pipeline class, and the package of our modules it runs
                                  (modules/artifacts/remote_code.py)
-    unet/ or transformer/        the UNetModel or DiTModel: config.json, diffusion_pytorch_model.safetensors,
-                                 <folder>_model.py (entry point of the class) and the modules of the package it needs
+    unet/ or transformer/        the UNetModel or DiTModel (VideoUNetModel or VideoDiTModel for clips): config.json,
+                                 diffusion_pytorch_model.safetensors, <folder>_model.py (entry point of the class) and
+                                 the modules of the package it needs
     vae/                         latent models: diffusers' AutoencoderKL, or our KLVAE (with code, as the denoiser)
     text_encoder/, tokenizer/    models trained with a frozen CLIP or MiniLM text encoder (transformers)
     README.md
@@ -28,7 +30,12 @@ from modules.data.latents import latent_decoder
 from modules.networks.text import text_encoder_from_record
 from modules.networks.vae import load_vae
 
-DENOISER_FOLDERS = {"UNetModel": "unet", "DiTModel": "transformer"}
+DENOISER_FOLDERS = {
+    "UNetModel": "unet",
+    "DiTModel": "transformer",
+    "VideoUNetModel": "unet",
+    "VideoDiTModel": "transformer",
+}
 
 
 @contextlib.contextmanager
@@ -48,7 +55,7 @@ def directory_atomically(path: Path):
 
 def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the pipeline folder `out_dir` (see the module docstring) for the model in `model_dir` (a training
-    run's output_dir); the images it generates are sample.py's for the same settings."""
+    run's output_dir); the images (or clips) it generates are sample.py's for the same settings."""
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--export_pipeline '{out}' already exists; remove it or choose another folder")
@@ -77,6 +84,7 @@ def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
         id2label={str(i): name for i, name in enumerate(class_names)} if class_names else None,
         text_conditioning={"encoder": text, "sample_prompts": record.get("sample_prompts")} if text else None,
         latent_statistics={k: latent[k] for k in ("channel_mean", "channel_std")} if latent else None,
+        num_frames=record.get("num_frames"),
     )
     with directory_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -91,7 +99,13 @@ def _vae(latent: dict):
 
 
 def _model_card(record: dict, denoiser: str) -> str:
-    args = record["args"]
+    args, frames, output, clips = record["args"], record.get("num_frames"), "images", ""
+    if frames:
+        denoiser += f" for clips of {frames} frames"
+        denoiser += " (the image network of the shared-noise frame trainer)" if args.get("shared_noise") else ""
+        output = "frames"
+        clips = f'`.frames` holds a list of {frames} PIL images per clip (`output_type="np"`: (B, F, H, W, C))'
+        clips += "; clips are seeded as images are.\n\n"
     return f"""---
 library_name: diffusers
 ---
@@ -104,10 +118,10 @@ A {denoiser} trained with the {record["objective"]} objective on `{record.get("d
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)  # or its Hub id
-images = pipe(batch_size=8, seed=0).images  # or class_labels=[...], or prompt=[...], as the model is conditioned
+{output} = pipe(batch_size=8, seed=0).{output}  # or class_labels=[...], or prompt=[...], as the model is conditioned
 ```
 
-Image i is seeded from (seed, i), whatever the other images; `generator=` takes a torch.Generator, or one per
+{clips}Image i is seeded from (seed, i), whatever the other images; `generator=` takes a torch.Generator, or one per
 image. Needs torch, diffusers, transformers, pyyaml and regex; a model with its own text encoder also
 open-clip-torch, whose CLIP vocabulary its tokenizer reads.
 """

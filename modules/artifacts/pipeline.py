@@ -3,18 +3,24 @@ trust_remote_code=True)` on a folder that `sample.py --export_pipeline` or `save
 diffusers' own pipelines are called (docs/hub.md).
 
 It calls the same `generate_images` as sample.py, with the same conditions: with `seed=s`, image i depends only on
-(s, i, its label or prompt) and equals sample.py's `--seed s` image i for the same sampler, steps and guidance.
+(s, i, its label or prompt) and equals sample.py's `--seed s` image i for the same sampler, steps and guidance. A
+model of clips (a video network, or an image network trained with --shared_noise) generates clips, returned as
+`.frames` as diffusers' video pipelines return them; clip i is sample.py's clip i.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from PIL import Image
 
 from modules.artifacts.remote_code import own_module, this_package, write_code
 from modules.data.latents import denormalize_latents
@@ -27,6 +33,15 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 SEED_RANGE = 2**32  # a seed drawn from a torch.Generator; seed * 1_000_003 + i must stay a valid manual_seed
 
 
+@dataclass
+class ClipPipelineOutput(BaseOutput):
+    """The clips of a model of clips, as diffusers' video pipelines return them (TextToVideoSDPipelineOutput):
+    `frames` is a list of clips, each a list of PIL images ("pil"), or floats in [0, 1] of shape (B, F, H, W, C)
+    ("np") or (B, F, C, H, W) ("pt")."""
+
+    frames: list[list[Image.Image]] | np.ndarray | torch.Tensor
+
+
 class DenoiserPipeline(DiffusionPipeline):
     """A trained UNet (`unet`) or DiT (`transformer`) with the sampler it was trained for; `vae` decodes a latent
     model's samples, `text_encoder` and `tokenizer` encode prompts for a model trained with a frozen encoder (a
@@ -35,7 +50,9 @@ class DenoiserPipeline(DiffusionPipeline):
     Settings, from the training run: `objective` (objective.json's name and args: the samplers and their defaults),
     `id2label` ({"0": class name, ...}, as DiTPipeline's), `text_conditioning` of a text model ({"encoder": its
     record, "sample_prompts": the captions previews used}), `latent_statistics` (the channel mean and std that
-    latents were normalised with). None of them is a list: diffusers reads a list in model_index.json as a component.
+    latents were normalised with), `num_frames` of a model of clips (None for images: a video network's clip length,
+    or that of the clips an image network learnt with shared noise, whose settings are in `objective`). None of them
+    is a list: diffusers reads a list in model_index.json as a component.
     """
 
     _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
@@ -51,6 +68,7 @@ class DenoiserPipeline(DiffusionPipeline):
         id2label: dict[str, str] | None = None,
         text_conditioning: dict | None = None,
         latent_statistics: dict | None = None,
+        num_frames: int | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -61,6 +79,7 @@ class DenoiserPipeline(DiffusionPipeline):
             id2label=id2label,
             text_conditioning=text_conditioning,
             latent_statistics=latent_statistics,
+            num_frames=num_frames,
         )
         self.labels = {name: int(i) for i, name in (id2label or {}).items()}  # class name -> id, as DiTPipeline's
 
@@ -113,6 +132,9 @@ class DenoiserPipeline(DiffusionPipeline):
         `max_batch_size`: images sampled at once (memory; the images do not depend on it). `output_type`: "pil"
         (what sample.py writes), "np" (N, H, W, C) or "pt" (N, C, H, W), floats in [0, 1]. Returns an
         ImagePipelineOutput (`.images`), or the tuple `(images,)` when `return_dict=False`.
+
+        A model of clips (`num_frames` set) makes clips, counted and seeded as images (clip i is sample.py's clip i),
+        as a ClipPipelineOutput (`.frames`, as diffusers' video pipelines; see ClipPipelineOutput), or `(frames,)`.
         """
         objective = objective_from_config(self.config.objective)
         _check_settings(objective, sampler, num_inference_steps, guidance_scale, max_batch_size, output_type)
@@ -131,7 +153,6 @@ class DenoiserPipeline(DiffusionPipeline):
             kept.append(images.float().cpu())
             return images
 
-        shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         steps = num_inference_steps or objective.args.num_inference_steps
         with self.progress_bar(total=-(-num_images // max_batch_size) * steps) as bar:
             images_uint8 = generate_images(
@@ -139,7 +160,7 @@ class DenoiserPipeline(DiffusionPipeline):
                 objective,
                 num_images,
                 seed,
-                shape,
+                self.sample_shape,
                 max_batch_size,
                 cond,
                 device,
@@ -151,16 +172,30 @@ class DenoiserPipeline(DiffusionPipeline):
                 null_cond=null_cond,
                 callback=lambda *_: bar.update(),
             )
-        images = self._output(images_uint8, kept, output_type)
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self._output(images_uint8, kept, output_type, return_dict)
 
-    def _output(self, images_uint8: torch.Tensor, floats: list[torch.Tensor], output_type: str):
-        """PIL images (sample.py's PNGs), or for "np" and "pt" the floats in [0, 1] before they were quantised."""
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What one sample is: an image (C, H, W), or a clip (F, C, H, W) of a video network or of shared-noise
+        frames."""
+        config = self.denoiser.config
+        image = (config.in_channels, config.sample_size, config.sample_size)
+        return (self.config.num_frames, *image) if self.config.num_frames else image
+
+    def _output(self, images_uint8: torch.Tensor, floats: list[torch.Tensor], output_type: str, return_dict: bool):
+        """PIL images (sample.py's PNGs; a list of them per clip), or for "np" and "pt" the floats in [0, 1] before
+        they were quantised, channels last for "np"; in an ImagePipelineOutput, or a ClipPipelineOutput for clips."""
         if output_type == "pil":
-            return self.numpy_to_pil(images_uint8.permute(0, 2, 3, 1).numpy() / 255.0)
-        images = (torch.cat(floats) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
-        return images.permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+            pixels = images_uint8.movedim(-3, -1).numpy() / 255.0  # (N, [F,] H, W, C)
+            clips = self.config.num_frames
+            images = [self.numpy_to_pil(clip) for clip in pixels] if clips else self.numpy_to_pil(pixels)
+        else:
+            images = (torch.cat(floats) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+            images = images.movedim(-3, -1).numpy() if output_type == "np" else images
+        if not return_dict:
+            return (images,)
+        return ClipPipelineOutput(frames=images) if self.config.num_frames else ImagePipelineOutput(images=images)
 
     def _conditions(self, prompt, class_labels, batch_size, num_images_per_prompt) -> tuple[int, list | None]:
         """(number of images, the label or prompt of each image; None for an unconditional model)."""

@@ -39,7 +39,7 @@ def peak_tflops(device: torch.device, mixed_precision: str | None) -> float | No
 
 
 def training_flops_per_image(model, objective, x0: torch.Tensor, cond, generator: torch.Generator) -> float:
-    """FLOPs of one forward + backward of the loss, per image of the batch `x0`. Leaves no gradients behind."""
+    """FLOPs of one forward + backward of the loss, per image (or clip) of the batch `x0`; leaves no gradients."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:

@@ -80,3 +80,37 @@ def test_dry_run_flops_match_a_real_forward_and_backward(capsys, model):
         flops = training_flops_per_image(real, FlowObjective(FlowArguments()), x0, labels, generator)
     assert sized["train_gflops_per_image"] * 1e9 == pytest.approx(flops, rel=0.05)
     assert sized["parameters"] == sum(p.numel() for p in real.parameters())
+
+
+def test_dry_run_sizes_clips(capsys):
+    """Clips (F, C, H, W): a video DiT's parameters are the real model's and its FLOPs per clip those of a real
+    forward and backward on real clips; the shared-noise trainer runs its image network once per frame, so a clip
+    costs exactly F times an image of the same size in FLOPs (the count is of matmuls and convolutions), and about
+    F times in activations."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from modules.config import FlowArguments, ModelArguments
+    from modules.networks.presets import build_model
+    from modules.objectives.flow import FlowObjective
+    from modules.training.flops import training_flops_per_image
+
+    data = ["--dataset_name", "moving_fashion_mnist", "--resolution", 16, "--max_train_samples", 8]
+    video = dry_run(capsys, *data, "--num_frames", 4, "--model", "video_dit_tiny", "--patch_size", 4)
+    assert video["input"] == [4, 1, 16, 16] and video["num_frames"] == 4 and "train_gflops_per_image" not in video
+    torch.manual_seed(0)
+    real = build_model(ModelArguments(model="video_dit_tiny", patch_size=4), 1, 16, num_classes=10, num_frames=4)
+    assert video["parameters"] == sum(p.numel() for p in real.parameters())
+    clips, labels = torch.randn(2, 4, 1, 16, 16), torch.tensor([1, 2])
+    with sdpa_kernel(SDPBackend.MATH):
+        flops = training_flops_per_image(real, FlowObjective(FlowArguments()), clips, labels, torch.Generator())
+    assert video["train_gflops_per_clip"] * 1e9 == pytest.approx(flops, rel=0.05)
+
+    unet = ["--model", "unet_s", "--base_channels", 8]
+    shared = dry_run(capsys, *data, "--num_frames", 3, *unet, "--shared_noise", "--reg_weight", 0.1)
+    image = dry_run(capsys, "--resolution", 16, "--max_train_samples", 8, *unet)
+    assert shared["input"] == [3, 1, 16, 16] and shared["class"] == image["class"] == "UNetModel"
+    assert shared["parameters"] == image["parameters"] and image["input"] == [1, 16, 16]
+    assert shared["train_gflops_per_clip"] == pytest.approx(3 * image["train_gflops_per_image"], rel=1e-12)
+    # Activations too (the frames' own, and the few small tensors of the consistency term); the weights that
+    # autograd keeps are not activations: counted per image, they would make a clip cost 2.4 images here.
+    assert shared["estimated_activation_gib"] == pytest.approx(3 * image["estimated_activation_gib"], rel=0.01)

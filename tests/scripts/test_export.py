@@ -1,24 +1,27 @@
 """sample.py --export_pipeline: the folder loads with diffusers' DiffusionPipeline (trust_remote_code) and generates
-sample.py's images, to the float, for each kind of model; it is called as diffusers' pipelines are; save_pretrained
-writes it again; it loads where this repository cannot be imported, from a folder or by its Hub id."""
+sample.py's images, to the float, for each kind of model, and a model of clips sample.py's clips as `.frames`; it is
+called as diffusers' pipelines are; save_pretrained writes it again; it loads where this repository cannot be
+imported, from a folder or by its Hub id."""
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, TINY_OWN, hub_env, train_text_model
+from helpers import TINY, TINY_CLIPS, TINY_OWN, hub_env, in_process, perturb_, train_text_model
 from hub_server import FakeHub
 from PIL import Image
 
 import sample
 import train_ddpm
-from modules.artifacts.model_folder import save_model
-from modules.config import FlowArguments
+from modules.artifacts.model_folder import load_model, save_model
+from modules.config import FlowArguments, parse_args
 from modules.objectives.flow import FlowObjective
 
 REPO = "someone/latent-pipeline"
@@ -67,8 +70,9 @@ def sample_py_flags(settings: dict) -> list[str]:
     return flags
 
 
-def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
-    """sample.py's images for the pipeline's `settings`: the floats in [-1, 1] it quantises, and its PNGs."""
+@contextlib.contextmanager
+def keeping_floats():
+    """sample.py's generate_images, which also keeps, in the list yielded, the floats in [-1, 1] it quantises."""
     kept, generate = [], sample.generate_images
 
     def generate_and_keep(*args, decode=None, **kwargs):
@@ -81,8 +85,24 @@ def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sample, "generate_images", generate_and_keep)
+        yield kept
+
+
+def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
+    """sample.py's images for the pipeline's `settings`: the floats in [-1, 1] it quantises, and its PNGs."""
+    with keeping_floats() as kept:
         sample.main(["--model", str(run), "--output", str(out), *sample_py_flags(settings)])
     return torch.cat(kept), np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
+
+
+def sample_py_clips(run, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample.py's clips for the pipeline's `settings`, as its Sampling generates them (whatever files it writes):
+    the floats in [-1, 1] it quantises, and the uint8 clips (N, F, C, H, W)."""
+    (args,) = parse_args((sample.SampleArguments,), ["--model", str(run), *sample_py_flags(settings)])
+    with keeping_floats() as kept:
+        sampling = sample.load_sampling(args, Path(args.model))
+        clips = sampling.generate(args, sampler=args.sampler, num_inference_steps=args.num_inference_steps)
+    return torch.cat(kept), clips
 
 
 def assert_same_as_sample_py(pipe, run, tmp_path, **settings):
@@ -134,6 +154,25 @@ def own_text_run(captioned, tmp_path_factory):
     run = tmp_path_factory.mktemp("own_text") / "run"
     train_text_model(captioned, run, TINY_OWN, "cross_attn")
     return run
+
+
+@pytest.fixture(scope="module")
+def clip_runs(tmp_path_factory):
+    """Two models of clips as training saves them (two steps, then weights perturbed: the video DiT starts with a zero
+    output, which would hide wrong weights): a class-conditional video DiT, and a UNet of the shared-noise frame
+    trainer whose SDE sampler draws noise on the way."""
+    root = tmp_path_factory.mktemp("clips")
+    shared_noise = ["--shared_noise", "--reg_weight", 0.1, "--sampler", "euler_maruyama"]
+    settings = {
+        "video": ["--model", "video_dit_tiny", "--patch_size", 4],
+        "shared_noise": ["--model", "unet_s", "--base_channels", 8, *shared_noise],
+    }
+    runs = {}
+    for kind, flags in settings.items():
+        runs[kind] = root / kind
+        in_process("train_cfm.py", "--output_dir", runs[kind], *TINY_CLIPS, *flags)
+        perturb_(load_model(runs[kind])[0]).save_pretrained(runs[kind], safe_serialization=True)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -322,27 +361,63 @@ def test_text_model_with_a_frozen_encoder(captioned, clip_text_folder, tmp_path,
     assert_same_as_sample_py(pipe, run, tmp_path, batch_size=2, seed=0, num_inference_steps=2, guidance_scale=2.0)
 
 
-def test_the_export_loads_without_this_repository_from_a_folder_or_the_hub(latent_run, own_text_run, tmp_path):
-    """A process that cannot import `modules` loads two exports (custom code in two components; a tokenizer of
-    our own) and, by its Hub id, one saved again by save_pretrained and uploaded to the local Hub; they generate
-    sample.py's images."""
+@pytest.mark.parametrize("kind", ["video", "shared_noise"])
+def test_a_model_of_clips_gives_sample_py_clips_as_frames(clip_runs, tmp_path, kind):
+    """The pipeline of a video network, or of the shared-noise trainer's image network with its settings, generates
+    sample.py's clips of the same seed as `.frames`, in the shapes of diffusers' video pipelines."""
+    run = clip_runs[kind]
+    pipe = export_and_load(run, tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["num_frames"] == 4
+    if kind == "video":
+        assert index["transformer"] == ["transformer_model", "VideoDiTModel"]
+        assert any((tmp_path / "pipe" / "transformer").glob("video_dit_*.py"))
+    else:
+        assert index["unet"] == ["unet_model", "UNetModel"]
+        assert index["objective"]["args"]["shared_noise"] and index["objective"]["args"]["reg_weight"] == 0.1
+    settings = dict(class_labels=[3, 0, 7], seed=1, max_batch_size=2)
+    floats, clips = sample_py_clips(run, **settings)
+    assert clips.shape == (3, 4, 1, 16, 16) and floats.shape == clips.shape
+    as_pt = pipe(**settings, output_type="pt")
+    assert type(as_pt).__name__ == "ClipPipelineOutput" and as_pt.frames.shape == clips.shape
+    assert (as_pt.frames - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+    as_np = pipe(**settings, output_type="np").frames
+    assert as_np.shape == (3, 4, 16, 16, 1) and np.array_equal(as_np, as_pt.frames.movedim(2, -1).numpy())
+    pil = pipe(**settings).frames
+    assert [len(clip) for clip in pil] == [4, 4, 4] and pil[0][0].size == (16, 16)
+    assert np.array_equal(np.stack([[np.array(frame) for frame in clip] for clip in pil]), clips[:, :, 0].numpy())
+    (first,) = pipe(class_labels=[3], seed=1, output_type="pt", return_dict=False)
+    assert (first - as_pt.frames[:1]).abs().max() < 1e-5
+    if kind == "video":  # frames of their own; the shared-noise trainer's image network sees one input per clip
+        assert (clips[:, 1:] != clips[:, :1]).any()
+
+
+def test_the_export_loads_without_this_repository_from_a_folder_or_the_hub(
+    latent_run, own_text_run, clip_runs, tmp_path
+):
+    """A process that cannot import `modules` loads four exports (custom code in two components; a tokenizer of
+    our own; a video network; the shared-noise trainer) and, by its Hub id, one saved again by save_pretrained and
+    uploaded to the local Hub; they generate sample.py's images and clips."""
     from huggingface_hub import HfApi, constants
 
     settings = [
         (latent_run, dict(class_labels=[2, 1], seed=4)),
         (own_text_run, dict(prompt=["a photo of a coat"], num_images_per_prompt=2, seed=0, num_inference_steps=2)),
+        (clip_runs["video"], dict(class_labels=[5, 1], seed=2)),
+        (clip_runs["shared_noise"], dict(class_labels=[8], seed=3)),
         (latent_run, dict(class_labels=[0, 2, 2], seed=5)),
     ]
-    for i, (run, _) in enumerate(settings[:2]):
-        sample.main(["--model", str(run), "--export_pipeline", str(tmp_path / f"pipe{i}")])
+    names = [f"pipe{i}" for i in range(len(settings) - 1)] + [REPO]
+    for name, (run, _) in zip(names[:-1], settings[:-1], strict=True):
+        sample.main(["--model", str(run), "--export_pipeline", str(tmp_path / name)])
     load(tmp_path / "pipe0").save_pretrained(tmp_path / "saved")
     code = f"""
 import importlib.util, torch
 from diffusers import DiffusionPipeline
 assert importlib.util.find_spec("modules") is None, "this repository is importable"
-for i, (name, settings) in enumerate(zip(["pipe0", "pipe1", "{REPO}"], {[s for _, s in settings]!r})):
+for i, (name, settings) in enumerate(zip({names!r}, {[s for _, s in settings]!r})):
     pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True)
-    torch.save(pipe(**settings, output_type="pt").images, f"images{{i}}.pt")
+    torch.save(pipe(**settings, output_type="pt")[0], f"images{{i}}.pt")  # .images, or .frames of clips
 """
     with FakeHub() as hub, pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_OFFLINE", False)  # the session is offline but for this Hub
@@ -357,7 +432,8 @@ for i, (name, settings) in enumerate(zip(["pipe0", "pipe1", "{REPO}"], {[s for _
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any("/transformer/dit_" in r["path"] for r in hub.requests)  # the component's code came from the Hub
     for i, (run, s) in enumerate(settings):
-        floats, _ = sample_py(run, tmp_path / f"sample_py{i}", **s)
+        clips = run in clip_runs.values()
+        floats, _ = sample_py_clips(run, **s) if clips else sample_py(run, tmp_path / f"sample_py{i}", **s)
         assert (torch.load(tmp_path / f"images{i}.pt") - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
 
 
