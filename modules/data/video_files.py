@@ -222,6 +222,8 @@ class DecodedClipDataset(DecodedImageDataset):
     """Clips decoded on access, from video files, frame folders or a `datasets` column; an example is
     `{"pixel_values": (F, C, H, W) in [-1, 1], "labels"}`."""
 
+    num_items = 1  # the motion metrics follow one moving thing per clip: the heaviest blob of each frame
+
     def __init__(self, clips, labels, names, span: ClipSpan, resolution: int, num_channels: int, center_crop: bool):
         super().__init__(clips, labels, names, resolution, num_channels, center_crop)
         self.span = span

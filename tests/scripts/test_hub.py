@@ -80,8 +80,10 @@ def test_each_checkpoint_and_the_end_push_the_model_card_and_grid(pushed):
     assert f"python sample.py --model {REPO}" in card and "--hub_token '***'" in card
     assert "| steps | 4 |" in card and "| FID |" in card and "| training hours |" in card
     assert json.loads(files["objective.json"])["steps"] == 4
-    # Every request carried the token, and only in its Authorization header.
-    assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    # Every request for the run's repo carried the token, and only in its Authorization header. (Libraries may ask
+    # the Hub for their own files at import, e.g. bitsandbytes for a CPU kernel when `kernels` is installed.)
+    ours = [r for r in hub.requests if REPO in r["path"]]
+    assert ours and all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in ours)
     assert f"pushed step 4 to {hub.url}/{REPO}" in proc.stdout
     assert not (out / ".hub").exists()  # staged snapshots are removed once uploaded
 
