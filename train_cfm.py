@@ -3,9 +3,11 @@
     accelerate launch train_cfm.py                                   # Fashion-MNIST, class-conditional UNet
     accelerate launch train_cfm.py --config configs/fashion_mnist_unet_cfm.yaml --output_dir runs/fm
     accelerate launch train_cfm.py --model dit_s --patch_size 4 --train_data_dir my_images/ --resolution 64
+    accelerate launch train_cfm.py --objective meanflow --sampler meanflow --num_inference_steps 1   # one step
 
 Every flag: python train_cfm.py --help.
-Convention (modules/objectives/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0.
+Convention (modules/objectives/flow.py): x_t = (1 - t) x0 + t noise, v = noise - x0; MeanFlow's average velocity:
+modules/objectives/meanflow.py.
 """
 
 from modules.config import (
@@ -18,6 +20,7 @@ from modules.config import (
     parse_args,
 )
 from modules.objectives.flow import FlowObjective
+from modules.objectives.meanflow import MeanFlowObjective
 from modules.training.loop import train
 
 # The main job: Fashion-MNIST at 32x32, measured in configs/fashion_mnist_unet_cfm.yaml.
@@ -38,7 +41,8 @@ def main(argv=None):
     data_args, model_args, train_args, flow_args = parse_args(
         (DataArguments, ModelArguments, TrainingArguments, FlowArguments), argv, DEFAULTS, description=__doc__
     )
-    return train(__file__, data_args, model_args, train_args, FlowObjective(flow_args), argv)
+    objective = MeanFlowObjective if flow_args.objective == "meanflow" else FlowObjective
+    return train(__file__, data_args, model_args, train_args, objective(flow_args), argv)
 
 
 if __name__ == "__main__":

@@ -330,7 +330,29 @@ class FlowArguments(FrameTrainerArguments):
     logit_mean: float = help_field("Mean of the logit-normal t distribution.", default=0.0)
     logit_std: float = help_field("Std of the logit-normal t distribution.", default=1.0)
     ot_coupling: bool = help_field("Pair noise and data by minibatch optimal transport (OT-CFM).", default=False)
-    sampler: Literal["euler", "heun", "euler_maruyama"] = help_field("Sampler for grids and FID.", default="euler")
+    objective: Literal["flow", "meanflow"] = help_field(
+        "What the network learns: flow, the velocity at t (flow matching); meanflow, the average velocity over "
+        "[r, t] (MeanFlow), for one- and few-step sampling with --sampler meanflow (docs/few_step.md).",
+        default="flow",
+    )
+    meanflow_ratio: float = help_field(
+        "MeanFlow: the share of training pairs (t, r) with r < t; the others have r = t, which is flow matching.",
+        default=0.25,
+    )
+    meanflow_adaptive_p: float = help_field(
+        "MeanFlow: the power p of the adaptive loss weight 1 / (error + 1e-3)^p, with the error's gradient stopped "
+        "(0: the plain squared error).",
+        default=1.0,
+    )
+    meanflow_guidance_scale: float = help_field(
+        "MeanFlow: training-time guidance omega: class-conditional pairs learn from the guided velocity "
+        "omega v + (1 - omega) u(z_t, t, t | null class), so samples are guided in one pass (1: none). Needs "
+        "--cond_drop_prob > 0 to train the null class.",
+        default=1.0,
+    )
+    sampler: Literal["euler", "heun", "euler_maruyama", "meanflow"] = help_field(
+        "Sampler for grids and FID (meanflow: models trained with --objective meanflow).", default="euler"
+    )
     num_inference_steps: int = help_field("Sampling steps for grids and FID.", default=50)
     guidance_scale: float = help_field("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
 

@@ -191,29 +191,59 @@ class CrossAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, C, H, W) if spatial else out
 
 
+def _batch_times(t: torch.Tensor | float, batch_size: int, device, name: str) -> torch.Tensor:
+    """A time argument as float32 (batch_size,) on `device`; a scalar is broadcast."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch_size)
+    if t.shape != (batch_size,):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch_size},), got shape {tuple(t.shape)}.")
+    return t
+
+
+class IntervalEmbedder(TimestepEmbedder):
+    """The length t - r of the interval an average velocity u(z, r, t) is taken over (MeanFlow,
+    modules/objectives/meanflow.py) -> (B, dim), added to the time embedding. Its last layer starts at zero, so a
+    new model's u(z, r, t) starts as its instantaneous velocity at t, whatever r."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__(dim, frequency_dim)
+        self.zero_output()
+
+    def zero_output(self) -> None:
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+
 class ConditionEmbedder(nn.Module):
     """The conditioning vector c = TimestepEmbedder(t) [+ LabelEmbedder(y) | + MLP(pooled text)] that both models
     modulate with.
 
     `num_classes` = 0 builds an unconditional embedder (no label table). For a class-conditional one, cond=None
     means the null class, i.e. the unconditional branch of classifier-free guidance. `pooled_dim` > 0 makes it
-    text-conditional: cond is then a text dict (see the module docstring), never None.
+    text-conditional: cond is then a text dict (see the module docstring), never None. `interval` adds the embedding
+    of t - r, for networks that predict the average velocity over [r, t] (MeanFlow); without r, r = t.
     """
 
-    def __init__(self, dim: int, num_classes: int = 0, frequency_dim: int = 256, pooled_dim: int = 0):
+    def __init__(
+        self, dim: int, num_classes: int = 0, frequency_dim: int = 256, pooled_dim: int = 0, interval: bool = False
+    ):
         super().__init__()
         self.time = TimestepEmbedder(dim, frequency_dim)
         self.label = LabelEmbedder(num_classes, dim) if num_classes > 0 else None
         self.text = nn.Sequential(nn.Linear(pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if pooled_dim else None
+        self.interval = IntervalEmbedder(dim, frequency_dim) if interval else None
 
-    def forward(self, t: torch.Tensor | float, cond, batch_size: int) -> torch.Tensor:
+    def forward(self, t: torch.Tensor | float, cond, batch_size: int, r: torch.Tensor | float | None = None):
         device = self.time.mlp[0].weight.device
-        t = torch.as_tensor(t, dtype=torch.float32, device=device)
-        if t.ndim == 0:
-            t = t.expand(batch_size)
-        if t.shape != (batch_size,):
-            raise ValueError(f"t must be a scalar or have shape ({batch_size},), got shape {tuple(t.shape)}.")
+        t = _batch_times(t, batch_size, device, "t")
         c = self.time(t)
+        if self.interval is not None:
+            c = c + self.interval(t - (t if r is None else _batch_times(r, batch_size, device, "r")))
+        elif r is not None:
+            raise ValueError(
+                "This model predicts instantaneous velocities (interval_embedding=False); it takes no start time r."
+            )
         if self.text is not None:
             if not is_text(cond) or cond["pooled"].shape[0] != batch_size:
                 raise ValueError(

@@ -160,6 +160,7 @@ class DiTBlock(nn.Module):
         mlp: str,
         text_dim: int = 0,
         adaln: str = "zero",
+        interval_embedding: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -240,6 +241,9 @@ class DiTTrunk:
         nn.init.normal_(self.cond_embed.time.mlp[2].weight, std=0.02)
         if self.cond_embed.label is not None:
             nn.init.normal_(self.cond_embed.label.embedding.weight, std=0.02)
+        if self.cond_embed.interval is not None:
+            nn.init.normal_(self.cond_embed.interval.mlp[0].weight, std=0.02)
+            self.cond_embed.interval.zero_output()
         for block in self.blocks:
             if block.scale_shift_table is None:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -264,12 +268,12 @@ class DiTTrunk:
         if self.text_model is not None:  # its own initialisation, not the DiT's
             self.text_model.initialize_weights()
 
-    def condition(self, t: torch.Tensor | float, cond, batch_size: int, dtype: torch.dtype):
+    def condition(self, t: torch.Tensor | float, cond, batch_size: int, dtype: torch.dtype, r=None):
         """(c, block_c, context): the conditioning vector c (B, D) of the final layer; what each block modulates
         with (c under adaLN-Zero, the shared modulations (B, num_modulations, D) under adaLN-single); and the text
         tokens and mask that cross-attention reads, or None."""
         cond = resolve_text(self.text_model, cond)
-        c = self.cond_embed(t, cond, batch_size).to(dtype)  # (B, D)
+        c = self.cond_embed(t, cond, batch_size, r).to(dtype)  # (B, D)
         context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
         block_c = c if self.adaLN_shared is None else self.adaLN_shared(c).unflatten(1, (-1, c.shape[1]))
         return c, block_c, context
@@ -313,6 +317,7 @@ class DiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         pooled_dim: int = 0,
         text_encoder: dict | None = None,
         adaln: str = "zero",
+        interval_embedding: bool = False,
     ):
         super().__init__()
         if out_channels is None:
@@ -337,7 +342,9 @@ class DiTModel(DiTTrunk, ModelMixin, ConfigMixin):
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         pooled = pooled_dim if text_conditioning != "none" else 0
-        self.cond_embed = ConditionEmbedder(hidden_size, num_classes, frequency_dim=256, pooled_dim=pooled)
+        self.cond_embed = ConditionEmbedder(
+            hidden_size, num_classes, frequency_dim=256, pooled_dim=pooled, interval=interval_embedding
+        )
         # adaLN-single: the one MLP from c to the six modulations of every block, run once per forward.
         self.adaLN_shared = (
             nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if adaln == "single" else None
@@ -369,9 +376,10 @@ class DiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)  # (B, C, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None, r=None) -> torch.Tensor:
         """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
-        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py)."""
+        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py); r: the
+        start time of an average velocity, for a model built with `interval_embedding` (None: r = t)."""
         p = self.config.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"Input size {tuple(x.shape[-2:])} is not divisible by the DiT patch size {p}.")
@@ -390,7 +398,7 @@ class DiTModel(DiTTrunk, ModelMixin, ConfigMixin):
                 angles = rope_2d_angles(2 * cos.shape[-1], grid_h, grid_w).to(h.device)
                 cos, sin = angles.cos(), angles.sin()
             rope = (cos, sin)
-        c, block_c, context = self.condition(t, cond, x.shape[0], h.dtype)
+        c, block_c, context = self.condition(t, cond, x.shape[0], h.dtype, r)
         for block in self.blocks:
             h = self._run(block, h, block_c, rope, context)
         h = self.final_layer(h, c)  # (B, N, p * p * C)

@@ -30,11 +30,18 @@ def is_video_model(name: str) -> bool:
 
 
 def build_model(
-    args: ModelArguments, in_channels: int, resolution: int, num_classes: int = 0, text=None, num_frames: int = 0
+    args: ModelArguments,
+    in_channels: int,
+    resolution: int,
+    num_classes: int = 0,
+    text=None,
+    num_frames: int = 0,
+    interval_embedding: bool = False,
 ):
     """The preset named by `args.model`, sized for the data; checks that the resolution fits its downsampling.
     `text`: the text settings of a text-conditional model (`TextConditioner.model_config()`). `num_frames`: the
-    clip length of clip data (a video preset's), 0 for images (an image preset's)."""
+    clip length of clip data (a video preset's), 0 for images (an image preset's). `interval_embedding`: the network
+    also takes r, the start of the interval of an average velocity (MeanFlow)."""
     if args.model not in ALL_PRESETS:
         raise UserError(f"unknown --model '{args.model}' (presets: {', '.join(ALL_PRESETS)})")
     if is_video_model(args.model) and not num_frames:
@@ -49,6 +56,8 @@ def build_model(
         )
     common = dict(in_channels=in_channels, out_channels=in_channels, sample_size=resolution, num_classes=num_classes)
     common.update(text or {})
+    if interval_embedding:  # absent otherwise, so other models' configs stay as they were
+        common["interval_embedding"] = True
     if args.model in UNET_PRESETS or args.model in VIDEO_UNET_PRESETS:
         model, unit = _unet(args, resolution, common), "the UNet's total downsampling"
     else:

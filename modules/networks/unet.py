@@ -157,6 +157,7 @@ class UNetModel(ModelMixin, ConfigMixin):
         text_dim: int = 0,
         pooled_dim: int = 0,
         text_encoder: dict | None = None,
+        interval_embedding: bool = False,
     ):
         super().__init__()
         if out_channels is None:
@@ -172,7 +173,8 @@ class UNetModel(ModelMixin, ConfigMixin):
         self.text_model = own_text_encoder(text_encoder)  # a trainable one; frozen encoders stay outside
         emb_dim = 4 * base_channels
         pooled = pooled_dim if text_conditioning != "none" else 0
-        self.cond_embed = ConditionEmbedder(emb_dim, num_classes, frequency_dim=base_channels, pooled_dim=pooled)
+        embedder = dict(frequency_dim=base_channels, pooled_dim=pooled, interval=interval_embedding)
+        self.cond_embed = ConditionEmbedder(emb_dim, num_classes, **embedder)
 
         def attention(ch: int) -> list[nn.Module]:
             layers = [AttentionBlock(ch, num_head_channels)]
@@ -230,11 +232,12 @@ class UNetModel(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(block, h, emb, context, num_frames)
         return block(h, emb, context, num_frames)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None, r=None) -> torch.Tensor:
         """x: (B, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
-        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py)."""
+        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py); r: the
+        start time of an average velocity, for a model built with `interval_embedding` (None: r = t)."""
         self.check_input_size(x)
-        emb, context = self.embed_condition(t, cond, x.shape[0], x.dtype)
+        emb, context = self.embed_condition(t, cond, x.shape[0], x.dtype, r)
         return self.apply_blocks(x, emb, context)
 
     def check_input_size(self, x: torch.Tensor) -> None:
@@ -245,11 +248,11 @@ class UNetModel(ModelMixin, ConfigMixin):
                 f"use a resolution that is a multiple of {f} or fewer channel_mult levels."
             )
 
-    def embed_condition(self, t: torch.Tensor | float, cond, batch_size: int, dtype: torch.dtype):
+    def embed_condition(self, t: torch.Tensor | float, cond, batch_size: int, dtype: torch.dtype, r=None):
         """(emb, context): the conditioning vector every ResBlock gets, (B, 4 * base_channels), through SiLU once
         here rather than in every block; the text tokens and mask cross-attention attends to, or None."""
         cond = resolve_text(self.text_model, cond)
-        emb = F.silu(self.cond_embed(t, cond, batch_size)).to(dtype)
+        emb = F.silu(self.cond_embed(t, cond, batch_size, r)).to(dtype)
         context = (cond["tokens"], cond["mask"]) if self.config.text_conditioning == "cross_attn" else None
         return emb, context
 

@@ -133,6 +133,7 @@ class VideoDiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         pooled_dim: int = 0,
         text_encoder: dict | None = None,
         adaln: str = "zero",
+        interval_embedding: bool = False,
     ):
         super().__init__()
         if out_channels is None:
@@ -145,7 +146,9 @@ class VideoDiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         tp, p = temporal_patch_size, patch_size
         self.x_embedder = nn.Conv3d(in_channels, hidden_size, (tp, p, p), stride=(tp, p, p))
         pooled = pooled_dim if text_conditioning != "none" else 0
-        self.cond_embed = ConditionEmbedder(hidden_size, num_classes, frequency_dim=256, pooled_dim=pooled)
+        self.cond_embed = ConditionEmbedder(
+            hidden_size, num_classes, frequency_dim=256, pooled_dim=pooled, interval=interval_embedding
+        )
         block_class = FactorizedBlock if video_attention == "factorized" else DiTBlock
         width = block_class.num_modulations * hidden_size
         # adaLN-single: the one MLP from c to the modulations of every block, run once per forward.
@@ -202,9 +205,10 @@ class VideoDiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         spatial = grid_h * grid_w  # tokens 0 .. S-1 are (0, row, col); every S-th token is (t, 0, 0)
         return None, ((cos[:spatial], sin[:spatial]), (cos[::spatial], sin[::spatial]))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None, r=None) -> torch.Tensor:
         """x: (B, F, C, H, W); t: scalar or (B,) in [0, 1]; cond: (B,) class labels, None (null class), or for a
-        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py)."""
+        text-conditional model a dict of text tokens, mask and pooled embedding (modules/conditioning.py); r: as
+        DiTModel's."""
         p, tp = self.config.patch_size, self.config.temporal_patch_size
         if x.ndim != 5:
             raise ValueError(f"VideoDiTModel takes clips (B, F, C, H, W), got shape {tuple(x.shape)}.")
@@ -218,7 +222,7 @@ class VideoDiTModel(DiTTrunk, ModelMixin, ConfigMixin):
         pos, rope = self.positions(*grid, h.device)
         if pos is not None:
             h = h + pos.to(h.dtype)
-        c, block_c, context = self.condition(t, cond, x.shape[0], h.dtype)
+        c, block_c, context = self.condition(t, cond, x.shape[0], h.dtype, r)
         frames = (grid[0],) if self.config.video_attention == "factorized" else ()
         for block in self.blocks:
             h = self._run(block, h, block_c, rope, context, *frames)

@@ -138,6 +138,7 @@ class VideoUNetModel(UNetModel):
         pooled_dim: int = 0,
         text_encoder: dict | None = None,
         temporal_conv: bool = False,
+        interval_embedding: bool = False,
     ):
         super().__init__(
             in_channels=in_channels,
@@ -154,6 +155,7 @@ class VideoUNetModel(UNetModel):
             text_dim=text_dim,
             pooled_dim=pooled_dim,
             text_encoder=text_encoder,
+            interval_embedding=interval_embedding,
         )
         # Built after the spatial layers, so a seed gives the spatial layers the image UNet's initial weights.
         for blocks in (self.down_blocks, self.up_blocks):
@@ -172,14 +174,14 @@ class VideoUNetModel(UNetModel):
         load_image_unet_weights(model, unet.state_dict(), dict(config), "the image UNet")
         return model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
-        """x: clips (B, F, C, H, W); t: scalar or (B,) in [0, 1], one per clip; cond: as the image UNet's, one per
-        clip (labels (B,), None, or text for B clips)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None, r=None) -> torch.Tensor:
+        """x: clips (B, F, C, H, W); t: scalar or (B,) in [0, 1], one per clip; cond and r: as the image UNet's, one
+        per clip (labels (B,), None, or text for B clips)."""
         if x.ndim != 5:
             raise ValueError(f"The video UNet takes clips of shape (B, F, C, H, W), got shape {tuple(x.shape)}.")
         B, num_frames = x.shape[:2]
         self.check_input_size(x)
-        emb, context = self.embed_condition(t, cond, B, x.dtype)  # (B, D), once per clip
+        emb, context = self.embed_condition(t, cond, B, x.dtype, r)  # (B, D), once per clip
         # Every frame gets its clip's t and condition.
         emb = emb.repeat_interleave(num_frames, dim=0)  # (B*F, D)
         if context is not None:

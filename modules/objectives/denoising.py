@@ -24,6 +24,7 @@ class DenoisingObjective:
 
     name: str
     samplers: tuple[str, ...] = ()
+    interval_embedding = False  # whether the network also takes r, the start of an average velocity's interval
 
     def __init__(self, args):
         if not args.num_inference_steps > 0:
@@ -48,7 +49,7 @@ class DenoisingObjective:
                     "model; give an image model (unet_*, dit_*), or train the video model without --shared_noise"
                 )
             num_frames = 0
-        return build_model(model_args, in_channels, resolution, num_classes, text, num_frames)
+        return build_model(model_args, in_channels, resolution, num_classes, text, num_frames, self.interval_embedding)
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The noise (like x0) and times t in [0, 1] (B,) of a training batch x0, drawn from `generator`."""
@@ -99,7 +100,8 @@ class DenoisingObjective:
         fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
         sampler = sampler or a.sampler
         if sampler not in self.samplers:
-            raise ValueError(f"{self.name} models sample with {', '.join(self.samplers)}, not '{sampler}'")
+            hint = "; meanflow samples models trained with --objective meanflow" if sampler == "meanflow" else ""
+            raise UserError(f"{self.name} models sample with {', '.join(self.samplers)}, not '{sampler}'{hint}")
         return self.run_sampler(sampler, fn, noise, num_inference_steps or a.num_inference_steps, generators, callback)
 
     def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int) -> dict:

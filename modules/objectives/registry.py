@@ -6,12 +6,14 @@ from modules.config import DDPMArguments, FlowArguments, UserError, VAEArguments
 from modules.objectives.autoencoder import VAEObjective
 from modules.objectives.ddpm import DDPMObjective
 from modules.objectives.flow import FlowObjective
+from modules.objectives.meanflow import MeanFlowObjective
 from modules.objectives.protocol import Objective
 from modules.records import OBJECTIVE_FILE, from_dict
 
 # name -> (objective class, its settings dataclass)
 OBJECTIVES = {
     FlowObjective.name: (FlowObjective, FlowArguments),
+    MeanFlowObjective.name: (MeanFlowObjective, FlowArguments),
     DDPMObjective.name: (DDPMObjective, DDPMArguments),
     VAEObjective.name: (VAEObjective, VAEArguments),
 }

@@ -25,22 +25,25 @@ def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[t
 
 
 def guided_model(model, cond, guidance_scale: float = 1.0, null_cond=None):
-    """`fn(x, t)` for the samplers, with classifier-free guidance: u + s (c - u), u = model(x, t, null).
+    """`fn(x, t, r=None)` for the samplers, with classifier-free guidance: u + s (c - u), u = model(x, t, null).
+    `r`, the start time of an average velocity, goes to the model only when given (the meanflow sampler).
 
     `null_cond` defaults to the model's null class (index num_classes); text models must pass theirs (the empty
     caption's encoding, one row or one per sample)."""
 
-    def fn(x, t):
+    def fn(x, t, r=None):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        start = {} if r is None else {"r": r.expand(x.shape[0]) if r.ndim == 0 else r}
         if cond is None or guidance_scale == 1.0:
-            return model(x, t, cond)
+            return model(x, t, cond, **start)
         if is_text(cond):
             if null_cond is None:
                 raise ValueError("classifier-free guidance of a text-conditional model needs null_cond")
             null = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in null_cond.items()}
         else:
             null = null_cond if null_cond is not None else torch.full_like(cond, model.config.num_classes)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null]))
+        start = {k: torch.cat([v, v]) for k, v in start.items()}
+        out = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null]), **start)
         out_cond, out_uncond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
@@ -109,6 +112,24 @@ def euler_maruyama_sample(fn, noise, steps, generators=None, callback=None, nois
 
 
 FLOW_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "euler_maruyama": euler_maruyama_sample}
+
+
+def meanflow_sample(fn, noise, steps, generators=None, callback=None):
+    """MeanFlow's sampler, for networks of the average velocity u(z_t, r, t) over [r, t] (modules/objectives/
+    meanflow.py): z_r = z_t - (t - r) u(z_t, r, t) over `steps` equal intervals from t = 1 to 0, one network
+    evaluation each; with the exact average velocity every step is exact, so 1 step suffices. The callback's x0
+    estimate is z_t - t u(z_t, r, t), the step's own velocity extended to t = 0."""
+    x, ts = noise, _time_grid(steps, noise.device)
+    for i in range(steps):
+        t, r = ts[i].to(x.dtype), ts[i + 1].to(x.dtype)
+        u = fn(x, t, r)
+        if callback:
+            callback(i, float(t), x, x - t * u)
+        x = x - (t - r) * u
+    return x
+
+
+MEANFLOW_SAMPLERS = {**FLOW_SAMPLERS, "meanflow": meanflow_sample}
 
 
 # --- DDPM: discrete-time samplers ------------------------------------------------------------------------------------
