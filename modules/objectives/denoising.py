@@ -158,12 +158,12 @@ def validation_loss(
             all_noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + j))
         for first in range(0, len(images), batch_size):
             x0 = images[first : first + batch_size].to(device)
-            noise = all_noise[first : first + len(x0)].to(device)
+            batch_noise = all_noise[first : first + len(x0)].to(device)
             cond = None
             if labels is not None:  # class labels, or a text condition (modules/networks/conditioning.py)
                 cond = select_condition(labels, slice(first, first + len(x0)))
                 cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
             t_batch = torch.full((len(x0),), t, device=device)
-            per_bin[j] += objective.loss_at(model, x0, cond, noise, t_batch).double().sum().cpu()
+            per_bin[j] += objective.loss_at(model, x0, cond, batch_noise, t_batch).double().sum().cpu()
     per_bin /= len(images)
     return {"val_loss": per_bin.mean().item(), "val_loss_bins": per_bin.tolist(), "val_t": t_grid}

@@ -15,6 +15,7 @@ from modules.data.conditions import ConditionSource
 from modules.data.pairs import load_pairs_data
 from modules.objectives.autoencoder import VAEObjective
 from modules.objectives.ddpm import DDPMObjective
+from modules.objectives.denoising import validation_loss
 from modules.objectives.flow import FlowObjective
 
 
@@ -93,12 +94,21 @@ def test_held_out_pairs_validate_at_their_own_noise(tmp_path):
     assert torch.equal(x0, rows["x0"]) and torch.equal(noise, rows["noise"]) and torch.equal(labels, rows["labels"])
     objective, model = FlowObjective(FlowArguments()), Linear()
     values = objective.validation(model, x0, labels, 0, 2, noise=noise)
-    # Oracle: the loss at each bin's centre t with the pairs' noise, averaged over the pairs and the bins.
+    # Oracle: the loss at each bin's centre t with the pairs' noise, averaged over the pairs and the bins; without
+    # pairs, with noise drawn for each bin from (seed, bin).
+    drawn = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(j)) for j in (0, 1)]
     with torch.no_grad():
-        expected = [objective.loss_at(model, x0, labels, noise, torch.full((2,), t)).mean() for t in (0.25, 0.75)]
-    assert values["val_loss_t0.25"] == pytest.approx(float(expected[0]), rel=1e-6)
-    assert values["val_loss"] == pytest.approx(float(sum(expected) / 2), rel=1e-6)
-    assert values["val_loss"] != pytest.approx(objective.validation(model, x0, labels, 0, 2)["val_loss"])
+        at = [objective.loss_at(model, x0, labels, noise, torch.full((2,), t)).mean() for t in (0.25, 0.75)]
+        fresh = [
+            objective.loss_at(model, x0, labels, e, torch.full((2,), t)).mean()
+            for e, t in zip(drawn, (0.25, 0.75), strict=True)
+        ]
+    assert values["val_loss_t0.25"] == pytest.approx(float(at[0]), rel=1e-6)
+    assert values["val_loss"] == pytest.approx(float(sum(at) / 2), rel=1e-6)
+    in_ones = validation_loss(model, objective, x0, labels, 0, 2, batch_size=1, noise=noise)  # a batch per pair
+    assert in_ones["val_loss_bins"] == pytest.approx([float(v) for v in at], rel=1e-6)
+    unpaired = validation_loss(model, objective, x0, labels, 0, 2, batch_size=1)
+    assert unpaired["val_loss_bins"] == pytest.approx([float(v) for v in fresh], rel=1e-6)
 
 
 def test_only_a_flow_objective_without_ot_coupling_trains_on_pairs():
