@@ -37,6 +37,7 @@ from modules.data.shards import (
     ShardedFormat,
     ShardedOutputArguments,
     card_header,
+    card_sections,
     process_state,
     write_sharded_dataset,
 )
@@ -591,7 +592,6 @@ def pairs_card(meta: dict, paths) -> str:
         "label": f"class label ({meta['num_classes']} classes)",
         "caption": "the prompt",
     }
-    rows = "\n".join(f"| {name} | {columns[name]} |" for name in meta["columns"])
     header = card_header(f"Reflow pairs of {teacher['model']}", ["reflow", "rectified-flow", "distillation"], paths)
     return f"""{header}# Reflow pairs of {teacher["model"]}
 
@@ -600,16 +600,7 @@ order, in {len(paths)} shard(s): row i holds the noise `sample.py --seed {meta["
 the model makes of it with the {meta["sampler"]} sampler in {meta["num_inference_steps"]} steps at guidance scale
 {meta["guidance_scale"]}.
 
-| column | content |
-|---|---|
-{rows}
-
-## How it was made
-
-```
-{meta["command"]}
-```
-
+{card_sections({name: columns[name] for name in meta["columns"]}, meta["command"])}
 Train a student on the straight lines between them (2-rectified flow) with `train_cfm.py --init_from
 {teacher["model"]} --pairs_dataset <this directory or repo id>` (docs/few_step.md). pairs.json holds the same facts,
 the teacher's latent record and the arguments that name its training images.

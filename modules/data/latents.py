@@ -19,7 +19,6 @@ Training draws z = mean + std * eps afresh each step and normalises it per chann
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from modules.config import UserError
 from modules.data.images import collate_examples, labels_needed, short_digest
+from modules.data.shards import check_shard, read_metadata
 from modules.networks.vae import load_vae
 
 METADATA_FILE = "latents.json"
@@ -334,19 +334,8 @@ def load_latent_data(
 
 def _read_metadata(path_or_id: str, meta_path: Path) -> tuple[str, dict]:
     """latents.json as text and as a dict, checked for the keys and shapes a latent dataset needs."""
-    if not meta_path.is_file():
-        raise UserError(
-            f"'{path_or_id}' is not a complete latent dataset (no {METADATA_FILE}): encoding did not finish; rerun "
-            "encode_latents.py with the same arguments to resume"
-        )
-    text = meta_path.read_text()
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise UserError(f"{meta_path}: missing keys {', '.join(missing)} (it has: {', '.join(meta)})")
+    rerun = "encoding did not finish; rerun encode_latents.py"
+    text, meta = read_metadata(path_or_id, meta_path, REQUIRED_KEYS, "latent dataset", rerun)
     shape = tuple(meta["latent_shape"])
     if len(shape) != 3 or len(meta["channel_mean"]) != shape[0] or len(meta["channel_std"]) != shape[0]:
         raise UserError(
@@ -366,12 +355,7 @@ def _check_shards(root: Path, meta: dict, meta_path: Path) -> tuple[list[Path], 
 
     paths, counts, names = [root / name for name in meta["shards"]], [], []
     for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: listed in {meta_path} but missing; the dataset is incomplete")
-        names = pq.read_schema(path).names
-        absent = [c for c in LATENT_COLUMNS if c not in names]
-        if absent:
-            raise UserError(f"{path}: no column '{absent[0]}' (columns: {', '.join(names)})")
+        names = check_shard(path, meta_path, LATENT_COLUMNS)
         counts.append(pq.read_metadata(path).num_rows)
     if not paths or sum(counts) != meta["num_images"]:
         raise UserError(f"{root}: the shards hold {sum(counts)} rows, but {meta_path} says {meta['num_images']}")

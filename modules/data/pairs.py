@@ -20,7 +20,6 @@ sample.py draws for image i, its sample what the teacher makes of it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from modules.config import UserError
 from modules.data.images import short_digest
 from modules.data.latents import LatentDataset, local_dataset_dir, read_shard
+from modules.data.shards import check_shard, read_metadata
 
 METADATA_FILE = "pairs.json"
 PAIR_COLUMNS = ("noise", "sample")
@@ -95,19 +95,8 @@ def load_pairs_data(
 
 def _read_metadata(path_or_id: str, meta_path: Path) -> tuple[str, dict]:
     """pairs.json as text and as a dict, checked for the keys and values training needs."""
-    if not meta_path.is_file():
-        raise UserError(
-            f"'{path_or_id}' is not a complete pairs dataset (no {METADATA_FILE}): making it did not finish; rerun "
-            "sample.py --output_pairs with the same arguments to resume"
-        )
-    text = meta_path.read_text()
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise UserError(f"{meta_path}: missing keys {', '.join(missing)} (it has: {', '.join(meta)})")
+    rerun = "making it did not finish; rerun sample.py --output_pairs"
+    text, meta = read_metadata(path_or_id, meta_path, REQUIRED_KEYS, "pairs dataset", rerun)
     if len(meta["shape"]) not in (3, 4):
         raise UserError(f"{meta_path}: shape {meta['shape']} should be [C, H, W], or [F, C, H, W] for clips")
     if meta["conditioning"] not in CONDITION_COLUMNS:
@@ -120,18 +109,11 @@ def _read_metadata(path_or_id: str, meta_path: Path) -> tuple[str, dict]:
 def _read_columns(root: Path, meta: dict, meta_path: Path) -> dict[str, np.ndarray]:
     """Every row of the shards into memory (noise, sample float32; label; caption), after checking that each shard
     is there with the columns pairs.json's conditioning needs, and that together they hold what it says."""
-    import pyarrow.parquet as pq
-
     condition = CONDITION_COLUMNS[meta["conditioning"]]
     wanted, shape, parts = [*PAIR_COLUMNS, *([condition] if condition else [])], tuple(meta["shape"]), []
     for name in meta["shards"]:
         path = root / name
-        if not path.is_file():
-            raise UserError(f"{path}: listed in {meta_path} but missing; the pairs dataset is incomplete")
-        names = pq.read_schema(path).names
-        absent = [c for c in wanted if c not in names]
-        if absent:
-            raise UserError(f"{path}: no column '{absent[0]}' (columns: {', '.join(names)})")
+        check_shard(path, meta_path, wanted)
         shard = read_shard(path, wanted, arrays=PAIR_COLUMNS)
         for column in PAIR_COLUMNS:
             if shard[column].shape[1:] != shape:
