@@ -47,6 +47,7 @@ from modules.data.shards import (
     ShardedFormat,
     ShardedOutputArguments,
     card_header,
+    card_sections,
     process_state,
     write_sharded_dataset,
 )
@@ -180,7 +181,7 @@ def dataset_card(meta: dict, features, paths) -> str:
             f"the {captioner['model_type']} model `{captioner['model']}` ({prompt}, {decoding} decoding, at most "
             f"{captioner['max_new_tokens']} new tokens, {captioner['dtype']})"
         )
-    rows = "\n".join(f"| {name} | {column_content(name, feature)} |" for name, feature in features.items())
+    columns = {name: column_content(name, feature) for name, feature in features.items()}
     empty = f" {meta['num_empty_captions']} captions are empty." if meta["num_empty_captions"] else ""
     header = card_header(f"Captions of {meta['source']}", ["image", "captions", "text-to-image"], paths)
     return f"""{header}# Captions of {meta["source"]}
@@ -188,16 +189,7 @@ def dataset_card(meta: dict, features, paths) -> str:
 {meta["num_images"]} images of {meta["source"]}, in their order, in {len(meta["shards"])} shard(s), each captioned by
 {by}.{empty}
 
-| column | content |
-|---|---|
-{rows}
-
-## How it was made
-
-```
-{meta["command"]}
-```
-
+{card_sections(columns, meta["command"])}
 Load it with `datasets.load_dataset("<this directory or repo id>")`, or train on it with
 `--dataset_name <this directory or repo id> --caption_column caption`. captions.json holds the same facts.
 """

@@ -4,29 +4,49 @@
     python sample.py --model runs/fashion_mnist_unet_cfm --class_labels 0,7,9 --num_images 30 --output samples/
     python sample.py --model runs/ddpm --sampler dpm_solver --num_inference_steps 20 --guidance_scale 2
     python sample.py --model google/ddpm-cifar10-32 --sampler ddim --num_inference_steps 50
+    accelerate launch sample.py --model runs/fashion_mnist_unet_cfm --num_images 20000 --output_pairs pairs/fm
 
-Image i depends only on (--seed, i, its class label): the same whatever --batch_size.
+Image i depends only on (--seed, i, its class label): the same whatever --batch_size. --output_pairs writes, instead
+of images, each image's noise and what the model made of it (before decoding) as a pairs dataset
+(modules/data/pairs.py) to train a reflow student on (train_cfm.py --pairs_dataset, docs/few_step.md): shard k is made
+by process k % num_processes and written whole or not at all; rerunning with the same arguments resumes, skipping
+finished shards; pairs.json is written last.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from modules.artifacts.clips import save_samples
 from modules.artifacts.export import export_pipeline
 from modules.artifacts.model_folder import load_model, model_dir
 from modules.artifacts.visualize import DenoisingRecorder, save_image, write_denoising_figures
-from modules.config import DataArguments, UserError, cli_entry, parse_args
+from modules.config import DataArguments, UserError, cli_entry, help_field, parse_args
 from modules.data.captioning import class_phrase
-from modules.data.latents import latent_decoder
+from modules.data.images import short_digest
+from modules.data.latents import latent_decoder, latent_table
+from modules.data.pairs import METADATA_FILE as PAIRS_FILE
+from modules.data.pairs import PAIR_COLUMNS
+from modules.data.shards import (
+    ShardedFormat,
+    ShardedOutputArguments,
+    card_header,
+    card_sections,
+    process_state,
+    write_sharded_dataset,
+)
 from modules.data.sources import load_train_data
 from modules.evaluation.fid import InceptionFeatures, check_inception_weights
 from modules.evaluation.metrics import classifier_measures, evaluate_generated, parse_eval_metrics
+from modules.networks.conditioning import select_condition
 from modules.networks.text import TextConditioner, text_encoder_from_record
-from modules.objectives.samplers import generate_images
+from modules.objectives.samplers import generate_images, sample_batches
 from modules.records import from_dict
 
 
@@ -120,6 +140,24 @@ class SampleArguments:
             "repository (docs/hub.md)."
         },
     )
+
+
+@dataclass
+class PairsArguments:
+    output_pairs: str | None = help_field(
+        "Instead of images, write each image's noise, what the model makes of it (model space: latents are not "
+        "decoded) and its condition here, as a pairs dataset for train_cfm.py --pairs_dataset (reflow, "
+        "docs/few_step.md). Rerun with the same arguments to resume; under accelerate launch each process makes "
+        "its shards.",
+        default=None,
+    )
+    shard_size: int = help_field(
+        "--output_pairs: pairs per parquet shard (the unit of work and of resume).", default=1000
+    )
+    overwrite: bool = help_field("--output_pairs: replace pairs made there with other arguments.", default=False)
+
+
+PAIRS_FORMAT = ShardedFormat(script="sample.py", what="pairs", metadata_file=PAIRS_FILE, args_file=".pairs_args.json")
 
 
 def parse_class_labels(spec: str | None, num_classes: int, class_names) -> list[int] | None:
@@ -240,7 +278,7 @@ def load_sampling(args, folder: Path) -> Sampling:
 
 @cli_entry
 def main(argv=None):
-    (args,) = parse_args((SampleArguments,), argv, description=__doc__)
+    args, pairs_args = parse_args((SampleArguments, PairsArguments), argv, description=__doc__)
     folder = model_dir(args.model, args.revision, args.hub_token)  # a Hub id is downloaded (cached) once
     if args.export_pipeline:  # no sampling: the model, its sampler and its settings as a diffusers pipeline
         out = export_pipeline(folder, args.export_pipeline)
@@ -250,6 +288,8 @@ def main(argv=None):
         raise UserError(f"--num_images and --batch_size must be positive, got {args.num_images}, {args.batch_size}")
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if pairs_args.output_pairs:
+        return write_pairs(args, pairs_args, folder, argv)
     sampling = load_sampling(args, folder)
     evaluator = None
     if args.compute_fid or args.nfe_sweep:  # checks its inputs now, before any sampling
@@ -321,8 +361,7 @@ class Evaluator:
 def reference_data(args, record: dict, folder: Path, shape) -> DataArguments:
     """The images FID compares with: --fid_dataset at the size of the model's images (`shape`: what it generates,
     (C, H, W)), else its training data (from its run_config.json; for a latent model the images its latent dataset
-    was encoded from)."""
-    import json
+    was encoded from, for a reflow student its teacher's)."""
 
     if args.fid_dataset:
         latent = record.get("latent")
@@ -344,12 +383,18 @@ def reference_data(args, record: dict, folder: Path, shape) -> DataArguments:
     config = json.loads(run_config.read_text())["config"]
     if "latent" in record:  # the images the latent dataset was encoded from
         config = record["latent"]["source_data_args"]
+    elif "reflow" in record:  # a reflow student: its teacher's training images
+        config = record["reflow"]["source_data_args"]
+        if config is None:
+            raise UserError(
+                f"--compute_fid: the teacher of the reflow student '{folder}' names no training images; name the "
+                "reference images with --fid_dataset"
+            )
     return from_dict(DataArguments, config)
 
 
 def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
     """--eval_metrics for each sampler and number of steps; a markdown table and JSON at <out>.md / <out>.json."""
-    import json
 
     objective = sampling.objective
     samplers = (args.samplers or args.sampler or objective.args.sampler).split(",")
@@ -403,6 +448,163 @@ def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print("\n".join(table))
+
+
+def write_pairs(args, pairs_args: PairsArguments, folder: Path, argv) -> Path:
+    """--output_pairs: the model's pairs of images 0..--num_images-1 of --seed (modules/data/pairs.py), in shards
+    that each process makes its share of (modules/data/shards.py)."""
+    asked = [f"--{name}" for name in ("compute_fid", "nfe_sweep", "denoising_path") if getattr(args, name)]
+    if asked:
+        raise UserError(f"--output_pairs writes pairs, not images: drop {', '.join(asked)}")
+    if pairs_args.shard_size <= 0:
+        raise UserError(f"--shard_size must be positive, got {pairs_args.shard_size}")
+    state = process_state()
+    sampling = load_sampling(dataclasses.replace(args, device=args.device or str(state.device)), folder)
+    objective = sampling.objective
+    settings = {  # as sampling resolves them: the flags, else as trained
+        "sampler": args.sampler or objective.args.sampler,
+        "num_inference_steps": args.num_inference_steps or objective.args.num_inference_steps,
+        "guidance_scale": objective.args.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+    }
+    record = {  # what the rows depend on: a rerun with others is refused
+        "teacher": teacher_name(args),
+        "revision": args.revision,
+        "seed": args.seed,
+        "num_pairs": args.num_images,
+        **settings,
+        "conditions": short_digest(json.dumps(sampling.cycle)),
+        "shard_size": pairs_args.shard_size,
+    }
+    out = ShardedOutputArguments(
+        output_dir=pairs_args.output_pairs,
+        shard_size=pairs_args.shard_size,
+        overwrite=pairs_args.overwrite,
+        hub_token=args.hub_token,
+    )
+    make_shard = pair_shard_maker(args, sampling, settings)
+    describe = pairs_describer(args, sampling, settings, folder)
+    return write_sharded_dataset(
+        PAIRS_FORMAT, state, out, record, args.num_images, make_shard, describe, "pairs", argv
+    )
+
+
+def teacher_name(args) -> str:
+    """--model as found again from anywhere: a local folder's absolute path, or the Hub id."""
+    path = Path(args.model).expanduser()
+    return str(path.resolve()) if path.exists() else args.model
+
+
+def pairs_conditioning(sampling: Sampling) -> str:
+    """What the model's pairs are conditioned on: "text", "class" or "none" (modules/data/pairs.py)."""
+    if "text_encoder" in sampling.record:
+        return "text"
+    return "class" if sampling.model.config.num_classes else "none"
+
+
+def pair_shard_maker(args, sampling: Sampling, settings: dict):
+    """`make_shard(rows, progress)`: pairs `rows` as a pyarrow table, each image's noise and sample as sample.py
+    draws and makes them, with its class label or caption."""
+    conditioning = pairs_conditioning(sampling)
+    names = sampling.record.get("class_names")
+    names = names if names and len(names) == sampling.model.config.num_classes else None
+
+    def make_shard(rows: range, progress):
+        cond = select_condition(sampling.cond, slice(rows.start, rows.stop))
+        batches = sample_batches(
+            sampling.model,
+            sampling.objective,
+            len(rows),
+            args.seed,
+            sampling.shape,
+            args.batch_size,
+            cond,
+            sampling.device,
+            start=rows.start,
+            null_cond=sampling.null_cond,
+            **settings,
+        )
+        noises, samples = [], []
+        for noise, x0 in batches:
+            noises.append(noise.float().cpu())
+            samples.append(x0.float().cpu())
+            progress.update(len(noise))
+        columns = {"noise": torch.cat(noises).numpy(), "sample": torch.cat(samples).numpy()}
+        if conditioning == "class":
+            columns["label"] = np.asarray(cond, dtype=np.int64)
+        elif conditioning == "text":
+            columns["caption"] = [sampling.cycle[i % len(sampling.cycle)] for i in rows]
+        return latent_table(columns, names)
+
+    return make_shard
+
+
+def pairs_describer(args, sampling: Sampling, settings: dict, folder: Path):
+    """`describe(shard_paths, command)`: the dataset card and pairs.json, once every shard is whole."""
+    record, model, shape = sampling.record, sampling.model, list(sampling.shape)
+    conditioning, latent = pairs_conditioning(sampling), record.get("latent")
+    try:  # the teacher's training images, for the student's FID
+        source = dataclasses.asdict(reference_data(args, record, folder, sampling.shape))
+    except UserError:
+        source = None
+
+    def describe(paths, command: str):
+        out = Path(paths[0]).parent.parent
+        meta = dict(
+            teacher={
+                "model": teacher_name(args),
+                "revision": args.revision,
+                "objective": sampling.objective.name,
+                "network": type(model).__name__,
+                "steps": record.get("steps"),
+                "dataset_key": record.get("dataset_key"),
+            },
+            **settings,
+            seed=args.seed,
+            shape=shape,
+            image_resolution=latent["image_resolution"] if latent else shape[-1],
+            conditioning=conditioning,
+            num_classes=model.config.num_classes if conditioning == "class" else 0,
+            class_names=record.get("class_names") if conditioning == "class" else None,
+            **({"text_encoder": record["text_encoder"]} if conditioning == "text" else {}),
+            **({"latent": latent} if latent else {}),
+            source_data_args=source,
+            num_pairs=args.num_images,
+            columns=[*PAIR_COLUMNS, *{"class": ["label"], "text": ["caption"]}.get(conditioning, [])],
+            shards=[str(p.relative_to(out)) for p in paths],
+            command=command,
+        )
+        size = "x".join(map(str, shape))
+        return (
+            pairs_card(meta, paths),
+            meta,
+            f"wrote {args.num_images} pairs ({size}) in {len(paths)} shard(s) to {out}",
+        )
+
+    return describe
+
+
+def pairs_card(meta: dict, paths) -> str:
+    teacher, size = meta["teacher"], "x".join(map(str, meta["shape"]))
+    space = "normalised latents, not decoded" if "latent" in meta else "pixels in [-1, 1]"
+    columns = {
+        "noise": f"the noise image i starts from, float32 ({size})",
+        "sample": f"what the model made of it, float32 ({size}): {space}",
+        "label": f"class label ({meta['num_classes']} classes)",
+        "caption": "the prompt",
+    }
+    header = card_header(f"Reflow pairs of {teacher['model']}", ["reflow", "rectified-flow", "distillation"], paths)
+    return f"""{header}# Reflow pairs of {teacher["model"]}
+
+{meta["num_pairs"]} pairs of the {teacher["objective"]} model `{teacher["model"]}` ({teacher["network"]}), in image
+order, in {len(paths)} shard(s): row i holds the noise `sample.py --seed {meta["seed"]}` draws for image i and what
+the model makes of it with the {meta["sampler"]} sampler in {meta["num_inference_steps"]} steps at guidance scale
+{meta["guidance_scale"]}.
+
+{card_sections({name: columns[name] for name in meta["columns"]}, meta["command"])}
+Train a student on the straight lines between them (2-rectified flow) with `train_cfm.py --init_from
+{teacher["model"]} --pairs_dataset <this directory or repo id>` (docs/few_step.md). pairs.json holds the same facts,
+the teacher's latent record and the arguments that name its training images.
+"""
 
 
 if __name__ == "__main__":

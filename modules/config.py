@@ -78,7 +78,7 @@ class DataArguments:
     dataloader_num_workers: int = help_field("DataLoader worker processes (0: load in the main process).", default=0)
     validation_split: str | None = help_field(
         "Held-out split for the validation loss: 'auto' (Fashion-MNIST's or a Hub dataset's 'test'/'validation' "
-        "split; none for folders), a split name, or 'none'.",
+        "split; none for folders; a --pairs_dataset's last pairs, at most a tenth), a split name, or 'none'.",
         default="auto",
     )
     validation_samples: int = help_field(
@@ -113,6 +113,12 @@ class DataArguments:
     latent_dataset: str | None = help_field(
         "Train on cached VAE latents written by encode_latents.py (a local directory or a Hub dataset id) instead "
         "of images (or clips); grids, FID and sample.py decode through the VAE it records.",
+        default=None,
+    )
+    pairs_dataset: str | None = help_field(
+        "Reflow: train on the (noise, sample) pairs that sample.py --output_pairs made with a teacher (a local "
+        "directory or a Hub dataset id), each x0 with its own noise, instead of images; start from the teacher "
+        "with --init_from (docs/few_step.md).",
         default=None,
     )
 

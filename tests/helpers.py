@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -421,6 +422,43 @@ def write_latent_dataset(folder: Path, n: int = 4, labels: bool = True) -> Path:
         "columns": list(columns),
         "channel_mean": [0.0] * 4,
         "channel_std": [1.0] * 4,
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def write_pairs_dataset(folder: Path, n: int = 10, shape=(1, 4, 4), num_classes: int = 2) -> Path:
+    """A pairs dataset as sample.py --output_pairs lays it out, of `n` random (noise, sample) pairs with labels
+    i % num_classes (none when 0), in two shards, and no teacher behind it: for tests that open it. Returns
+    `folder`."""
+    from modules.data.latents import latent_table
+    from modules.data.pairs import METADATA_FILE
+
+    g = torch.Generator().manual_seed(0)
+    columns = {
+        "noise": torch.randn(n, *shape, generator=g).numpy(),
+        "sample": torch.rand(n, *shape, generator=g).numpy(),
+    }
+    if num_classes:
+        columns["label"] = np.arange(n) % num_classes
+    (folder / "data").mkdir(parents=True)
+    half = n // 2
+    shards = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    for name, rows in zip(shards, (slice(0, half), slice(half, n)), strict=True):
+        pq.write_table(latent_table({k: v[rows] for k, v in columns.items()}), folder / name)
+    meta = {
+        "teacher": {"model": "no-teacher", "objective": "flow"},
+        "sampler": "euler",
+        "num_inference_steps": 2,
+        "guidance_scale": 1.0,
+        "seed": 0,
+        "shape": list(shape),
+        "image_resolution": shape[-1],
+        "conditioning": "class" if num_classes else "none",
+        "num_classes": num_classes,
+        "num_pairs": n,
+        "shards": shards,
+        "columns": list(columns),
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta))
     return folder

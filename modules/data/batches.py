@@ -1,5 +1,5 @@
 """From a dataset to training batches: the DataLoader every training run reads through, and the x0 that the
-objective trains on (images, or latents drawn from their stored posteriors)."""
+objective trains on (images, latents drawn from their stored posteriors, or a reflow teacher's samples)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,11 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 def model_input(batch: dict, data, generator: torch.Generator, flip: bool) -> torch.Tensor:
-    """The x0 the objective trains on: the batch's images, or for a latent dataset a latent drawn from each stored
-    posterior and normalised by the dataset's channel statistics. `flip`: random horizontal flips."""
+    """The x0 the objective trains on: the batch's images, for a latent dataset a latent drawn from each stored
+    posterior and normalised by the dataset's channel statistics, or a pairs dataset's samples as they are (paired
+    with their noise, "noise"). `flip`: random horizontal flips."""
+    if "x0" in batch:
+        return batch["x0"]
     if "latent_mean" in batch:
         return sample_latents(batch, generator, data, flip)
     x0 = batch["pixel_values"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from modules.data.pairs import PairsData
 from modules.networks.conditioning import drop_labels
 from modules.pixels import to_model_range
 
@@ -46,11 +47,16 @@ class ConditionSource:
         """The unconditional condition of a text model (the empty caption's), for guidance; None otherwise."""
         return self.text.null(device) if self.text is not None else None
 
-    def held_out(self, held_out) -> tuple[torch.Tensor, object]:
-        """All held-out images in [-1, 1] and their condition, decoded once for every validation of the run."""
-        n = len(held_out.dataset)
-        images = to_model_range(held_out.dataset.uint8_images(n))
+    def held_out(self, held_out) -> tuple[torch.Tensor, object, torch.Tensor | None]:
+        """All held-out x0 with their condition and their noise, decoded once for every validation of the run: images
+        in [-1, 1] (noise None: the validation draws it), or a pairs dataset's samples with the noise of each."""
+        n, noise = len(held_out.dataset), None
+        if isinstance(held_out, PairsData):
+            pairs = held_out.dataset.__getitems__(list(range(n)))
+            x0, noise = pairs["x0"], pairs["noise"]
+        else:
+            x0 = to_model_range(held_out.dataset.uint8_images(n))
         if self.text is not None:
-            return images, self.text(held_out.captions[:n], "cpu")
+            return x0, self.text(held_out.captions[:n], "cpu"), noise
         labels = held_out.dataset.labels if self.num_classes else None
-        return images, torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None
+        return x0, torch.as_tensor(labels[:n], dtype=torch.long) if labels is not None else None, noise

@@ -19,7 +19,6 @@ Training draws z = mean + std * eps afresh each step and normalises it per chann
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from modules.config import UserError
 from modules.data.images import collate_examples, labels_needed, short_digest
+from modules.data.shards import check_shard, read_metadata
 from modules.networks.vae import load_vae
 
 METADATA_FILE = "latents.json"
@@ -118,15 +118,16 @@ def encode_captions(encoder, captions: list[str], batch_size: int) -> dict[str, 
 
 def latent_table(columns: dict, class_names=None):
     """One shard's pyarrow table from columns as `encode_shard` returns them, plus "caption" (list of str) and the
-    `encode_captions` columns. Latents are stored as datasets' Array3D(float16) (Array4D for clips), which
+    `encode_captions` columns (or a reflow pairs dataset's, modules/data/pairs.py). Arrays (N, C, h, w) or
+    (N, F, C, h, w) are stored as datasets' Array3D (Array4D for clips) of their dtype (latents float16), which
     `datasets.load_dataset` reads back with its shape; text tokens as lists of fixed-size float16 vectors."""
     import datasets
 
     features = {}
     for name, values in columns.items():
-        if name in BATCH_KEYS:
+        if isinstance(values, np.ndarray) and values.ndim in (4, 5):
             array = datasets.Array4D if values.ndim == 5 else datasets.Array3D
-            features[name] = array(tuple(int(d) for d in values.shape[1:]), "float16")
+            features[name] = array(tuple(int(d) for d in values.shape[1:]), values.dtype.name)
         elif name == "text_tokens":
             width = int(values[0].shape[1])
             features[name] = datasets.List(datasets.List(datasets.Value("float16"), length=width))
@@ -139,9 +140,9 @@ def latent_table(columns: dict, class_names=None):
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features)).data.table
 
 
-def read_shard(path: Path, columns=None) -> dict[str, np.ndarray]:
-    """Columns of one parquet shard as numpy arrays; latents (stored as nested lists) as float16 (N, C, h, w), or
-    (N, F, C, h, w) for clips."""
+def read_shard(path: Path, columns=None, arrays=tuple(BATCH_KEYS)) -> dict[str, np.ndarray]:
+    """Columns of one parquet shard as numpy arrays; those named in `arrays` (latents, stored as nested lists) as
+    (N, C, h, w), or (N, F, C, h, w) for clips."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -149,7 +150,7 @@ def read_shard(path: Path, columns=None) -> dict[str, np.ndarray]:
     out = {}
     for name in table.column_names:
         array = table.column(name).combine_chunks()
-        if name not in BATCH_KEYS:
+        if name not in arrays:
             out[name] = array.to_numpy(zero_copy_only=False)
             continue
         array = array.storage if isinstance(array, pa.ExtensionArray) else array  # datasets' Array3D
@@ -159,7 +160,7 @@ def read_shard(path: Path, columns=None) -> dict[str, np.ndarray]:
             shape.append(len(inner) // max(len(array), 1))
             array = inner
         if len(shape) not in (4, 5) or int(np.prod(shape)) != len(array):
-            raise UserError(f"{path}: column '{name}' does not hold latents of one shape (C, h, w) or (F, C, h, w)")
+            raise UserError(f"{path}: column '{name}' does not hold arrays of one shape (C, h, w) or (F, C, h, w)")
         out[name] = array.to_numpy(zero_copy_only=False).reshape(shape)
     return out
 
@@ -191,10 +192,10 @@ class LatentDataset(torch.utils.data.Dataset):
     """Rows of a latent dataset: `{"latent_mean", "latent_std"[, "flip_mean", "flip_std"]: float32 (C, h, w), or
     (F, C, h, w) for clips, "labels": long}`, batched in one index op by `__getitems__`. `rows` is a dict of
     in-memory tensors (latents float16), or a `datasets.Dataset` in torch format read lazily from its memory-mapped
-    Arrow cache."""
+    Arrow cache. `keys` maps columns to batch keys (a pairs dataset's are modules/data/pairs.py's)."""
 
-    def __init__(self, rows, num_rows: int, labels: torch.Tensor | None):
-        self.rows, self.num_rows, self.labels = rows, num_rows, labels
+    def __init__(self, rows, num_rows: int, labels: torch.Tensor | None, keys: dict[str, str] = BATCH_KEYS):
+        self.rows, self.num_rows, self.labels, self.keys = rows, num_rows, labels, keys
         self.columns = list(rows) if isinstance(rows, dict) else rows.column_names
 
     def __len__(self):
@@ -206,7 +207,7 @@ class LatentDataset(torch.utils.data.Dataset):
             rows = {name: column[idx] for name, column in self.rows.items()}
         else:
             rows = self.rows[idx.tolist()]
-        batch = {BATCH_KEYS[name]: rows[name].float() for name in self.columns}
+        batch = {self.keys[name]: rows[name].float() for name in self.columns}
         if self.labels is not None:
             batch["labels"] = self.labels[idx]
         return batch
@@ -253,11 +254,15 @@ class LatentData:
         return stored
 
 
-def _local_dir(path_or_id: str, revision: str | None) -> Path:
+def local_dataset_dir(
+    path_or_id: str, revision: str | None, what: str = "latent dataset", script: str = "encode_latents.py"
+) -> Path:
+    """The local directory of a dataset of shards (`what`, written by `script`): as given, or a Hub dataset
+    downloaded."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"latent dataset '{path_or_id}' is a file; give the directory encode_latents.py wrote")
+            raise UserError(f"{what} '{path_or_id}' is a file; give the directory {script} wrote")
         return path
     from huggingface_hub import snapshot_download
 
@@ -266,7 +271,7 @@ def _local_dir(path_or_id: str, revision: str | None) -> Path:
     except Exception as e:  # noqa: BLE001 - bad id, no such repo, private, offline: all the user's to fix
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(
-            f"latent dataset '{path_or_id}' is not a local directory and could not be downloaded from the Hub "
+            f"{what} '{path_or_id}' is not a local directory and could not be downloaded from the Hub "
             f"({type(e).__name__}: {reason})"
         ) from None
 
@@ -283,7 +288,7 @@ def load_latent_data(
     path_or_id: str, max_samples: int | None = None, revision: str | None = None, need_labels: bool = False
 ) -> LatentData:
     """Open a complete latent dataset (a local directory or a Hub dataset id); raise `UserError` on bad input."""
-    root = _local_dir(path_or_id, revision)
+    root = local_dataset_dir(path_or_id, revision)
     meta_path = root / METADATA_FILE
     text, meta = _read_metadata(path_or_id, meta_path)
     num_frames = int(meta.get("num_frames") or 0)
@@ -329,19 +334,8 @@ def load_latent_data(
 
 def _read_metadata(path_or_id: str, meta_path: Path) -> tuple[str, dict]:
     """latents.json as text and as a dict, checked for the keys and shapes a latent dataset needs."""
-    if not meta_path.is_file():
-        raise UserError(
-            f"'{path_or_id}' is not a complete latent dataset (no {METADATA_FILE}): encoding did not finish; rerun "
-            "encode_latents.py with the same arguments to resume"
-        )
-    text = meta_path.read_text()
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise UserError(f"{meta_path}: missing keys {', '.join(missing)} (it has: {', '.join(meta)})")
+    rerun = "encoding did not finish; rerun encode_latents.py"
+    text, meta = read_metadata(path_or_id, meta_path, REQUIRED_KEYS, "latent dataset", rerun)
     shape = tuple(meta["latent_shape"])
     if len(shape) != 3 or len(meta["channel_mean"]) != shape[0] or len(meta["channel_std"]) != shape[0]:
         raise UserError(
@@ -361,12 +355,7 @@ def _check_shards(root: Path, meta: dict, meta_path: Path) -> tuple[list[Path], 
 
     paths, counts, names = [root / name for name in meta["shards"]], [], []
     for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: listed in {meta_path} but missing; the dataset is incomplete")
-        names = pq.read_schema(path).names
-        absent = [c for c in LATENT_COLUMNS if c not in names]
-        if absent:
-            raise UserError(f"{path}: no column '{absent[0]}' (columns: {', '.join(names)})")
+        names = check_shard(path, meta_path, LATENT_COLUMNS)
         counts.append(pq.read_metadata(path).num_rows)
     if not paths or sum(counts) != meta["num_images"]:
         raise UserError(f"{root}: the shards hold {sum(counts)} rows, but {meta_path} says {meta['num_images']}")

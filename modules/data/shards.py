@@ -120,6 +120,53 @@ def card_header(pretty_name: str, tags: list[str], paths: list[Path]) -> str:
     return f"---\n{yaml.safe_dump(header, sort_keys=False).strip()}\n---\n"
 
 
+def card_sections(columns: dict[str, str], command: str) -> str:
+    """The middle of a dataset card: its columns and what each holds, then how it was made (the command line)."""
+    rows = "\n".join(f"| {name} | {content} |" for name, content in columns.items())
+    return f"""| column | content |
+|---|---|
+{rows}
+
+## How it was made
+
+```
+{command}
+```
+"""
+
+
+def read_metadata(path_or_id: str, meta_path: Path, required: tuple[str, ...], what: str, rerun: str):
+    """(text, dict) of the metadata file that marks a dataset of shards complete, with the `required` keys; `what`
+    names the dataset in messages, `rerun` says how to finish one whose file is missing."""
+    if not meta_path.is_file():
+        raise UserError(
+            f"'{path_or_id}' is not a complete {what} (no {meta_path.name}): {rerun} with the same arguments to resume"
+        )
+    text = meta_path.read_text()
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise UserError(f"{meta_path}: missing keys {', '.join(missing)} (it has: {', '.join(meta)})")
+    return text, meta
+
+
+def check_shard(path: Path, meta_path: Path, columns) -> list[str]:
+    """The column names of the shard at `path`, which the metadata file `meta_path` lists, after checking that it is
+    there and holds `columns`."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UserError(f"{path}: listed in {meta_path} but missing; the dataset is incomplete")
+    names = pq.read_schema(path).names
+    absent = [c for c in columns if c not in names]
+    if absent:
+        raise UserError(f"{path}: no column '{absent[0]}' (columns: {', '.join(names)})")
+    return names
+
+
 def check_output_dir(fmt: ShardedFormat, out: Path, record: dict, overwrite: bool):
     """Refuse to resume into shards made with other arguments, naming each key that differs."""
     if (out / fmt.args_file).is_file():

@@ -20,8 +20,9 @@ DEFAULT_NUM_FRAMES = 16
 def with_clip_length(args: DataArguments, clips: bool) -> DataArguments:
     """`args` with --num_frames decided: the default clip length when clips are wanted (a video model, the
     shared-noise trainer, or Moving Fashion-MNIST) and none is given. A latent dataset's clips keep the length they
-    were encoded with (its latents.json)."""
-    if args.num_frames is None and not args.latent_dataset and (clips or is_moving_fashion_mnist(args)):
+    were encoded with (its latents.json), a pairs dataset's the length they were made with (its pairs.json)."""
+    stored = args.latent_dataset or args.pairs_dataset
+    if args.num_frames is None and not stored and (clips or is_moving_fashion_mnist(args)):
         return dataclasses.replace(args, num_frames=DEFAULT_NUM_FRAMES)
     return args
 
@@ -52,6 +53,19 @@ def load_train_data(args: DataArguments, need_labels: bool = False) -> TrainData
         source = f"the folder '{args.train_data_dir}'" if args.train_data_dir else f"the dataset '{args.dataset_name}'"
         raise labels_needed(source, "name them with --label_column (or one subfolder per class), or ")
     return data
+
+
+def reference_images(source: DataArguments | None, made: str) -> TrainData:
+    """The images FID compares with, for data `made` from them (a latent or pairs dataset) that names them in
+    `source` (None: it does not)."""
+    try:
+        if source is None:
+            raise UserError("it does not name them")
+        return load_train_data(source)
+    except UserError as e:
+        raise UserError(
+            f"FID of {made} needs the images it was made from, which failed to open ({e}); pass --fid_num_samples 0"
+        ) from None
 
 
 def _image_data(args: DataArguments) -> TrainData:

@@ -40,6 +40,12 @@ class VAEObjective:
         """
         return self._loss(x0, *model(x0, generator=generator))
 
+    def refuses_pairs(self) -> str | None:
+        return (
+            "a VAE reconstructs images and does not learn from (noise, sample) pairs; train the student with "
+            "train_cfm.py"
+        )
+
     def _loss(self, x0, rec, mean, logvar) -> torch.Tensor:
         err = rec.float() - x0.float()
         err = err.abs() if self.args.reconstruction_loss == "l1" else err.pow(2)

@@ -59,10 +59,17 @@ class DenoisingObjective:
         """The per-sample loss (B,) in fp32 at the given noise and times, and the network's estimate of x0."""
         raise NotImplementedError
 
-    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample loss at noise and times drawn from `generator` (one per clip for the shared-noise trainer)."""
-        noise, t = self.draw(x0[:, 0] if self.args.shared_noise else x0, generator)
-        return self.loss_at(model, x0, cond, noise, t)
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator, noise=None) -> torch.Tensor:
+        """Per-sample loss at noise and times drawn from `generator` (one per clip for the shared-noise trainer), or
+        at the `noise` paired with x0 (reflow): the times are drawn as ever."""
+        drawn, t = self.draw(x0[:, 0] if self.args.shared_noise else x0, generator)
+        return self.loss_at(model, x0, cond, drawn if noise is None else noise, t)
+
+    def refuses_pairs(self) -> str | None:
+        return (
+            f"a {self.name} model does not train on the straight lines between pairs; the reflow student is a flow "
+            "model: train it with train_cfm.py"
+        )
 
     def loss_at(self, model, x0, cond, noise, t) -> torch.Tensor:
         """The loss for given noise and times t in [0, 1] (B,): what validation evaluates on a fixed grid. The
@@ -104,9 +111,10 @@ class DenoisingObjective:
             raise UserError(f"{self.name} models sample with {', '.join(self.samplers)}, not '{sampler}'{hint}")
         return self.run_sampler(sampler, fn, noise, num_inference_steps or a.num_inference_steps, generators, callback)
 
-    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int) -> dict:
-        """Loss on held-out x0 at fixed noise and a fixed grid of t: overall, and per t-bin as val_loss_t<centre>."""
-        result = validation_loss(model, self, x0, cond, seed, num_bins)
+    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int, noise=None) -> dict:
+        """Loss on held-out x0 at fixed noise (the pairs' own, if given) and a fixed grid of t: overall, and per
+        t-bin as val_loss_t<centre>."""
+        result = validation_loss(model, self, x0, cond, seed, num_bins, noise=noise)
         bins = {f"val_loss_t{t:.2f}": v for t, v in zip(result["val_t"], result["val_loss_bins"], strict=True)}
         return {"val_loss": result["val_loss"], **bins}
 
@@ -135,26 +143,29 @@ class DenoisingObjective:
 
 @torch.no_grad()
 def validation_loss(
-    model, objective, images: torch.Tensor, labels, seed: int, num_bins: int = 10, batch_size: int = 256
+    model, objective, images: torch.Tensor, labels, seed: int, num_bins: int = 10, batch_size: int = 256, noise=None
 ) -> dict:
     """The objective's loss on held-out images at fixed times and fixed noise, so values compare across steps.
 
     Every image is evaluated at the centre of each of `num_bins` equal t-bins, t_j = (j + 1/2) / num_bins, with noise
-    seeded by (seed, bin). Returns {"val_loss": mean, "val_loss_bins": [mean per bin], "val_t": [t_j]}.
+    seeded by (seed, bin), or with its own `noise` in every bin (held-out reflow pairs). Returns {"val_loss": mean,
+    "val_loss_bins": [mean per bin], "val_t": [t_j]}.
     """
     device = next(model.parameters()).device
     t_grid = [(j + 0.5) / num_bins for j in range(num_bins)]
     per_bin = torch.zeros(num_bins, dtype=torch.float64)
     for j, t in enumerate(t_grid):
-        all_noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + j))
+        all_noise = noise
+        if noise is None:
+            all_noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + j))
         for first in range(0, len(images), batch_size):
             x0 = images[first : first + batch_size].to(device)
-            noise = all_noise[first : first + len(x0)].to(device)
+            batch_noise = all_noise[first : first + len(x0)].to(device)
             cond = None
             if labels is not None:  # class labels, or a text condition (modules/networks/conditioning.py)
                 cond = select_condition(labels, slice(first, first + len(x0)))
                 cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
             t_batch = torch.full((len(x0),), t, device=device)
-            per_bin[j] += objective.loss_at(model, x0, cond, noise, t_batch).double().sum().cpu()
+            per_bin[j] += objective.loss_at(model, x0, cond, batch_noise, t_batch).double().sum().cpu()
     per_bin /= len(images)
     return {"val_loss": per_bin.mean().item(), "val_loss_bins": per_bin.tolist(), "val_t": t_grid}

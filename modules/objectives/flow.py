@@ -68,6 +68,13 @@ class FlowObjective(DenoisingObjective):
             noise = ot_pair(x0, noise)
         return noise, t
 
+    def refuses_pairs(self) -> str | None:
+        """A flow model trains on pairs (2-rectified flow: the straight lines from each pair's noise to its sample),
+        unless --ot_coupling would pair each x0 with other noise."""
+        if self.args.ot_coupling:
+            return "--ot_coupling pairs each x0 with other noise, which breaks the pairs; train without it"
+        return None
+
     def loss_and_estimate(self, model, x0, cond, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample mean squared error between predicted and conditional velocity, in fp32, and the x0 estimate
         x_t - t v."""

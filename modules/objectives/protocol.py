@@ -49,16 +49,23 @@ class Objective(Protocol):
         """The network this objective trains, sized for the data (a diffusers ModelMixin); `num_frames`: the clip
         length of clip data, 0 for images."""
 
-    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample training loss (B,) in float32; every random number is drawn from `generator`."""
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator, noise=None) -> torch.Tensor:
+        """Per-sample training loss (B,) in float32; every random number is drawn from `generator`. `noise`: the
+        noise paired with x0 when the data bring it (a reflow pairs dataset, given only to an objective whose
+        `refuses_pairs()` is None); drawn otherwise."""
+
+    def refuses_pairs(self) -> str | None:
+        """Why this objective, with its settings, cannot train on noise paired with x0 (--pairs_dataset), said for
+        the user; None when it can."""
 
     def sample(self, model, noise: torch.Tensor, cond=None, **settings) -> torch.Tensor:
         """From noise to x0, images (B, C, H, W) or clips (B, F, C, H, W) as the noise (settings: sampler,
         num_inference_steps, guidance_scale, generators, null_cond, callback); an objective that does not generate
         raises UserError."""
 
-    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int) -> dict[str, float]:
-        """Metrics of held-out data (at least "val_loss"), at fixed noise so that values compare across steps."""
+    def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int, noise=None) -> dict[str, float]:
+        """Metrics of held-out data (at least "val_loss"), at fixed noise so that values compare across steps: the
+        noise paired with x0 when held-out pairs bring it (given only as `loss`'s), else drawn from `seed`."""
 
     def preview(self, model, request: PreviewRequest) -> torch.Tensor:
         """What grids and FID look at: `request.num_images` images, uint8 (N, C, H, W), or clips (N, F, C, H, W)."""

@@ -208,7 +208,7 @@ def scheduler_sample(fn, noise, scheduler, steps, generators=None, callback=None
 
 
 @torch.no_grad()
-def generate_images(
+def sample_batches(
     model,
     objective,
     num_images: int,
@@ -219,20 +219,17 @@ def generate_images(
     device="cpu",
     start: int = 0,
     progress: bool = False,
-    decode=None,
     generators: list[torch.Generator] | None = None,
     **sample_kwargs,
-) -> torch.Tensor:
-    """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W). Image i depends only on (seed, i, label i).
+):
+    """Images start..start+num_images-1 of `seed`, a batch at a time: (the noise each starts from, what the model
+    makes of it), both in the model's space (latents for a latent model). Image i depends only on (seed, i, label i).
     `generators` (one per image, which image i draws all its noise from) replace `seed`'s.
 
     `class_labels`: one label per image, or for text models a text dict with one row per image (and then
-    `null_cond=` the empty caption's encoding, for guidance).
-
-    `decode` maps what the model generates to images in [-1, 1] (a VAE's decoder for latent models)."""
+    `null_cond=` the empty caption's encoding, for guidance)."""
     from tqdm.auto import tqdm
 
-    out = []
     batches = range(start, start + num_images, batch_size)
     for first in tqdm(batches, desc="sampling", disable=not progress, leave=False):
         n = min(batch_size, start + num_images - first)
@@ -246,6 +243,13 @@ def generate_images(
             cond = {k: v[first - start : first - start + n].to(device) for k, v in class_labels.items()}
         elif class_labels is not None:
             cond = torch.as_tensor(class_labels[first - start : first - start + n], dtype=torch.long, device=device)
-        x0 = objective.sample(model, noise, cond, generators=chunk, **sample_kwargs)
-        out.append(to_uint8(decode(x0) if decode is not None else x0).cpu())
-    return torch.cat(out)
+        yield noise, objective.sample(model, noise, cond, generators=chunk, **sample_kwargs)
+
+
+@torch.no_grad()
+def generate_images(model, objective, num_images: int, seed: int, shape, *args, decode=None, **kwargs) -> torch.Tensor:
+    """Images start..start+num_images-1 of `seed` as uint8 (N,C,H,W), as `sample_batches` (which takes the other
+    arguments) makes them. `decode` maps what the model generates to images in [-1, 1] (a VAE's decoder for latent
+    models)."""
+    batches = sample_batches(model, objective, num_images, seed, shape, *args, **kwargs)
+    return torch.cat([to_uint8(decode(x0) if decode is not None else x0).cpu() for _, x0 in batches])

@@ -111,9 +111,10 @@ def validate_if_due(run: Run, done: int):
     if run.accelerator.is_main_process:
         if run.validation_set is None:  # decoded once for every validation of the run
             run.validation_set = run.conditions.held_out(run.data.held_out)
-        images, labels = run.validation_set
-        train_args = run.train_args
-        values = run.objective.validation(run.ema.model, images, labels, train_args.seed, train_args.validation_t_bins)
+        x0, cond, noise = run.validation_set
+        paired = {"noise": noise} if noise is not None else {}  # held-out pairs' noise (reflow)
+        seed, bins = run.train_args.seed, run.train_args.validation_t_bins
+        values = run.objective.validation(run.ema.model, x0, cond, seed, bins, **paired)
         run.metrics.log(done, values)
     run.accelerator.wait_for_everyone()
 
@@ -216,6 +217,7 @@ def model_record(run: Run, step: int) -> dict:
         "class_names": data.class_names,
         **({"num_frames": data.num_frames} if data.num_frames else {}),
         **({"latent": run.data.latent} if run.data.latent else {}),
+        **({"reflow": run.data.reflow} if run.data.reflow else {}),
         **({"text_encoder": text.record, "sample_prompts": list(data.captions[:16])} if text else {}),
         "steps": step,
         "images_seen": run.images_seen,

@@ -21,12 +21,14 @@ from modules.training.tracking import LogWindow, MetricsLog
 @dataclass
 class RunData:
     """The data a run opens: the training set, the held-out set for the validation loss, the images FID compares
-    with, and for a latent dataset the record that decodes its latents (VAE, channel statistics)."""
+    with, for a latent dataset the record that decodes its latents (VAE, channel statistics), and for a pairs
+    dataset the teacher the student learns from, as its model records it."""
 
-    train: Any  # modules.data.images.TrainData or modules.data.latents.LatentData
+    train: Any  # modules.data.images.TrainData, modules.data.latents.LatentData or modules.data.pairs.PairsData
     held_out: Any = None
     reference: Any = None
     latent: dict | None = None
+    reflow: dict | None = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from modules.data.batches import WithIndex, model_input, train_loader
 from modules.data.conditions import ConditionSource
 from modules.data.latents import LatentData, latent_decoder, load_latent_data
 from modules.data.order import ResumableBatchSampler
-from modules.data.sources import load_train_data, load_validation_data, with_clip_length
+from modules.data.sources import load_train_data, load_validation_data, reference_images, with_clip_length
 from modules.evaluation.fid import check_inception_weights
 from modules.evaluation.metrics import classifier_measures, parse_eval_metrics
 from modules.files import write_text_atomically
@@ -39,6 +39,7 @@ from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
 from modules.training.checkpoint import check_compatible, load_checkpoint, resolve_resume
 from modules.training.ema import EMA
 from modules.training.flops import model_flops_per_image, peak_tflops
+from modules.training.reflow import open_pairs
 from modules.training.remote import fetch, parse_reference
 from modules.training.run import Run, RunData
 from modules.training.stopping import NonFiniteGuard, StopRequest
@@ -71,8 +72,10 @@ def setup_run(
     out = Path(train_args.output_dir)
     trackers = resolve_trackers(train_args.report_to, out)
     data_args = with_clip_length(data_args, is_video_model(model_args.model))  # recorded with its clip length
+    if data_args.pairs_dataset and (why := objective.refuses_pairs()):
+        raise UserError(f"--pairs_dataset: {why}")
     data = open_data(data_args, model_args, train_args)
-    if data.latent is not None:  # recorded with the clip length the latents were encoded with
+    if data.latent is not None or data_args.pairs_dataset:  # recorded with the clip length the data was made with
         data_args = dataclasses.replace(data_args, num_frames=data.train.num_frames or None)
     check_evaluation(train_args, data)
     model_args, condition = resolve_class_conditional(model_args, data.train)
@@ -217,6 +220,8 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
             "captions pass --class_conditional false (or leave it unset: auto)"
         )
     fid = train_args.fid_num_samples or train_args.eval_fid_steps
+    if data_args.pairs_dataset:
+        return open_pairs(data_args, model_args, train_args)
     if not data_args.latent_dataset:
         data = load_train_data(data_args, need_labels=need_labels)
         held_out = load_validation_data(data_args) if train_args.validation_steps else None
@@ -263,15 +268,7 @@ def open_data(data_args: DataArguments, model_args: ModelArguments, train_args: 
         "image_resolution": data.image_resolution,
         "source_data_args": dataclasses.asdict(source),
     }
-    reference = None
-    if fid:
-        try:
-            reference = load_train_data(source)
-        except UserError as e:
-            raise UserError(
-                f"FID of latent dataset '{data_args.latent_dataset}' needs the images it was encoded from, which "
-                f"failed to open ({e}); pass --fid_num_samples 0"
-            ) from None
+    reference = reference_images(source, f"latent dataset '{data_args.latent_dataset}'") if fid else None
     return RunData(data, None, reference, latent)
 
 

@@ -39,9 +39,10 @@ def optimizer_step(run: Run, micro_batches: Iterable[dict], step: int) -> StepRe
         generator = step_generator(train_args.seed, rank, step, micro, device)
         x0 = model_input(batch, run.data.train, generator, run.data_args.random_flip)
         cond = run.conditions.batch(batch, generator, device)
+        paired = {"noise": batch["noise"]} if "noise" in batch else {}  # a pairs dataset's noise (reflow), not drawn
         with accelerator.accumulate(run.model):
             with run.compute():
-                loss = run.objective.loss(run.model, x0, cond, generator).mean()
+                loss = run.objective.loss(run.model, x0, cond, generator, **paired).mean()
             accelerator.backward(loss)
             step_loss += loss.detach() / train_args.gradient_accumulation_steps
             if accelerator.sync_gradients:

@@ -69,13 +69,16 @@ def make_run():
 
 
 def reference_step(model, batch_list, step: int, max_grad_norm: float):
-    """The step in plain PyTorch: each micro-batch's loss with its own generator, averaged, clipped, AdamW."""
+    """The step in plain PyTorch: each micro-batch's loss with its own generator (and a pairs batch's noise),
+    averaged, clipped, AdamW."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     objective = FlowObjective(FlowArguments())
     for micro, batch in enumerate(batch_list):
         generator = step_generator(0, 0, step, micro, torch.device("cpu"))
-        loss = objective.loss(model, batch["pixel_values"], None, generator).mean() / len(batch_list)
+        x0 = batch["x0"] if "x0" in batch else batch["pixel_values"]
+        paired = {"noise": batch["noise"]} if "noise" in batch else {}
+        loss = objective.loss(model, x0, None, generator, **paired).mean() / len(batch_list)
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -128,3 +131,17 @@ def test_a_stop_request_is_reported_and_the_step_still_trains(make_run):
     result = optimizer_step(run, batches(1), step=0)
     assert result.stop and not result.skipped
     assert any(not torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+
+
+def test_a_pairs_batch_trains_on_its_own_noise(make_run):
+    """A reflow batch (x0 with the noise the teacher made it from) trains at that noise, not at noise drawn afresh."""
+    run = make_run()
+    before = copy.deepcopy(run.model)
+    g = torch.Generator().manual_seed(5)
+    pairs = [{"x0": torch.rand(4, 1, 4, 4, generator=g) * 2 - 1, "noise": torch.randn(4, 1, 4, 4, generator=g)}]
+    assert not optimizer_step(run, pairs, step=7).skipped
+    paired = reference_step(before, pairs, 7, 1.0)
+    drawn = reference_step(before, [{"x0": pairs[0]["x0"]}], 7, 1.0)
+    for p, q, r in zip(run.model.parameters(), paired.parameters(), drawn.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(p, r, rtol=1e-6, atol=1e-7)
