@@ -86,11 +86,12 @@ class MeanFlowObjective(FlowObjective):
         keep = torch.rand(t.shape[0], generator=generator, device=generator.device).to(t.device) < a.meanflow_ratio
         return torch.where(keep, torch.minimum(t, other), t), torch.where(keep, torch.maximum(t, other), t)
 
-    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample MeanFlow loss at noise, times t and starts r drawn from `generator`."""
-        noise, t = self.draw(x0, generator)
+    def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator, noise=None) -> torch.Tensor:
+        """Per-sample MeanFlow loss at noise, times t and starts r drawn from `generator`, or at the `noise` paired
+        with x0 (a reflow pairs dataset: the average velocity of the pairs' straight lines)."""
+        drawn, t = self.draw(x0, generator)
         r, t = self.draw_start(t, generator)
-        return self.mean_flow_loss(model, x0, cond, noise, t, r)
+        return self.mean_flow_loss(model, x0, cond, drawn if noise is None else noise, t, r)
 
     def mean_flow_loss(self, model, x0, cond, noise, t, r) -> torch.Tensor:
         """The adaptively weighted squared error (B,) between u(z_t, r, t) and the stop-gradiented target
