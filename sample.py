@@ -4,6 +4,7 @@
     python sample.py --model runs/fashion_mnist_unet_cfm --class_labels 0,7,9 --num_images 30 --output samples/
     python sample.py --model runs/ddpm --sampler dpm_solver --num_inference_steps 20 --guidance_scale 2
     python sample.py --model google/ddpm-cifar10-32 --sampler ddim --num_inference_steps 50
+    python sample.py --model runs/meanflow --sampler meanflow --num_inference_steps 1   # a MeanFlow run, one step
     accelerate launch sample.py --model runs/fashion_mnist_unet_cfm --num_images 20000 --output_pairs pairs/fm
 
 Image i depends only on (--seed, i, its class label): the same whatever --batch_size. --output_pairs writes, instead
@@ -46,7 +47,7 @@ from modules.evaluation.fid import InceptionFeatures, check_inception_weights
 from modules.evaluation.metrics import classifier_measures, evaluate_generated, parse_eval_metrics
 from modules.networks.conditioning import select_condition
 from modules.networks.text import TextConditioner, text_encoder_from_record
-from modules.objectives.samplers import generate_images, sample_batches
+from modules.objectives.samplers import generate_images, sample_batches, sampler_problem
 from modules.records import from_dict
 
 
@@ -69,7 +70,10 @@ class SampleArguments:
     seed: int = field(default=0, metadata={"help": "Image i uses a generator seeded from (seed, i)."})
     sampler: str | None = field(
         default=None,
-        metadata={"help": "flow: euler, heun, euler_maruyama; ddpm: ddpm, ddim, dpm_solver. Default: as trained."},
+        metadata={
+            "help": "flow: euler, heun, euler_maruyama; meanflow (--objective meanflow): those and meanflow, in 1, 2 "
+            "or 4 steps (docs/few_step.md); ddpm: ddpm, ddim, dpm_solver. Default: as trained."
+        },
     )
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps. Default: as trained."})
     guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale (1: none). Default: as trained."})
@@ -253,10 +257,8 @@ def load_sampling(args, folder: Path) -> Sampling:
             f"--model '{args.model}' is a {objective.name} model, which does not generate; use it as "
             "encode_latents.py --vae"
         )
-    if args.sampler and args.sampler not in objective.samplers:
-        raise UserError(
-            f"--sampler '{args.sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
-        )
+    if args.sampler and (problem := sampler_problem(args.sampler, objective.name, objective.samplers)):
+        raise UserError(f"--sampler {problem}")
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     if record.get("num_frames"):  # a model of clips: a video network, or an image network of shared-noise frames
         shape = (record["num_frames"], *shape)
@@ -399,8 +401,8 @@ def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
     objective = sampling.objective
     samplers = (args.samplers or args.sampler or objective.args.sampler).split(",")
     for name in samplers:
-        if name not in objective.samplers:
-            raise UserError(f"--samplers: '{name}' is not one of {', '.join(objective.samplers)}")
+        if problem := sampler_problem(name, objective.name, objective.samplers):
+            raise UserError(f"--samplers {problem}")
     try:
         step_counts = [int(s) for s in args.nfe_sweep.split(",")]
     except ValueError:

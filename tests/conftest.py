@@ -156,3 +156,15 @@ def ddpm_pipeline(tmp_path_factory):
 def dit_pipeline(tiny_vae, tmp_path_factory):
     """A tiny DiTPipeline folder as facebook/DiT-XL-2-256 holds one (1000 classes, learned sigma, DDIM, a VAE)."""
     return tiny_dit_pipeline(tmp_path_factory.mktemp("diffusers") / "dit", tiny_vae)
+
+
+@pytest.fixture(scope="module")
+def modules_cache(tmp_path_factory):
+    """diffusers copies an export's code into its module cache: for the tests of a module that load exported pipelines,
+    one of that module's own, not the user's."""
+    from diffusers.utils import dynamic_modules_utils
+
+    cache = tmp_path_factory.mktemp("hf-modules")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(cache))
+        yield cache

@@ -2,6 +2,7 @@
 a new one, or as two Accelerate processes), and readers of what a run wrote. Test files import from here, never from
 each other; pytest fixtures live in conftest.py."""
 
+import contextlib
 import importlib
 import json
 import os
@@ -44,6 +45,15 @@ RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--c
 # The session's finished run (conftest.tiny_cfm_run), which the resume tests interrupt and compare with.
 SIX_STEPS = ["--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)]
 
+
+# MeanFlow, class-conditional with training-time guidance (--cond_drop_prob trains the null class it needs), on 64
+# Fashion-MNIST images at 16 px, sampled in one step without guidance on top; the network's flags are the test's.
+TINY_MEANFLOW = [
+    *("--objective", "meanflow", "--meanflow_guidance_scale", 2, "--meanflow_ratio", 0.5, "--cond_drop_prob", 0.1),
+    *("--sampler", "meanflow", "--num_inference_steps", 1, "--guidance_scale", 1),
+    *("--resolution", 16, "--max_train_samples", 64, "--train_batch_size", 8, "--lr_warmup_steps", 2),
+    *("--logging_steps", 1, "--num_sample_images", 4, "--validation_samples", 8, "--fid_num_samples", 0),
+]
 
 # Two steps on 8 Moving Fashion-MNIST clips of 4 frames at 16x16, two clips a step; no grids, validation or FID.
 TINY_CLIPS = [
@@ -575,3 +585,80 @@ def assert_same(a, b, where=""):
         assert torch.equal(a, b), f"{where} differs"
     else:
         assert a == b, f"{where}: {a} != {b}"
+
+
+# --- The exported pipeline against sample.py -------------------------------------------------------------------------
+
+
+def export_and_load(run, folder):
+    """sample.py --export_pipeline of `run` into `folder` (weights only as safetensors), loaded as diffusers loads it.
+    A test that loads pipelines uses the `modules_cache` fixture."""
+    import sample
+
+    sample.main(["--model", str(run), "--export_pipeline", str(folder)])
+    weights = {p.suffix for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")}
+    assert not weights and any(folder.rglob("*.safetensors"))
+    return load(folder)
+
+
+def load(folder):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_py_flags(settings: dict) -> list[str]:
+    """sample.py's flags for a pipeline call: sample.py cycles --class_labels or --prompt over --num_images, where
+    the pipeline gives one image per label, num_images_per_prompt per prompt, or batch_size images."""
+    settings, flags = dict(settings), []
+    per_prompt = settings.pop("num_images_per_prompt", 1)
+    if "class_labels" in settings:
+        labels = settings.pop("class_labels")
+        flags += ["--class_labels", ",".join(map(str, labels)), "--num_images", str(len(labels))]
+    if "prompt" in settings:
+        prompts = [p for p in settings.pop("prompt") for _ in range(per_prompt)]
+        flags += ["--prompt", *prompts, "--num_images", str(len(prompts))]
+    renames = {"batch_size": "num_images", "max_batch_size": "batch_size"}
+    for key, value in settings.items():
+        flags += [f"--{renames.get(key, key)}", str(value)]
+    return flags
+
+
+@contextlib.contextmanager
+def keeping_floats():
+    """sample.py's generate_images, which also keeps, in the list yielded, the floats in [-1, 1] it quantises."""
+    import sample
+
+    kept, generate = [], sample.generate_images
+
+    def generate_and_keep(*args, decode=None, **kwargs):
+        def decode_and_keep(x0):
+            images = decode(x0) if decode is not None else x0
+            kept.append(images.float().cpu())
+            return images
+
+        return generate(*args, decode=decode_and_keep, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sample, "generate_images", generate_and_keep)
+        yield kept
+
+
+def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
+    """sample.py's images for the pipeline's `settings`: the floats in [-1, 1] it quantises, and its PNGs."""
+    import sample
+
+    with keeping_floats() as kept:
+        sample.main(["--model", str(run), "--output", str(out), *sample_py_flags(settings)])
+    return torch.cat(kept), np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
+
+
+def assert_same_as_sample_py(pipe, run, tmp_path, **settings):
+    floats, pngs = sample_py(run, tmp_path / "sample_py", **settings)
+    images = pipe(**settings, output_type="pt").images
+    assert images.shape == floats.shape
+    assert (images - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+    assert np.array_equal(np.stack([np.array(image) for image in pipe(**settings).images]), pngs)
+    return images

@@ -15,8 +15,9 @@ from modules.files import write_text_atomically
 from modules.networks.diffusers_models import DiffusersDenoiser
 from modules.networks.presets import MODEL_CLASSES
 from modules.networks.video_unet import VideoUNetModel, load_image_unet_weights
-from modules.networks.weights import state_dict_mismatches
+from modules.networks.weights import kept_as_built, state_dict_mismatches
 from modules.objectives.ddpm import DDPMObjective, with_schedule_of
+from modules.objectives.meanflow import MeanFlowObjective
 from modules.objectives.registry import objective_from_config
 from modules.records import OBJECTIVE_FILE, describe_error, from_dict, hub_lookup_error
 
@@ -68,6 +69,11 @@ def load_pretrained_network(objective, path_or_id: str, revision: str | None = N
     if checkpoint is None:
         return None
     record = resolve_components(checkpoint.record, checkpoint.network)
+    if objective.name == MeanFlowObjective.name:
+        raise UserError(
+            f"--objective meanflow: --init_from '{path_or_id}' is a diffusers network, which takes no start time r; "
+            "start from a run of train_cfm.py (or from scratch)"
+        )
     if record["objective"] == objective.name == DDPMObjective.name:
         objective = DDPMObjective(with_schedule_of(objective.args, from_dict(DDPMArguments, record["args"])))
     elif record["objective"] != objective.name:
@@ -102,14 +108,20 @@ def load_pretrained_weights(model, path_or_id: str, revision: str | None = None,
             f"--init_from '{path_or_id}' is a DiT with --adaln {saved_adaln}, but this run builds --adaln {adaln}; "
             f"pass --adaln {saved_adaln}"
         )
-    state = load_file(str(weights))
-    problems = state_dict_mismatches(model.state_dict(), state)
+    if config.get("interval_embedding") and not model.config.get("interval_embedding"):
+        raise UserError(
+            f"--init_from '{path_or_id}' is a MeanFlow network (it takes the start time r of an average velocity); "
+            "fine-tune it with --objective meanflow"
+        )
+    state, own = load_file(str(weights)), model.state_dict()
+    kept = kept_as_built(own, model.config, config)  # a flow network's into MeanFlow's: its interval embedding
+    problems = state_dict_mismatches({k: v for k, v in own.items() if k not in kept}, state)
     if problems:
         raise UserError(
             f"--init_from '{path_or_id}' does not fit the model being trained ({len(problems)} parameter(s) differ: "
             f"{', '.join(problems[:3])}); train the same --model with the same sizes, classes and text settings"
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not kept)
 
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")  # pickled or foreign weights: never uploaded

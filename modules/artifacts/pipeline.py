@@ -27,7 +27,7 @@ from modules.data.latents import denormalize_latents
 from modules.networks.text import CLIPTextEncoder, MiniLMTextEncoder, TextConditioner
 from modules.networks.vae import VAE
 from modules.objectives.registry import objective_from_config
-from modules.objectives.samplers import generate_images
+from modules.objectives.samplers import generate_images, sampler_problem
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 SEED_RANGE = 2**32  # a seed drawn from a torch.Generator; seed * 1_000_003 + i must stay a valid manual_seed
@@ -273,10 +273,8 @@ class DenoiserPipeline(DiffusionPipeline):
 
 
 def _check_settings(objective, sampler, num_inference_steps, guidance_scale, max_batch_size, output_type):
-    if sampler is not None and sampler not in objective.samplers:
-        raise ValueError(
-            f"sampler '{sampler}': this {objective.name} model samples with {', '.join(objective.samplers)}"
-        )
+    if sampler is not None and (problem := sampler_problem(sampler, objective.name, objective.samplers)):
+        raise ValueError(f"sampler {problem}")
     if num_inference_steps is not None and not (isinstance(num_inference_steps, Integral) and num_inference_steps > 0):
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
     if guidance_scale is not None and guidance_scale < 0:

@@ -37,7 +37,7 @@ from modules.networks.unet import (
     Upsample,
     zero_module,
 )
-from modules.networks.weights import state_dict_mismatches
+from modules.networks.weights import kept_as_built, state_dict_mismatches
 
 MAX_ATTENTION_BATCH = 65535  # spatial positions attended at once (each over its frames)
 
@@ -212,8 +212,9 @@ def load_image_unet_weights(model: VideoUNetModel, state: dict[str, torch.Tensor
         saved, own = (json.dumps(value, sort_keys=True) for value in (image_config.get(key), model.config[key]))
         if saved != own:
             raise UserError(f"{source} has {key} {saved}, but the video UNet has {own}; build it with the same {key}")
-    temporal = temporal_parameter_names(model)
-    problems = state_dict_mismatches({k: v for k, v in model.state_dict().items() if k not in temporal}, state)
+    own = model.state_dict()
+    kept = temporal_parameter_names(model) | kept_as_built(own, model.config, image_config)
+    problems = state_dict_mismatches({k: v for k, v in own.items() if k not in kept}, state)
     if problems:
         raise UserError(
             f"{source} does not fit the video UNet's spatial layers ({len(problems)} parameter(s) differ: "

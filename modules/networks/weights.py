@@ -17,3 +17,13 @@ def state_dict_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.T
         if k in state and state[k].shape != v.shape
     ]
     return problems
+
+
+def kept_as_built(own: dict[str, torch.Tensor], own_config, saved_config: dict) -> set[str]:
+    """The parameters of a network (its state dict `own`, its config) that loading a saved network's weights leaves
+    as built: the interval embedding of a network that takes r (MeanFlow), when the saved one does not. That
+    embedding's last layer starts at zero, so the network then computes exactly what the saved one did:
+    u(z, r, t) = v(z, t) for every r."""
+    if own_config.get("interval_embedding") and not saved_config.get("interval_embedding"):
+        return {k for k in own if k.startswith("cond_embed.interval.")}
+    return set()

@@ -32,6 +32,9 @@ class VAEObjective:
     def __init__(self, args: VAEArguments):
         self.args = args
 
+    def check_launch(self, weight_sharding: str | None) -> None:
+        """The autoencoder trains under every launch: one process, DDP, FSDP and DeepSpeed."""
+
     def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         """Per-sample loss (B,) in fp32: mean over pixel values of |x_rec - x0| (or its square) + kl_weight * KL / D.
 

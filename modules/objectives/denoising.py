@@ -12,7 +12,7 @@ from modules.networks.conditioning import select_condition
 from modules.networks.presets import build_model, is_video_model
 from modules.objectives.frames import shared_noise_loss, shared_noise_sample
 from modules.objectives.protocol import PreviewRequest
-from modules.objectives.samplers import generate_images, guided_model
+from modules.objectives.samplers import generate_images, guided_model, sampler_problem
 
 
 class DenoisingObjective:
@@ -31,7 +31,12 @@ class DenoisingObjective:
             raise UserError(f"--num_inference_steps must be positive, got {args.num_inference_steps}")
         if args.guidance_scale < 0:
             raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+        if problem := sampler_problem(args.sampler, self.name, self.samplers):  # at start-up, not at the first grid
+            raise UserError(f"--sampler {problem}")
         self.args = args
+
+    def check_launch(self, weight_sharding: str | None) -> None:
+        """Denoisers train under every launch: one process, DDP, FSDP and DeepSpeed."""
 
     def build_model(
         self, model_args, in_channels: int, resolution: int, num_classes: int = 0, text=None, num_frames=0
@@ -106,9 +111,8 @@ class DenoisingObjective:
         a = self.args
         fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
         sampler = sampler or a.sampler
-        if sampler not in self.samplers:
-            hint = "; meanflow samples models trained with --objective meanflow" if sampler == "meanflow" else ""
-            raise UserError(f"{self.name} models sample with {', '.join(self.samplers)}, not '{sampler}'{hint}")
+        if problem := sampler_problem(sampler, self.name, self.samplers):
+            raise UserError(f"--sampler {problem}")
         return self.run_sampler(sampler, fn, noise, num_inference_steps or a.num_inference_steps, generators, callback)
 
     def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int, noise=None) -> dict:

@@ -21,6 +21,8 @@ learns the guided flow and one-step samples are guided without a second pass.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -34,22 +36,35 @@ ADAPTIVE_C = 1e-3  # the constant of the adaptive loss weight 1 / (error + c)^p,
 
 def total_derivative(fn, z: torch.Tensor, t: torch.Tensor, dz_dt: torch.Tensor):
     """(fn(z, t), d/dt fn(z_t, t)) along dz/dt = `dz_dt`, by one forward-mode Jacobian-vector product, without
-    gradient. Attention runs through SDPA's math path, the one forward-mode AD is defined for on every device."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    gradient. Attention runs through SDPA's math path, the one forward-mode AD is defined for on every device; and
+    without autocast, which forward-mode AD does not follow (an op's tangent can come out in another dtype than its
+    value): `fn` computes in its inputs' dtype."""
+    precision = contextlib.nullcontext() if z.is_meta else torch.autocast(z.device.type, enabled=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), precision:
         return torch.func.jvp(fn, (z, t), (dz_dt, torch.ones_like(t)))
 
 
+def refuse_sharded_weights(weight_sharding: str | None) -> None:
+    """MeanFlow's no-gradient passes (the JVP, the guidance's null-class velocity) run the network itself, so that
+    they start no collective: every process must hold the whole network."""
+    if weight_sharding:
+        raise UserError(
+            f"--objective meanflow does not train under {weight_sharding}: its JVP runs the whole network on each "
+            "process, apart from the others; train with DDP (the default multi-GPU launch) or DeepSpeed ZeRO-2"
+        )
+
+
 def plain_network(model):
-    """The network itself, out of a DDP, DeepSpeed or torch.compile wrapper: what the no-gradient passes (the JVP,
-    the guidance's null-class velocity) run, so that they start no collective and no compiled graph."""
+    """The network itself, out of a DDP, DeepSpeed or torch.compile wrapper: what the no-gradient passes run. Sharded
+    weights (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions) are refused here too, for a loss taken outside the
+    training loop, whose setup refuses them first (`check_launch`)."""
     from accelerate.utils import extract_model_from_parallel
 
     network = extract_model_from_parallel(model, keep_torch_compile=False)
-    if any(hasattr(p, "full_tensor") for p in network.parameters()):  # FSDP2's sharded parameters
-        raise UserError(
-            "--objective meanflow does not run under FSDP: its JVP needs the whole network on every process; "
-            "train with DDP (the default multi-GPU launch)"
-        )
+    weight = next(network.parameters(), None)  # sharded with all the others, or whole with them
+    refuse_sharded_weights(
+        "FSDP" if hasattr(weight, "full_tensor") else "DeepSpeed ZeRO-3" if hasattr(weight, "ds_id") else None
+    )
     return network
 
 
@@ -74,6 +89,19 @@ class MeanFlowObjective(FlowObjective):
                 "--objective meanflow does not combine with --shared_noise (the shared-noise frame trainer is "
                 "flow matching's and DDPM's); train a video model on the clips instead"
             )
+
+    def check_launch(self, weight_sharding: str | None) -> None:
+        refuse_sharded_weights(weight_sharding)
+
+    def build_model(self, model_args, in_channels, resolution, num_classes=0, text=None, num_frames=0):
+        """The preset with an interval embedding; training-time guidance is refused unless the data has classes."""
+        omega = self.args.meanflow_guidance_scale
+        if omega != 1 and (text or not num_classes):
+            raise UserError(
+                f"--meanflow_guidance_scale {omega} guides toward class labels, but this model is "
+                f"{'text-conditional' if text else 'unconditional'}; train it with --meanflow_guidance_scale 1"
+            )
+        return super().build_model(model_args, in_channels, resolution, num_classes, text, num_frames)
 
     def run_sampler(self, sampler, fn, noise, steps, generators, callback):
         return MEANFLOW_SAMPLERS[sampler](fn, noise, steps, generators=generators, callback=callback)
@@ -115,8 +143,14 @@ class MeanFlowObjective(FlowObjective):
             rows = (r < t).nonzero().flatten()
         du_dt = torch.zeros_like(z)
         if len(rows):
-            c, start = select_condition(cond, rows), r[rows]
-            _, du_dt[rows] = total_derivative(lambda zz, tt: network(zz, tt, c, r=start), z[rows], t[rows], v[rows])
+            c, start, dtype = select_condition(cond, rows), r[rows], next(network.parameters()).dtype
+            # The class's forward, not the mixed-precision wrapper Accelerate puts on the instance (autocast inside):
+            # the JVP runs in the weights' dtype, without autocast (see total_derivative).
+            forward = type(network).forward
+            _, derivative = total_derivative(
+                lambda zz, tt: forward(network, zz, tt, c, r=start), z[rows].to(dtype), t[rows], v[rows].to(dtype)
+            )
+            du_dt[rows] = derivative.to(du_dt.dtype)
         return du_dt
 
     def guided_velocity(self, network, z, t, v, cond) -> torch.Tensor:

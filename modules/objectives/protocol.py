@@ -49,6 +49,12 @@ class Objective(Protocol):
         """The network this objective trains, sized for the data (a diffusers ModelMixin); `num_frames`: the clip
         length of clip data, 0 for images."""
 
+    def check_launch(self, weight_sharding: str | None) -> None:
+        """Refuse, with a UserError, a launch this objective cannot train under; asked once Accelerate has started,
+        before the run writes anything. `weight_sharding` names how the network's weights are split over the
+        processes ("FSDP", "DeepSpeed ZeRO-3"), or is None when every process holds them whole (one process, DDP,
+        DeepSpeed ZeRO-1 and ZeRO-2)."""
+
     def loss(self, model, x0: torch.Tensor, cond, generator: torch.Generator, noise=None) -> torch.Tensor:
         """Per-sample training loss (B,) in float32; every random number is drawn from `generator`. `noise`: the
         noise paired with x0 when the data bring it (a reflow pairs dataset, given only to an objective whose

@@ -132,6 +132,15 @@ def meanflow_sample(fn, noise, steps, generators=None, callback=None):
 MEANFLOW_SAMPLERS = {**FLOW_SAMPLERS, "meanflow": meanflow_sample}
 
 
+def sampler_problem(sampler: str, name: str, samplers) -> str | None:
+    """Why a `name` model, which samples with `samplers`, cannot sample with `sampler` (to follow the flag's name in
+    an error); None when it can."""
+    if sampler in samplers:
+        return None
+    hint = "; meanflow samples models trained with --objective meanflow" if sampler == "meanflow" else ""
+    return f"'{sampler}': this {name} model samples with {', '.join(samplers)}{hint}"
+
+
 # --- DDPM: discrete-time samplers ------------------------------------------------------------------------------------
 
 

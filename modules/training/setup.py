@@ -86,7 +86,7 @@ def setup_run(
     model, objective, num_classes = build_network(
         objective, model_args, train_args, data, resolution, num_classes, text
     )
-    accelerator = make_accelerator(train_args, out, trackers)
+    accelerator = make_accelerator(train_args, out, trackers, objective)
     resume = find_resume(train_args, out, accelerator, model)
     device, world = accelerator.device, accelerator.num_processes
     decode = None
@@ -379,8 +379,11 @@ def fit_pretrained(model, record: dict, data: RunData, resolution: int, num_clas
     return num_classes if config.num_classes else 0
 
 
-def make_accelerator(train_args: TrainingArguments, out: Path, trackers: list[str]) -> Accelerator:
-    """Accelerate for this launch, with DeepSpeed's batch and clipping filled in, and FSDP1 refused."""
+def make_accelerator(
+    train_args: TrainingArguments, out: Path, trackers: list[str], objective: Objective
+) -> Accelerator:
+    """Accelerate for this launch, with DeepSpeed's batch and clipping filled in; FSDP1, and a launch the objective
+    cannot train under, refused."""
     accelerator = Accelerator(
         # Launched as several processes without GPUs (e.g. `accelerate launch --multi_gpu` on CPUs): use gloo.
         cpu=not torch.cuda.is_available() and "LOCAL_RANK" in os.environ,
@@ -394,7 +397,19 @@ def make_accelerator(train_args: TrainingArguments, out: Path, trackers: list[st
         configure_deepspeed(accelerator, train_args)
     if kind == "FSDP" and not accelerator.is_fsdp2:
         raise UserError("accelerate's FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+    objective.check_launch(weight_sharding(accelerator))
     return accelerator
+
+
+def weight_sharding(accelerator) -> str | None:
+    """How the launch splits the network's weights over the processes ("FSDP", "DeepSpeed ZeRO-3"), or None when
+    every process holds them whole."""
+    kind = accelerator.distributed_type.name
+    if kind == "FSDP":
+        return "FSDP"
+    if kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
 
 
 def configure_deepspeed(accelerator, train_args: TrainingArguments):

@@ -1,11 +1,21 @@
 """Training on two DDP processes: a DDPM run of a video UNet on clips from the accelerate config and what sample.py
-makes of it, and a failure on one process ending both."""
+makes of it, a MeanFlow DiT whose saved model samples alike through sample.py and its exported pipeline, and a
+failure on one process ending both."""
 
 import json
 import time
 
 import numpy as np
-from helpers import TINY, accelerate_launch, assert_clean_two_process_run, runner
+import pytest
+from helpers import (
+    TINY,
+    TINY_MEANFLOW,
+    accelerate_launch,
+    assert_clean_two_process_run,
+    assert_same_as_sample_py,
+    export_and_load,
+    runner,
+)
 from PIL import Image
 
 # Clips of 4 frames of Moving Fashion-MNIST at 16 px, for a video UNet as small as TINY's UNet.
@@ -65,6 +75,20 @@ def test_two_process_ddpm_of_clips_from_the_accelerate_config(tmp_path):
         )
         grids.append(np.array(Image.open(tmp_path / f"bs{bs}.png")))
     assert np.array_equal(*grids)
+
+
+@pytest.mark.usefixtures("modules_cache")
+def test_two_process_meanflow_samples_as_its_exported_pipeline(tmp_path):
+    """MeanFlow's JVP and null-class passes run on each process's own copy of the DiT, outside DDP's collectives
+    (with minibatch OT pairing of noise and data, which MeanFlow takes as flow matching does)."""
+    out = tmp_path / "meanflow2"
+    no_duties = ["--num_sample_images", 0, "--validation_steps", 0]
+    model = ["--model", "dit_tiny", "--patch_size", 4, "--ot_coupling", "--max_train_steps", 2]
+    proc = accelerate_launch("train_cfm.py", "--output_dir", out, *model, *TINY_MEANFLOW, *no_duties)
+    assert_clean_two_process_run(proc, out, 2)
+    assert json.loads((out / "objective.json").read_text())["objective"] == "meanflow"
+    pipe = export_and_load(out, tmp_path / "pipe")
+    assert_same_as_sample_py(pipe, out, tmp_path, class_labels=[1, 8, 8], seed=0, max_batch_size=2)
 
 
 def test_a_failure_on_one_process_ends_both_with_an_error(tmp_path):

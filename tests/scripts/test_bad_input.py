@@ -161,6 +161,13 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
         (["--train_batch_size", "128"], ["64 training images are fewer than one batch"]),
         (["--fid_num_samples", "8", "--fid_reference_samples", "100"], ["--fid_reference_samples 100 is more than"]),
         (["--eval_metrics", "fid,is"], ["--eval_metrics: unknown is"]),
+        (["--sampler", "meanflow"], ["--sampler 'meanflow': this flow model", "trained with --objective meanflow"]),
+        (["--objective", "meanflow", "--meanflow_ratio", "1.5"], ["--meanflow_ratio must be in [0, 1], got 1.5"]),
+        (["--objective", "meanflow", "--shared_noise"], ["--objective meanflow does not combine with --shared_noise"]),
+        (
+            ["--objective", "meanflow", "--meanflow_guidance_scale", "2", "--class_conditional", "false"],
+            ["--meanflow_guidance_scale 2.0 guides toward class labels, but this model is unconditional"],
+        ),
     ],
 )
 def test_bad_flags(capsys, out, flags, needles):
@@ -211,6 +218,31 @@ def test_resume_from_a_different_model_names_the_keys(capsys, out, tiny_cfm_run,
         "different model",
         "base_channels: checkpoint 8 vs now 16",
     )
+
+
+def test_meanflow_under_sharded_weights_is_refused_at_setup(capsys, out, monkeypatch):
+    """Once Accelerate has started, before the run writes anything: as under accelerate_configs/fsdp.yaml (its JVP
+    runs the network apart from the other processes; DeepSpeed ZeRO-3 is refused alike, ZeRO-2 trains)."""
+    from modules.training import setup
+
+    monkeypatch.setattr(setup, "weight_sharding", lambda accelerator: "FSDP")
+    fails(capsys, [*TINY, "--output_dir", str(out), "--objective", "meanflow"], "meanflow does not train under FSDP")
+
+
+def test_meanflow_from_a_diffusers_network_is_refused(capsys, out, ddpm_pipeline):
+    fails(
+        capsys,
+        [*TINY, "--output_dir", str(out), "--objective", "meanflow", "--init_from", str(ddpm_pipeline)],
+        f"--init_from '{ddpm_pipeline}' is a diffusers network, which takes no start time r",
+    )
+
+
+def test_sample_py_refuses_the_meanflow_sampler_for_a_flow_model(capsys, tiny_cfm_run, tmp_path):
+    import sample
+
+    argv = ["--model", str(tiny_cfm_run), "--sampler", "meanflow", "--output", str(tmp_path / "grid.png")]
+    fails(capsys, argv, "--sampler 'meanflow': this flow model samples with euler", main=sample.main)
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):

@@ -3,7 +3,6 @@ sample.py's images, to the float, for each kind of model, and a model of clips s
 called as diffusers' pipelines are; save_pretrained writes it again; it loads where this repository cannot be
 imported, from a folder or by its Hub id."""
 
-import contextlib
 import json
 import os
 import re
@@ -14,9 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, TINY_CLIPS, TINY_OWN, hub_env, in_process, perturb_, train_text_model
+from helpers import (
+    TINY,
+    TINY_CLIPS,
+    TINY_OWN,
+    assert_same_as_sample_py,
+    export_and_load,
+    hub_env,
+    in_process,
+    keeping_floats,
+    load,
+    perturb_,
+    sample_py,
+    sample_py_flags,
+    train_text_model,
+)
 from hub_server import FakeHub
-from PIL import Image
 
 import sample
 import train_ddpm
@@ -27,72 +39,7 @@ from modules.objectives.flow import FlowObjective
 REPO = "someone/latent-pipeline"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def modules_cache(tmp_path_factory):
-    """diffusers copies an export's code into its module cache: here one of this module's own, not the user's."""
-    from diffusers.utils import dynamic_modules_utils
-
-    cache = tmp_path_factory.mktemp("hf-modules")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(cache))
-        yield cache
-
-
-def export_and_load(run, folder):
-    sample.main(["--model", str(run), "--export_pipeline", str(folder)])
-    weights = {p.suffix for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")}
-    assert not weights and any(folder.rglob("*.safetensors"))
-    return load(folder)
-
-
-def load(folder):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def sample_py_flags(settings: dict) -> list[str]:
-    """sample.py's flags for a pipeline call: sample.py cycles --class_labels or --prompt over --num_images, where
-    the pipeline gives one image per label, num_images_per_prompt per prompt, or batch_size images."""
-    settings, flags = dict(settings), []
-    per_prompt = settings.pop("num_images_per_prompt", 1)
-    if "class_labels" in settings:
-        labels = settings.pop("class_labels")
-        flags += ["--class_labels", ",".join(map(str, labels)), "--num_images", str(len(labels))]
-    if "prompt" in settings:
-        prompts = [p for p in settings.pop("prompt") for _ in range(per_prompt)]
-        flags += ["--prompt", *prompts, "--num_images", str(len(prompts))]
-    renames = {"batch_size": "num_images", "max_batch_size": "batch_size"}
-    for key, value in settings.items():
-        flags += [f"--{renames.get(key, key)}", str(value)]
-    return flags
-
-
-@contextlib.contextmanager
-def keeping_floats():
-    """sample.py's generate_images, which also keeps, in the list yielded, the floats in [-1, 1] it quantises."""
-    kept, generate = [], sample.generate_images
-
-    def generate_and_keep(*args, decode=None, **kwargs):
-        def decode_and_keep(x0):
-            images = decode(x0) if decode is not None else x0
-            kept.append(images.float().cpu())
-            return images
-
-        return generate(*args, decode=decode_and_keep, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sample, "generate_images", generate_and_keep)
-        yield kept
-
-
-def sample_py(run, out, **settings) -> tuple[torch.Tensor, np.ndarray]:
-    """sample.py's images for the pipeline's `settings`: the floats in [-1, 1] it quantises, and its PNGs."""
-    with keeping_floats() as kept:
-        sample.main(["--model", str(run), "--output", str(out), *sample_py_flags(settings)])
-    return torch.cat(kept), np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
+pytestmark = pytest.mark.usefixtures("modules_cache")  # diffusers copies an export's code there
 
 
 def sample_py_clips(run, **settings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,15 +50,6 @@ def sample_py_clips(run, **settings) -> tuple[torch.Tensor, torch.Tensor]:
         sampling = sample.load_sampling(args, Path(args.model))
         clips = sampling.generate(args, sampler=args.sampler, num_inference_steps=args.num_inference_steps)
     return torch.cat(kept), clips
-
-
-def assert_same_as_sample_py(pipe, run, tmp_path, **settings):
-    floats, pngs = sample_py(run, tmp_path / "sample_py", **settings)
-    images = pipe(**settings, output_type="pt").images
-    assert images.shape == floats.shape
-    assert (images - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
-    assert np.array_equal(np.stack([np.array(image) for image in pipe(**settings).images]), pngs)
-    return images
 
 
 def assert_round_trip(pipe, folder, **settings):
