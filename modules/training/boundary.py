@@ -105,7 +105,8 @@ def checkpoint_if_due(run: Run, done: int):
 
 def validate_if_due(run: Run, done: int):
     """Every --validation_steps and at the end: the EMA model's metrics of the held-out data (validation loss)."""
-    if run.data.held_out is None or (done % run.train_args.validation_steps and not run.last_step(done)):
+    every = run.train_args.validation_steps
+    if run.data.held_out is None or not every or (done % every and not run.last_step(done)):
         return
     run.ema.gather()
     if run.accelerator.is_main_process:

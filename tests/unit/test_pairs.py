@@ -116,3 +116,30 @@ def test_only_a_flow_objective_without_ot_coupling_trains_on_pairs():
     assert "--ot_coupling" in FlowObjective(FlowArguments(ot_coupling=True)).refuses_pairs()
     assert "a ddpm model does not train on" in DDPMObjective(DDPMArguments()).refuses_pairs()
     assert "a VAE" in VAEObjective(VAEArguments()).refuses_pairs()
+
+
+def test_held_out_pairs_are_not_validated_with_validation_steps_0():
+    """Pairs always hold some out; --validation_steps 0 (never) must then skip validation, at any step."""
+    from types import SimpleNamespace
+
+    from modules.training.boundary import validate_if_due
+
+    def run_with(every):
+        calls = []
+        ema = SimpleNamespace(gather=lambda: calls.append("gathered"))
+        run = SimpleNamespace(
+            data=SimpleNamespace(held_out=object()), train_args=SimpleNamespace(validation_steps=every)
+        )
+        run.ema, run.last_step = ema, lambda done: done == 10
+        return run, calls
+
+    for done in (3, 10):
+        run, calls = run_with(0)
+        validate_if_due(run, done)
+        assert calls == []
+    run, calls = run_with(5)
+    try:
+        validate_if_due(run, 10)  # due: it goes on to validate (and fails on the bare stand-in after gathering)
+    except AttributeError:
+        pass
+    assert calls == ["gathered"]
