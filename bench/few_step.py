@@ -176,9 +176,14 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+
+    def save():  # after each contender, so that a later failure keeps what was measured
+        (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), **results}, indent=2))
+
     if "flow" in contenders:
         training = train_for(args, out / "flow", args.budget_minutes, [])
         results["flow"] = training | {"rows": evaluate(args, out / "flow", [("heun", k) for k in flow_steps], None)}
+        save()
     if "meanflow" in contenders:
         mf = ["--objective", "meanflow", "--sampler", "meanflow", "--guidance_scale", "1"]
         mf += ["--meanflow_guidance_scale", str(args.meanflow_guidance_scale)]
@@ -186,10 +191,11 @@ def main(argv=None):
         training = train_for(args, out / "meanflow", args.budget_minutes, mf)
         rows = [("meanflow", k) for k in meanflow_steps]
         results["meanflow"] = training | {"rows": evaluate(args, out / "meanflow", rows, None)}
+        save()
     if "reflow" in contenders:
         training, student = run_reflow(args, out / "reflow")
         results["reflow"] = training | {"rows": evaluate(args, student, [("euler", k) for k in student_steps], None)}
-    (out / "results.json").write_text(json.dumps({"args": dataclasses.asdict(args), **results}, indent=2))
+        save()
     report(args, argv, results)
 
 
