@@ -50,3 +50,17 @@ def test_baseline_trains_its_ema_and_samples_balanced_classes(baseline):
     # sampling runs on the EMA weights
     ema = baseline.ema.shadow_params
     assert all(torch.equal(a, b) for a, b in zip(ema, baseline.model.parameters(), strict=True))
+
+
+def test_few_step_counts_network_passes_per_image():
+    """bench/few_step.py's passes: Heun two a step but the last, others one a step, doubled under guidance."""
+    from bench.few_step import network_passes, steps_list
+
+    assert [network_passes("heun", k, True) for k in (1, 2, 4, 20)] == [2, 6, 14, 78]
+    assert [network_passes("meanflow", k, False) for k in (1, 2)] == [1, 2]
+    assert network_passes("euler", 2, False) == 2
+    assert steps_list("1,2,4", "flow_steps") == [1, 2, 4]
+    from modules.config import UserError
+
+    with pytest.raises(UserError, match="--flow_steps: step counts must be positive"):
+        steps_list("0,2", "flow_steps")
