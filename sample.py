@@ -47,7 +47,7 @@ from modules.evaluation.fid import InceptionFeatures, check_inception_weights
 from modules.evaluation.metrics import classifier_measures, evaluate_generated, parse_eval_metrics
 from modules.networks.conditioning import select_condition
 from modules.networks.text import TextConditioner, text_encoder_from_record
-from modules.objectives.samplers import generate_images, sample_batches, sampler_problem
+from modules.objectives.samplers import generate_images, network_evaluations, sample_batches, sampler_problem
 from modules.records import from_dict
 
 
@@ -413,7 +413,7 @@ def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
     for sampler in samplers:
         for steps in step_counts:
             images = sampling.generate(args, sampler=sampler, num_inference_steps=steps)
-            nfe = 2 * steps - 1 if sampler == "heun" else steps
+            nfe = network_evaluations(sampler, steps)
             rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, sampling.labels)})
             print(
                 f"{sampler} {steps} steps (NFE {nfe}): "

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.quality_per_hour import run
 from bench.report import Goal, finish, print_setting
 from modules.config import UserError, cli_entry, help_field, parse_args
+from modules.objectives.samplers import network_evaluations
 from modules.training.checkpoint import list_checkpoints, read_state
 
 
@@ -82,7 +83,7 @@ def steps_list(spec: str, flag: str) -> list[int]:
 def network_passes(sampler: str, steps: int, guided: bool) -> int:
     """Network passes per image: Heun's two a step but the last, one a step otherwise; twice that under
     classifier-free guidance (the conditional and unconditional passes)."""
-    passes = 2 * steps - 1 if sampler == "heun" else steps
+    passes = network_evaluations(sampler, steps)
     return 2 * passes if guided else passes
 
 

@@ -132,6 +132,12 @@ def meanflow_sample(fn, noise, steps, generators=None, callback=None):
 MEANFLOW_SAMPLERS = {**FLOW_SAMPLERS, "meanflow": meanflow_sample}
 
 
+def network_evaluations(sampler: str, steps: int) -> int:
+    """Network evaluations a sampler makes in `steps` steps: Heun two a step but the last, the others one (NFE; a
+    guided evaluation is two passes, the conditional and the unconditional)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
 def sampler_problem(sampler: str, name: str, samplers) -> str | None:
     """Why a `name` model, which samples with `samplers`, cannot sample with `sampler` (to follow the flag's name in
     an error); None when it can."""
