@@ -3,18 +3,20 @@ tiny models. Helpers that are not fixtures live in helpers.py."""
 
 import json
 import os
+import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets/huggingface_hub are imported: no test may reach the network
 os.environ.setdefault("WANDB_MODE", "offline")
-# FID weights and reference statistics go to a cache of this session's own, not the user's (one for all the workers
-# of a parallel session: its files are written whole, so workers that race each write a complete copy).
-session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-cache = Path(tempfile.gettempdir(), f"diffusion-test-cache-{session}") if session else None
-os.environ["DIFFUSION_CACHE"] = str(cache) if cache else tempfile.mkdtemp(prefix="diffusion-test-cache-")
+# FID weights and reference statistics go to a cache of this session's own, not the user's: one folder for the
+# controller of a parallel session and all its workers (they inherit its environment; files there are written whole,
+# so workers that race each write a complete copy), removed when the session that made it ends.
+_made_cache = "DIFFUSION_TEST_CACHE" not in os.environ
+if _made_cache:
+    os.environ["DIFFUSION_TEST_CACHE"] = tempfile.mkdtemp(prefix="diffusion-test-cache-")
+os.environ["DIFFUSION_CACHE"] = os.environ["DIFFUSION_TEST_CACHE"]
 # One thread, in this process and in every process a test starts: the workers of a parallel session share the
 # cores, and a run's floating-point results depend on its thread count (reductions split differently), so a run made
 # here and one made in a process of its own are the same only with the same count.
@@ -35,6 +37,11 @@ from helpers import (  # noqa: E402 - after the environment
 )
 
 from bench.encode_latents import tiny_vae as save_tiny_vae  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _made_cache:
+        shutil.rmtree(os.environ["DIFFUSION_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
