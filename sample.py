@@ -17,6 +17,7 @@ finished shards; pairs.json is written last.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 
 from modules.artifacts.clips import save_samples
 from modules.artifacts.export import export_pipeline
-from modules.artifacts.model_folder import load_model, model_dir
+from modules.artifacts.model_folder import load_guide, load_model, model_dir
+from modules.artifacts.phema import load_posthoc_weights, parse_stds
 from modules.artifacts.visualize import DenoisingRecorder, save_image, write_denoising_figures
 from modules.config import DataArguments, UserError, cli_entry, help_field, parse_args
 from modules.data.captioning import class_phrase
@@ -47,7 +49,13 @@ from modules.evaluation.fid import InceptionFeatures, check_inception_weights
 from modules.evaluation.metrics import classifier_measures, evaluate_generated, parse_eval_metrics
 from modules.networks.conditioning import select_condition
 from modules.networks.text import TextConditioner, text_encoder_from_record
-from modules.objectives.samplers import generate_images, network_evaluations, sample_batches, sampler_problem
+from modules.objectives.samplers import (
+    generate_images,
+    network_evaluations,
+    parse_guidance_interval,
+    sample_batches,
+    sampler_problem,
+)
 from modules.records import from_dict
 
 
@@ -76,7 +84,25 @@ class SampleArguments:
         },
     )
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps. Default: as trained."})
-    guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale (1: none). Default: as trained."})
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "Guidance scale (1: none): CFG, or autoguidance with --guide_model. Default: as trained."},
+    )
+    guidance_interval: str | None = field(
+        default=None,
+        metadata={
+            "help": "LO,HI: guide only at times t in [LO, HI] (t = 1 is noise), the conditional pass alone elsewhere; "
+            "0,1: at every step. Default: as trained."
+        },
+    )
+    guide_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Autoguidance: a smaller or less-trained model of the same kind (a run's output_dir, a Hub id, or "
+            "a checkpoint folder such as RUN/checkpoints/checkpoint-250) guides in place of the unconditional pass: "
+            "D_guide + s (D - D_guide), both conditional. With --export_pipeline, the pipeline's guide."
+        },
+    )
     class_labels: str | None = field(
         default=None,
         metadata={"help": "Comma-separated class ids (or names) cycled over the images. Default: all classes."},
@@ -124,6 +150,21 @@ class SampleArguments:
     )
     samplers: str | None = field(
         default=None, metadata={"help": "Comma-separated samplers for --nfe_sweep. Default: --sampler or as trained."}
+    )
+    ema_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sample the post-hoc EMA of this relative width (EDM2's sigma_rel, e.g. 0.08), reconstructed from "
+            "the snapshots of a run trained with --ema_phema_stds (modules/artifacts/phema.py), in place of the "
+            "run's EMA model."
+        },
+    )
+    ema_sweep: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated post-hoc EMA widths, e.g. 0.02,0.05,0.1,0.2: --eval_metrics per width, written "
+            "to <output>.md and <output>.json (implies --compute_fid)."
+        },
     )
     eval_metrics: str = field(
         default="fid",
@@ -228,9 +269,11 @@ class Sampling:
     null_cond: dict | None = None
     decode: object = None  # latents -> images, for a model trained on latents
     cycle: list | None = None  # what the conditions cycle over (labels or prompts), for the grid's rows
+    guide: torch.nn.Module | None = None  # --guide_model
 
     def generate(self, args, **settings):
-        """Images 0..--num_images-1 of --seed, at --batch_size, with --guidance_scale; `settings` go to the sampler."""
+        """Images 0..--num_images-1 of --seed, at --batch_size, with --guidance_scale, --guidance_interval and
+        --guide_model; `settings` go to the sampler."""
         return generate_images(
             self.model,
             self.objective,
@@ -242,6 +285,8 @@ class Sampling:
             self.device,
             progress=True,
             guidance_scale=args.guidance_scale,
+            guidance_interval=args.guidance_interval,
+            guide_model=self.guide,
             decode=self.decode,
             null_cond=self.null_cond,
             **settings,
@@ -252,6 +297,8 @@ def load_sampling(args, folder: Path) -> Sampling:
     """The model in `folder`, checked against --sampler, with the conditions of --class_labels or --prompt."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, objective, record = load_model(folder, device)
+    if args.ema_std is not None:
+        record = {**record, "posthoc_ema": load_posthoc_weights(model, folder, args.ema_std)}
     if not objective.samplers:
         raise UserError(
             f"--model '{args.model}' is a {objective.name} model, which does not generate; use it as "
@@ -263,6 +310,8 @@ def load_sampling(args, folder: Path) -> Sampling:
     if record.get("num_frames"):  # a model of clips: a video network, or an image network of shared-noise frames
         shape = (record["num_frames"], *shape)
     sampling = Sampling(model, objective, record, device, shape)
+    if args.guide_model:
+        sampling.guide = load_guide(args.guide_model, model, record, device, args.revision, args.hub_token)
     if "latent" in record:  # trained on a latent dataset: decode through the VAE that encoded it
         sampling.decode = latent_decoder(record["latent"], device)
     cycle = parse_class_labels(args.class_labels, model.config.num_classes, record.get("class_names"))
@@ -282,8 +331,16 @@ def load_sampling(args, folder: Path) -> Sampling:
 def main(argv=None):
     args, pairs_args = parse_args((SampleArguments, PairsArguments), argv, description=__doc__)
     folder = model_dir(args.model, args.revision, args.hub_token)  # a Hub id is downloaded (cached) once
+    try:
+        parse_guidance_interval(args.guidance_interval)
+    except ValueError as e:
+        raise UserError(f"--guidance_interval: {e}") from None
+    if args.ema_std is not None:
+        parse_stds(str(args.ema_std), "--ema_std")
+    if args.ema_sweep:
+        parse_stds(args.ema_sweep, "--ema_sweep")
     if args.export_pipeline:  # no sampling: the model, its sampler and its settings as a diffusers pipeline
-        out = export_pipeline(folder, args.export_pipeline)
+        out = export_pipeline(folder, args.export_pipeline, args.guide_model)
         print(f"wrote {out}: DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True) loads it")
         return
     if args.num_images <= 0 or args.batch_size <= 0:
@@ -294,10 +351,14 @@ def main(argv=None):
         return write_pairs(args, pairs_args, folder, argv)
     sampling = load_sampling(args, folder)
     evaluator = None
-    if args.compute_fid or args.nfe_sweep:  # checks its inputs now, before any sampling
+    if args.compute_fid or args.nfe_sweep or args.ema_sweep:  # checks its inputs now, before any sampling
         evaluator = Evaluator(args, sampling.record, folder, sampling.shape)
+    if args.nfe_sweep and args.ema_sweep:
+        raise UserError("--nfe_sweep and --ema_sweep: sweep one of them at a time")
     if args.nfe_sweep:
         return nfe_sweep(args, evaluator, sampling, Path(args.output))
+    if args.ema_sweep:
+        return ema_sweep(args, evaluator, sampling, folder, Path(args.output))
     recorder = DenoisingRecorder(max_samples=min(args.num_images, 10)) if args.denoising_path else None
     images = sampling.generate(
         args, sampler=args.sampler, num_inference_steps=args.num_inference_steps, callback=recorder
@@ -414,20 +475,50 @@ def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
         for steps in step_counts:
             images = sampling.generate(args, sampler=sampler, num_inference_steps=steps)
             nfe = network_evaluations(sampler, steps)
-            rows.append({"sampler": sampler, "steps": steps, "nfe": nfe, **evaluator(images, sampling.labels)})
-            print(
-                f"{sampler} {steps} steps (NFE {nfe}): "
-                + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k not in ("sampler", "steps", "nfe"))
-            )
+            rows.append(sweep_row(evaluator, images, sampling, sampler=sampler, steps=steps, nfe=nfe))
+    note = "(NFE counts one conditional + unconditional pass as one)"
+    write_sweep(args, evaluator, sampling, out, {"sampler": "sampler", "steps": "steps", "nfe": "NFE"}, rows, note)
+
+
+def ema_sweep(args, evaluator, sampling: Sampling, folder: Path, out: Path):
+    """--eval_metrics of the post-hoc EMA of each width of --ema_sweep, with the run's own EMA model first for
+    comparison; a markdown table and JSON at <out>.md / <out>.json."""
+    stds = parse_stds(args.ema_sweep, "--ema_sweep")
+    generate = functools.partial(
+        sampling.generate, args, sampler=args.sampler, num_inference_steps=args.num_inference_steps
+    )
+    rows = [sweep_row(evaluator, generate(), sampling, ema="the run's EMA")]
+    trained = {k: v.clone() for k, v in sampling.model.state_dict().items()}
+    for std in stds:
+        load_posthoc_weights(sampling.model, folder, std)
+        rows.append(sweep_row(evaluator, generate(), sampling, ema=f"post-hoc {std:g}"))
+    sampling.model.load_state_dict(trained)
+    write_sweep(args, evaluator, sampling, out, {"ema": "EMA"}, rows, "(post-hoc: sigma_rel of the EMA profile)")
+
+
+def sweep_row(evaluator, images, sampling: Sampling, **keys) -> dict:
+    """One row of a sweep: its `keys`, then the metrics of `images`, also printed."""
+    values = evaluator(images, sampling.labels)
+    print(", ".join(f"{k} {v}" for k, v in keys.items()) + ": " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    return {**keys, **values}
+
+
+def write_sweep(args, evaluator, sampling: Sampling, out: Path, keys: dict, rows: list[dict], note: str):
+    """A sweep's rows as a markdown table (<out>.md: `keys`' columns under their headers, then the metrics) and as
+    JSON (<out>.json, with the settings it was made with), and the table printed."""
+    objective = sampling.objective
     guidance = objective.args.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    columns = [k for k in rows[0] if k not in ("sampler", "steps", "nfe", "kid_std")]
+    interval = args.guidance_interval if args.guidance_interval is not None else objective.args.guidance_interval
+    how = "".join(
+        [f" for t in [{interval}]" if interval else "", f", guided by {args.guide_model}" if args.guide_model else ""]
+    )
+    columns = [k for k in rows[0] if k not in keys and k != "kid_std"]
     headers = {"fid": "FID", "kid": "KID (x1e3)", "fd_classifier": "FD classifier", "class_accuracy": "class acc."}
     table = [
-        f"{evaluator.describe(args.num_images)}, guidance {guidance} "
-        "(NFE counts one conditional + unconditional pass as one).",
+        f"{evaluator.describe(args.num_images)}, guidance {guidance}{how} {note}.",
         "",
-        "| sampler | steps | NFE | " + " | ".join(headers[c] for c in columns) + " |",
-        "|---|---|---|" + "---|" * len(columns),
+        "| " + " | ".join([*keys.values(), *(headers[c] for c in columns)]) + " |",
+        "|" + "---|" * (len(keys) + len(columns)),
     ]
 
     def cell(row, column):
@@ -435,14 +526,13 @@ def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
             return f"{row['kid'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f}"
         return f"{row[column]:.3f}" if column == "class_accuracy" else f"{row[column]:.2f}"
 
-    table += [
-        f"| {r['sampler']} | {r['steps']} | {r['nfe']} | " + " | ".join(cell(r, c) for c in columns) + " |"
-        for r in rows
-    ]
+    table += ["| " + " | ".join([*(str(r[k]) for k in keys), *(cell(r, c) for c in columns)]) + " |" for r in rows]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(table) + "\n")
     record = {
         "guidance_scale": guidance,
+        "guidance_interval": interval,
+        "guide_model": args.guide_model,
         "num_images": args.num_images,
         "reference_images": evaluator.num_reference,
         "metrics": evaluator.metrics,
@@ -455,7 +545,7 @@ def nfe_sweep(args, evaluator, sampling: Sampling, out: Path):
 def write_pairs(args, pairs_args: PairsArguments, folder: Path, argv) -> Path:
     """--output_pairs: the model's pairs of images 0..--num_images-1 of --seed (modules/data/pairs.py), in shards
     that each process makes its share of (modules/data/shards.py)."""
-    asked = [f"--{name}" for name in ("compute_fid", "nfe_sweep", "denoising_path") if getattr(args, name)]
+    asked = [f"--{n}" for n in ("compute_fid", "nfe_sweep", "denoising_path", "guide_model") if getattr(args, n)]
     if asked:
         raise UserError(f"--output_pairs writes pairs, not images: drop {', '.join(asked)}")
     if pairs_args.shard_size <= 0:
@@ -467,6 +557,7 @@ def write_pairs(args, pairs_args: PairsArguments, folder: Path, argv) -> Path:
         "sampler": args.sampler or objective.args.sampler,
         "num_inference_steps": args.num_inference_steps or objective.args.num_inference_steps,
         "guidance_scale": objective.args.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        "guidance_interval": args.guidance_interval or objective.args.guidance_interval,
     }
     record = {  # what the rows depend on: a rerun with others is refused
         "teacher": teacher_name(args),

@@ -228,6 +228,28 @@ class TrainingArguments:
         "EMA warm-up: decay = min(ema_max_decay, 1 - (1 + step) ** -ema_power); 2/3 for long runs, 3/4 for short.",
         default=0.75,
     )
+    repa_encoder: str | None = help_field(
+        "Representation alignment (REPA): a frozen vision encoder whose features of each training image the "
+        "denoiser's hidden states are aligned with: a transformers AutoModel id or folder with a patch grid (e.g. "
+        "facebook/dinov2-base), or fashion_mnist_classifier (docs/quality.md).",
+        default=None,
+    )
+    repa_depth: int | None = help_field(
+        "REPA: the DiT block (1-based) whose output is aligned. Default: a third of the depth. A UNet aligns its "
+        "middle block.",
+        default=None,
+    )
+    repa_weight: float = help_field("REPA: weight of the alignment loss.", default=0.5)
+    repa_projector_dim: int = help_field("REPA: hidden width of the MLP projector.", default=2048)
+    ema_phema_stds: str | None = help_field(
+        "Post-hoc EMA (EDM2): also keep power-function EMAs of these relative widths (e.g. 0.05,0.10) and write "
+        "them to <output_dir>/phema/ every --ema_snapshot_steps, so that sample.py --ema_std / --ema_sweep (or "
+        "python -m modules.artifacts.phema) makes an EMA of any length after training (docs/quality.md).",
+        default=None,
+    )
+    ema_snapshot_steps: int = help_field(
+        "With --ema_phema_stds: steps between snapshots (EDM2 keeps a few hundred over a run).", default=0
+    )
     cond_drop_prob: float = help_field(
         "Probability of replacing the condition by the null one (for CFG).", default=0.1
     )
@@ -329,7 +351,20 @@ class FrameTrainerArguments:
 
 
 @dataclass
-class FlowArguments(FrameTrainerArguments):
+class GuidanceArguments:
+    """How grids and FID guide the model, which flow matching and DDPM both take (sample.py and the pipeline can
+    override both)."""
+
+    guidance_scale: float = help_field("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
+    guidance_interval: str | None = help_field(
+        "LO,HI: apply guidance only at times t in [LO, HI] (t = 1 is noise, 0 data; for DDPM t = timestep / "
+        "num_train_timesteps), the conditional pass alone elsewhere (Kynkaanniemi et al. 2024). Default: all steps.",
+        default=None,
+    )
+
+
+@dataclass
+class FlowArguments(GuidanceArguments, FrameTrainerArguments):
     time_sampling: Literal["uniform", "logit_normal"] = help_field(
         "How training t in [0, 1] is drawn.", default="uniform"
     )
@@ -360,11 +395,10 @@ class FlowArguments(FrameTrainerArguments):
         "Sampler for grids and FID (meanflow: models trained with --objective meanflow).", default="euler"
     )
     num_inference_steps: int = help_field("Sampling steps for grids and FID.", default=50)
-    guidance_scale: float = help_field("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
 
 
 @dataclass
-class DDPMArguments(FrameTrainerArguments):
+class DDPMArguments(GuidanceArguments, FrameTrainerArguments):
     num_train_timesteps: int = help_field("Diffusion steps T.", default=1000)
     beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = help_field(
         "Noise schedule.", default="linear"
@@ -385,7 +419,6 @@ class DDPMArguments(FrameTrainerArguments):
     sampler: Literal["ddpm", "ddim", "dpm_solver"] = help_field("Sampler for grids and FID.", default="ddim")
     num_inference_steps: int = help_field("Sampling steps for grids and FID.", default=50)
     ddim_eta: float = help_field("DDIM eta (0: deterministic).", default=0.0)
-    guidance_scale: float = help_field("Classifier-free guidance scale for grids and FID (1: none).", default=1.0)
 
 
 @dataclass

@@ -12,6 +12,10 @@ from modules.config import UserError
 
 OBJECTIVE_FILE = "objective.json"  # next to a saved model: how it trained and samples
 RUN_CONFIG_FILE = "run_config.json"  # in a run dir: the training command (token hidden) and every setting
+# In a training checkpoint (modules/training/checkpoint.py): step, schedule and model config (written last), and the
+# EMA weights, which a checkpoint can also be sampled from (sample.py --guide_model).
+CHECKPOINT_STATE_FILE = "training_state.json"
+CHECKPOINT_EMA_FILE = "ema.safetensors"
 
 
 def from_dict(cls, values: dict):

@@ -41,7 +41,11 @@ TINY = [
 ]
 
 # Everything that draws random numbers during training, so that exact resume is tested on all of it.
-RESUMABLE = ["--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--cond_drop_prob", 0.3, *TINY]
+RESUMABLE = [
+    *("--checkpointing_steps", 3, "--dropout", 0.1, "--random_flip", "--cond_drop_prob", 0.3),
+    *("--ema_phema_stds", "0.05,0.1", "--ema_snapshot_steps", 2),  # post-hoc EMA: profiles and snapshots resume too
+    *TINY,
+]
 # The session's finished run (conftest.tiny_cfm_run), which the resume tests interrupt and compare with.
 SIX_STEPS = ["--max_train_steps", "6", "--report_to", "tensorboard", *map(str, RESUMABLE)]
 
@@ -564,9 +568,10 @@ def tiny_dit_pipeline(folder: Path, vae_folder, scheduler=None, sample_size: int
 
 
 def checkpoint_state(checkpoint):
-    """(model, EMA, optimizer state) of a checkpoint, to compare bit for bit."""
+    """(model, EMAs, optimizer state) of a checkpoint, to compare bit for bit; the EMAs by file (the EMA, and the
+    post-hoc EMA's profiles)."""
     model = load_file(str(checkpoint / "model.safetensors"))
-    ema = load_file(str(checkpoint / "ema.safetensors"))
+    ema = {p.name: load_file(str(p)) for p in sorted(checkpoint.glob("ema*.safetensors"))}
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     return model, ema, optimizer
 

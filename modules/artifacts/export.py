@@ -12,6 +12,7 @@ DenoiserPipeline (modules/artifacts/pipeline.py) of the model, written by its sa
                                  the modules of the package it needs
     vae/                         latent models: diffusers' AutoencoderKL, or our KLVAE (with code, as the denoiser)
     text_encoder/, tokenizer/    models trained with a frozen CLIP or MiniLM text encoder (transformers)
+    guide/                       with --guide_model: the network that guides the denoiser (autoguidance), with code
     README.md
 """
 
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from modules.artifacts.model_folder import load_model
+from modules.artifacts.model_folder import load_guide, load_model
 from modules.artifacts.pipeline import DenoiserPipeline
 from modules.config import UserError
 from modules.data.latents import latent_decoder
@@ -53,9 +54,10 @@ def directory_atomically(path: Path):
         raise
 
 
-def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
+def export_pipeline(model_dir: str | Path, out_dir: str | Path, guide: str | None = None) -> Path:
     """Write the pipeline folder `out_dir` (see the module docstring) for the model in `model_dir` (a training
-    run's output_dir); the images (or clips) it generates are sample.py's for the same settings."""
+    run's output_dir), with `guide` (as sample.py --guide_model takes it) as its autoguidance guide; the images (or
+    clips) it generates are sample.py's for the same settings."""
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--export_pipeline '{out}' already exists; remove it or choose another folder")
@@ -71,6 +73,10 @@ def export_pipeline(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"it is ({model.config.network_class}.from_pretrained); this export writes models of ours"
         )
     components = {DENOISER_FOLDERS[type(model).__name__]: model}
+    if guide:
+        components["guide"] = load_guide(guide, model, record)
+        if type(components["guide"]).__name__ not in DENOISER_FOLDERS:
+            raise UserError(f"--guide_model '{guide}' is a diffusers network; the pipeline's guide is a model of ours")
     if "latent" in record:
         components["vae"] = _vae(record["latent"])
     text = record.get("text_encoder")

@@ -19,14 +19,29 @@ from modules.networks.weights import kept_as_built, state_dict_mismatches
 from modules.objectives.ddpm import DDPMObjective, with_schedule_of
 from modules.objectives.meanflow import MeanFlowObjective
 from modules.objectives.registry import objective_from_config
-from modules.records import OBJECTIVE_FILE, describe_error, from_dict, hub_lookup_error
+from modules.records import (
+    CHECKPOINT_EMA_FILE,
+    CHECKPOINT_STATE_FILE,
+    OBJECTIVE_FILE,
+    describe_error,
+    from_dict,
+    hub_lookup_error,
+)
+
+# The submodule REPA (modules/training/alignment.py) adds to a network while it trains: never saved with it.
+REPA_PROJECTOR = "repa_projector"
 
 
 def save_model(model, objective, directory: str | Path, extra: dict | None = None):
     """`save_pretrained` (safetensors) plus objective.json, which says how the model was trained and samples; for a
     wrapped diffusers network also what wraps it again (its kind and number of train steps)."""
     directory = Path(directory)
-    model.save_pretrained(directory, safe_serialization=True)
+    projector = model._modules.pop(REPA_PROJECTOR, None)  # training's, not part of the model
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if projector is not None:
+            model._modules[REPA_PROJECTOR] = projector
     record = {"objective": objective.name, "args": dataclasses.asdict(objective.args), **(extra or {})}
     if isinstance(model, DiffusersDenoiser):
         record["network"] = {"kind": model.kind, "num_train_timesteps": model.config.num_train_timesteps}
@@ -57,6 +72,75 @@ def load_model(path_or_id: str | Path, device="cpu", revision: str | None = None
     record = resolve_components(json.loads((path / OBJECTIVE_FILE).read_text()), path)
     model = cls.from_pretrained(path, use_safetensors=True).to(device).eval()
     return model, objective_from_config(record), record
+
+
+# What a guide must share with the model it guides: their outputs are mixed sample by sample, so they must predict the
+# same quantity (objective, DDPM schedule), for the same samples (space, size, clip length) under the same conditions.
+GUIDE_OBJECTIVE_ARGS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+GUIDE_NETWORK_KEYS = ("in_channels", "out_channels", "sample_size", "num_classes", "text_conditioning")
+
+
+def load_guide(path_or_id: str, model, record: dict, device="cpu", revision=None, token=None):
+    """`sample.py --guide_model` (autoguidance): the network that guides `model` (whose record is `record`) in
+    place of its unconditional pass, in eval mode on `device`. It is a saved model (a run's output_dir, a Hub id:
+    see `load_model`) or a checkpoint of a run (checkpoints/checkpoint-N: its EMA weights), typically smaller or
+    trained less than `model`; it must be of the same kind, resolution and conditioning (`GUIDE_*`), else a
+    `UserError` names what differs."""
+    folder = model_dir(path_or_id, revision, token)
+    flag = f"--guide_model '{path_or_id}'"
+    if (folder / CHECKPOINT_STATE_FILE).is_file():
+        guide, guide_record = _checkpoint_network(folder, model, record, flag)
+    else:
+        guide, guide_record = load_model(folder)[::2]
+    differences = [
+        f"{key}: {guide_record['args'].get(key)!r} vs {record['args'].get(key)!r}"
+        for key in GUIDE_OBJECTIVE_ARGS
+        if guide_record["args"].get(key) != record["args"].get(key)
+    ]
+    differences += [
+        f"{key}: {guide_record.get(key)!r} vs {record.get(key)!r}"
+        for key in ("objective", "num_frames", "latent", "text_encoder")
+        if guide_record.get(key) != record.get(key)
+    ]
+    differences += [
+        f"{key}: {guide.config.get(key)!r} vs {model.config.get(key)!r}"
+        for key in GUIDE_NETWORK_KEYS
+        if guide.config.get(key) != model.config.get(key)
+    ]
+    if differences:
+        raise UserError(
+            f"{flag} cannot guide this model: it differs in {'; '.join(differences)} (the guide's value first); "
+            "guide with a smaller or less-trained model of the same kind, resolution and conditioning"
+        )
+    return guide.to(device).eval()
+
+
+def _checkpoint_network(folder: Path, model, record: dict, flag: str):
+    """(network, record) of a training checkpoint: its EMA weights in the network its state records, of its run's
+    class; the run's record once it has finished, else that of the model being guided (the same run's, unfinished)."""
+    from safetensors.torch import load_file
+
+    run = folder.parent.parent
+    if (run / OBJECTIVE_FILE).is_file():
+        guide_record = json.loads((run / OBJECTIVE_FILE).read_text())
+    else:
+        guide_record = record
+    config = json.loads((folder / CHECKPOINT_STATE_FILE).read_text()).get("model_config")
+    saved_class = (
+        json.loads((run / "config.json").read_text()).get("_class_name") if (run / "config.json").is_file() else None
+    )
+    cls = MODEL_CLASSES.get(saved_class) if saved_class else type(model)
+    if config is None or cls is None or not (folder / CHECKPOINT_EMA_FILE).is_file():
+        raise UserError(f"{flag} is not a checkpoint of a network of ours (no model config or {CHECKPOINT_EMA_FILE})")
+    try:
+        guide = cls.from_config(config)
+        weights = load_file(str(folder / CHECKPOINT_EMA_FILE))
+        guide.load_state_dict({k: v for k, v in weights.items() if not k.startswith(REPA_PROJECTOR + ".")})
+    except (TypeError, RuntimeError) as e:
+        raise UserError(
+            f"{flag}: its EMA weights do not load into a {cls.__name__} ({str(e).splitlines()[0]})"
+        ) from None
+    return guide, guide_record
 
 
 def load_pretrained_network(objective, path_or_id: str, revision: str | None = None, token: str | None = None):

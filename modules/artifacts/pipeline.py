@@ -27,7 +27,7 @@ from modules.data.latents import denormalize_latents
 from modules.networks.text import CLIPTextEncoder, MiniLMTextEncoder, TextConditioner
 from modules.networks.vae import VAE
 from modules.objectives.registry import objective_from_config
-from modules.objectives.samplers import generate_images, sampler_problem
+from modules.objectives.samplers import generate_images, parse_guidance_interval, sampler_problem
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 SEED_RANGE = 2**32  # a seed drawn from a torch.Generator; seed * 1_000_003 + i must stay a valid manual_seed
@@ -45,7 +45,8 @@ class ClipPipelineOutput(BaseOutput):
 class DenoiserPipeline(DiffusionPipeline):
     """A trained UNet (`unet`) or DiT (`transformer`) with the sampler it was trained for; `vae` decodes a latent
     model's samples, `text_encoder` and `tokenizer` encode prompts for a model trained with a frozen encoder (a
-    trained "own" encoder is part of the denoiser).
+    trained "own" encoder is part of the denoiser). `guide`, optional, is a smaller or less-trained denoiser of
+    the same kind that guides this one in place of its unconditional pass (autoguidance, `sample.py --guide_model`).
 
     Settings, from the training run: `objective` (objective.json's name and args: the samplers and their defaults),
     `id2label` ({"0": class name, ...}, as DiTPipeline's), `text_conditioning` of a text model ({"encoder": its
@@ -55,7 +56,7 @@ class DenoiserPipeline(DiffusionPipeline):
     is a list: diffusers reads a list in model_index.json as a component.
     """
 
-    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer", "guide"]
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class DenoiserPipeline(DiffusionPipeline):
         vae: ModelMixin | None = None,
         text_encoder: torch.nn.Module | None = None,
         tokenizer=None,
+        guide: ModelMixin | None = None,
         objective: dict | None = None,
         id2label: dict[str, str] | None = None,
         text_conditioning: dict | None = None,
@@ -72,7 +74,7 @@ class DenoiserPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(
-            unet=unet, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+            unet=unet, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, guide=guide
         )
         self.register_to_config(
             objective=objective,
@@ -104,6 +106,7 @@ class DenoiserPipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_interval: str | tuple[float, float] | None = None,
         sampler: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
@@ -119,6 +122,8 @@ class DenoiserPipeline(DiffusionPipeline):
         it cycles over every class (a class-conditional model) or the prompts recorded at training (a text model).
         Given with labels or prompts, it must equal their number of images. Defaults: one image per class, per
         recorded prompt, or one image (an unconditional model). Sampler, steps and guidance default to the trained.
+        `guidance_interval` (LO, HI): guide only at times t in [LO, HI] (t = 1 is noise), one pass elsewhere. A
+        pipeline with a `guide` guides with it (autoguidance) in place of the unconditional pass.
 
         Randomness, reproducible in each form:
         - `seed=s`: image i is drawn from its own generator seeded by (s, i): it equals sample.py's `--seed s` image i,
@@ -137,7 +142,8 @@ class DenoiserPipeline(DiffusionPipeline):
         as a ClipPipelineOutput (`.frames`, as diffusers' video pipelines; see ClipPipelineOutput), or `(frames,)`.
         """
         objective = objective_from_config(self.config.objective)
-        _check_settings(objective, sampler, num_inference_steps, guidance_scale, max_batch_size, output_type)
+        guidance = (guidance_scale, guidance_interval)
+        _check_settings(objective, sampler, num_inference_steps, guidance, max_batch_size, output_type)
         num_images, conditions = self._conditions(prompt, class_labels, batch_size, num_images_per_prompt)
         seed, generators = _randomness(generator, seed, num_images)
         device, model = self._execution_device, self.denoiser
@@ -154,23 +160,15 @@ class DenoiserPipeline(DiffusionPipeline):
             return images
 
         steps = num_inference_steps or objective.args.num_inference_steps
+        settings = dict(sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        settings.update(guidance_interval=guidance_interval, guide_model=self.guide, null_cond=null_cond)
         with self.progress_bar(total=-(-num_images // max_batch_size) * steps) as bar:
             images_uint8 = generate_images(
-                model,
-                objective,
-                num_images,
-                seed,
-                self.sample_shape,
-                max_batch_size,
-                cond,
-                device,
+                *(model, objective, num_images, seed, self.sample_shape, max_batch_size, cond, device),
                 generators=generators,
-                sampler=sampler,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
                 decode=decode_and_keep,
-                null_cond=null_cond,
                 callback=lambda *_: bar.update(),
+                **settings,
             )
         self.maybe_free_model_hooks()
         return self._output(images_uint8, kept, output_type, return_dict)
@@ -249,7 +247,7 @@ class DenoiserPipeline(DiffusionPipeline):
 
     def _own_components(self) -> list[str]:
         """The components whose class is ours: they need their code in their folder."""
-        names = ("unet", "transformer", "vae")
+        names = ("unet", "transformer", "vae", "guide")
         return [n for n in names if getattr(self, n) is not None and own_module(type(getattr(self, n)))]
 
     def save_config(self, save_directory, **kwargs):
@@ -272,13 +270,18 @@ class DenoiserPipeline(DiffusionPipeline):
         return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
-def _check_settings(objective, sampler, num_inference_steps, guidance_scale, max_batch_size, output_type):
+def _check_settings(objective, sampler, num_inference_steps, guidance, max_batch_size, output_type):
+    guidance_scale, guidance_interval = guidance
     if sampler is not None and (problem := sampler_problem(sampler, objective.name, objective.samplers)):
         raise ValueError(f"sampler {problem}")
     if num_inference_steps is not None and not (isinstance(num_inference_steps, Integral) and num_inference_steps > 0):
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
     if guidance_scale is not None and guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    try:
+        parse_guidance_interval(guidance_interval)
+    except ValueError as e:
+        raise ValueError(f"guidance_interval: {e}") from None
     if not (isinstance(max_batch_size, Integral) and max_batch_size > 0):
         raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
     if output_type not in OUTPUT_TYPES:

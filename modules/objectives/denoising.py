@@ -12,7 +12,7 @@ from modules.networks.conditioning import select_condition
 from modules.networks.presets import build_model, is_video_model
 from modules.objectives.frames import shared_noise_loss, shared_noise_sample
 from modules.objectives.protocol import PreviewRequest
-from modules.objectives.samplers import generate_images, guided_model, sampler_problem
+from modules.objectives.samplers import generate_images, guided_model, parse_guidance_interval, sampler_problem
 
 
 class DenoisingObjective:
@@ -31,6 +31,10 @@ class DenoisingObjective:
             raise UserError(f"--num_inference_steps must be positive, got {args.num_inference_steps}")
         if args.guidance_scale < 0:
             raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+        try:
+            parse_guidance_interval(args.guidance_interval)
+        except ValueError as e:
+            raise UserError(f"--guidance_interval: {e}") from None
         if problem := sampler_problem(args.sampler, self.name, self.samplers):  # at start-up, not at the first grid
             raise UserError(f"--sampler {problem}")
         self.args = args
@@ -87,7 +91,8 @@ class DenoisingObjective:
         raise NotImplementedError
 
     def sample(self, model, noise, cond=None, generators=None, **settings):
-        """From pure noise to x0 (settings: sampler, num_inference_steps, guidance_scale, null_cond, callback).
+        """From pure noise to x0 (settings: sampler, num_inference_steps, guidance_scale, guidance_interval,
+        guide_model, null_cond, callback).
         `generators`: one per sample, for samplers that draw noise on the way. The shared-noise trainer's image
         network makes clips (B, F, C, H, W) frame by frame, with shared noise (modules/objectives/frames.py)."""
         if self.args.shared_noise:
@@ -106,10 +111,16 @@ class DenoisingObjective:
         generators=None,
         null_cond=None,
         callback=None,
+        guidance_interval=None,
+        guide_model=None,
     ):
-        """`sample` for the network as it is: its output shape is the noise's."""
+        """`sample` for the network as it is: its output shape is the noise's. `guidance_interval` ("LO,HI" or a
+        pair; default as trained) and `guide_model` (autoguidance: a network that guides in place of the null
+        condition) as samplers.guided_model takes them."""
         a = self.args
-        fn = guided_model(model, cond, a.guidance_scale if guidance_scale is None else guidance_scale, null_cond)
+        scale = a.guidance_scale if guidance_scale is None else guidance_scale
+        interval = parse_guidance_interval(a.guidance_interval if guidance_interval is None else guidance_interval)
+        fn = guided_model(model, cond, scale, null_cond, interval, guide_model)
         sampler = sampler or a.sampler
         if problem := sampler_problem(sampler, self.name, self.samplers):
             raise UserError(f"--sampler {problem}")

@@ -66,8 +66,8 @@ class Objective(Protocol):
 
     def sample(self, model, noise: torch.Tensor, cond=None, **settings) -> torch.Tensor:
         """From noise to x0, images (B, C, H, W) or clips (B, F, C, H, W) as the noise (settings: sampler,
-        num_inference_steps, guidance_scale, generators, null_cond, callback); an objective that does not generate
-        raises UserError."""
+        num_inference_steps, guidance_scale, guidance_interval, guide_model, generators, null_cond, callback); an
+        objective that does not generate raises UserError."""
 
     def validation(self, model, x0: torch.Tensor, cond, seed: int, num_bins: int, noise=None) -> dict[str, float]:
         """Metrics of held-out data (at least "val_loss"), at fixed noise so that values compare across steps: the

@@ -24,28 +24,54 @@ def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[t
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(start, start + count)]
 
 
-def guided_model(model, cond, guidance_scale: float = 1.0, null_cond=None):
-    """`fn(x, t, r=None)` for the samplers, with classifier-free guidance: u + s (c - u), u = model(x, t, null).
-    `r`, the start time of an average velocity, goes to the model only when given (the meanflow sampler).
+def parse_guidance_interval(spec) -> tuple[float, float] | None:
+    """`--guidance_interval`: "LO,HI" (or a pair of numbers) with 0 <= LO < HI <= 1 -> (LO, HI); None or "" -> None.
+    A ValueError says what is wrong (the caller names the flag)."""
+    if spec is None or spec == "":
+        return None
+    try:
+        parts = spec.split(",") if isinstance(spec, str) else list(spec)
+        lo, hi = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected two times LO,HI in [0, 1], got {spec!r}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"expected 0 <= LO < HI <= 1 (t = 1 is noise, 0 data), got {spec!r}")
+    return lo, hi
 
-    `null_cond` defaults to the model's null class (index num_classes); text models must pass theirs (the empty
-    caption's encoding, one row or one per sample)."""
+
+def guided_model(model, cond, guidance_scale: float = 1.0, null_cond=None, interval=None, guide=None):
+    """`fn(x, t, r=None)` for the samplers, with guidance: D_bad + s (D - D_bad), where D is the model's
+    conditional output and D_bad either its output for the null condition (classifier-free guidance) or, given
+    `guide`, that network's conditional output (autoguidance, Karras et al. 2024: a smaller or less-trained model of
+    the same kind guides this one; an unconditional model can be autoguided too).
+    `r`, the start time of an average velocity, goes to the networks only when given (the meanflow sampler).
+
+    `interval` (LO, HI): guidance only where LO <= t <= HI (Kynkaenniemi et al. 2024); at other times the conditional
+    output alone, one network pass. `null_cond` defaults to the model's null class (index num_classes); text models
+    must pass theirs (the empty caption's encoding, one row or one per sample)."""
 
     def fn(x, t, r=None):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         start = {} if r is None else {"r": r.expand(x.shape[0]) if r.ndim == 0 else r}
-        if cond is None or guidance_scale == 1.0:
+        inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])
+        if guidance_scale == 1.0 or (cond is None and guide is None) or (inside is not None and not inside.any()):
             return model(x, t, cond, **start)
-        if is_text(cond):
-            if null_cond is None:
-                raise ValueError("classifier-free guidance of a text-conditional model needs null_cond")
-            null = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in null_cond.items()}
+        if guide is not None:
+            out_cond, out_bad = model(x, t, cond, **start), guide(x, t, cond, **start)
         else:
-            null = null_cond if null_cond is not None else torch.full_like(cond, model.config.num_classes)
-        start = {k: torch.cat([v, v]) for k, v in start.items()}
-        out = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null]), **start)
-        out_cond, out_uncond = out.chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+            if is_text(cond):
+                if null_cond is None:
+                    raise ValueError("classifier-free guidance of a text-conditional model needs null_cond")
+                null = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in null_cond.items()}
+            else:
+                null = null_cond if null_cond is not None else torch.full_like(cond, model.config.num_classes)
+            both = {k: torch.cat([v, v]) for k, v in start.items()}
+            out = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([cond, null]), **both)
+            out_cond, out_bad = out.chunk(2)
+        guided = out_bad + guidance_scale * (out_cond - out_bad)
+        if inside is None or inside.all():
+            return guided
+        return torch.where(inside.view(-1, *[1] * (x.ndim - 1)), guided, out_cond)
 
     return fn
 

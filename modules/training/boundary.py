@@ -17,10 +17,12 @@ import torch
 
 from modules.artifacts.clips import save_samples
 from modules.artifacts.model_folder import save_model
+from modules.artifacts.phema import SNAPSHOT_DIR, snapshot_name
 from modules.artifacts.visualize import DenoisingRecorder, write_denoising_figures
 from modules.evaluation.metrics import evaluate_generated, parse_eval_metrics
-from modules.files import write_text_atomically
+from modules.files import write_atomically, write_text_atomically
 from modules.objectives.protocol import PreviewRequest
+from modules.training.alignment import PROJECTOR
 from modules.training.checkpoint import list_checkpoints, save_checkpoint
 from modules.training.remote import share_checkpoint
 from modules.training.run import Run
@@ -41,6 +43,8 @@ def update_after_step(run: Run, result: StepResult, done: int):
     if not result.skipped:
         run.lr_scheduler.step()
         run.ema.update(run.unwrapped)
+        for profile in run.profiles:
+            profile.update(run.unwrapped)
     run.window.add(result.loss, result.skipped)
 
 
@@ -86,6 +90,7 @@ def log_if_due(run: Run, done: int):
     if run.peak_tflops:
         values["mfu"] = values["tflops"] / (run.peak_tflops * run.accelerator.num_processes)
     values.update(peak_memory(run.accelerator.device))
+    values.update(run.alignment.log_values())
     ahead = run_outlook(run, done)
     values.update(end_step=ahead.end_step, eta_min=ahead.eta_s / 60)
     run.metrics.log(done, values)
@@ -101,6 +106,25 @@ def checkpoint_if_due(run: Run, done: int):
     """Every --checkpointing_steps: a checkpoint, pushed to the Hub unless it is the last (pushed at the end)."""
     if checkpoint_due(run, done):
         checkpoint(run, done)
+
+
+def snapshot_if_due(run: Run, done: int):
+    """Every --ema_snapshot_steps: each post-hoc EMA profile to <output_dir>/phema/ (modules/artifacts/phema.py),
+    as safetensors written whole."""
+    every = run.train_args.ema_snapshot_steps
+    if not run.profiles or done % every:
+        return
+    from safetensors.torch import save
+
+    for profile in run.profiles:
+        profile.gather()
+        if run.accelerator.is_main_process:
+            path = run.out / SNAPSHOT_DIR / snapshot_name(done, profile.std)
+            metadata = {"step": str(done), "std": str(profile.std), "exponent": str(profile.exponent)}
+            state = {k: v for k, v in profile.state_dict().items() if not k.startswith(PROJECTOR + ".")}
+            weights = save(state, metadata=metadata)
+            write_atomically(path, lambda f, weights=weights: f.write(weights))
+    run.accelerator.wait_for_everyone()
 
 
 def validate_if_due(run: Run, done: int):
@@ -193,7 +217,8 @@ def checkpoint(run: Run, step: int, upload: bool = True):
     }
     if (wandb := wandb_record(run.accelerator)) is not None:
         state["wandb_run"] = wandb
-    path = save_checkpoint(run.accelerator, run.out, step, run.ema, state, run.train_args.checkpoints_total_limit)
+    limit = run.train_args.checkpoints_total_limit
+    path = save_checkpoint(run.accelerator, run.out, step, run.ema, state, limit, run.profiles)
     if run.accelerator.is_main_process:
         share_checkpoint(run, path, step)
     if upload and step < run.train_args.max_train_steps:  # the last one is pushed after the final grid and FID

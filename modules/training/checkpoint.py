@@ -17,9 +17,9 @@ from pathlib import Path
 
 from modules.config import UserError
 from modules.files import write_text_atomically
+from modules.records import CHECKPOINT_EMA_FILE as EMA_FILE
+from modules.records import CHECKPOINT_STATE_FILE as STATE_FILE
 
-STATE_FILE = "training_state.json"
-EMA_FILE = "ema.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -87,8 +87,16 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_limit: int | None) -> Path:
-    """Save on all processes (sharded states need every rank); only the main process writes shared files."""
+def profile_file(std: float) -> str:
+    """A post-hoc EMA profile's weights in a checkpoint (--ema_phema_stds)."""
+    return f"ema-phema-{std:.4f}.safetensors"
+
+
+def save_checkpoint(
+    accelerator, output_dir, step: int, ema, state: dict, total_limit: int | None, profiles=()
+) -> Path:
+    """Save on all processes (sharded states need every rank); only the main process writes shared files.
+    `profiles`: the post-hoc EMA's power-function EMAs, each beside the EMA."""
     from safetensors.torch import save_file
 
     root = checkpoints_dir(output_dir)
@@ -101,9 +109,12 @@ def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(partial))
-        ema.gather()  # a sharded EMA is assembled on the main process, which writes it whole
+        for average in (ema, *profiles):
+            average.gather()  # a sharded EMA is assembled on the main process, which writes it whole
         if accelerator.is_main_process:
             save_file(ema.state_dict(), str(partial / EMA_FILE))
+            for profile in profiles:
+                save_file(profile.state_dict(), str(partial / profile_file(profile.std)))
             write_text_atomically(
                 partial / STATE_FILE, json.dumps({**state, "step": step, "ema_step": ema.step}, indent=2)
             )
@@ -128,8 +139,9 @@ def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, total_
     return final
 
 
-def load_checkpoint(accelerator, path: Path, ema) -> dict:
-    """Restore model, optimizer and RNG states through Accelerate, and the EMA; returns training_state.json."""
+def load_checkpoint(accelerator, path: Path, ema, profiles=()) -> dict:
+    """Restore model, optimizer and RNG states through Accelerate, the EMA and the post-hoc EMA's profiles;
+    returns training_state.json."""
     from safetensors.torch import load_file
 
     written, now = _written_under(Path(path)), _KINDS.get(accelerator.distributed_type.name, _OTHER)
@@ -140,7 +152,16 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
         )
     accelerator.load_state(str(path))
     state = read_state(path)
+    missing = [profile_file(p.std) for p in profiles if not (Path(path) / profile_file(p.std)).is_file()]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} holds no post-hoc EMA profile {', '.join(missing)}: it was made with other (or no) "
+            "--ema_phema_stds; resume it with the same"
+        )
     ema.load_state_dict(load_file(str(Path(path) / EMA_FILE), device=str(ema.device)), state["ema_step"])
+    for profile in profiles:
+        weights = load_file(str(Path(path) / profile_file(profile.std)), device=str(profile.device))
+        profile.load_state_dict(weights, state["ema_step"])
     return state
 
 

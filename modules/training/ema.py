@@ -3,6 +3,9 @@
 decay(step) = min(max_decay, 1 - (1 + step) ** -power): early averages forget fast, so a short run's EMA is not
 dominated by its random initialisation (power 3/4 suits short runs, 2/3 long ones).
 
+With `std`, it is instead a power-function EMA of that relative width (EDM2's post-hoc EMA profiles, kept for
+`--ema_phema_stds`: modules/artifacts/phema.py): decay(step) = (1 - 1/step)^(exponent + 1).
+
 Under FSDP the EMA is sharded like the model: each process averages only its own shard of every parameter, and
 `gather()` (a collective) assembles the full EMA in the main process's copy, which is the only full one, when it is
 needed to sample or save.
@@ -13,6 +16,8 @@ from __future__ import annotations
 import copy
 
 import torch
+
+from modules.artifacts.phema import power_decay, std_to_exponent
 
 
 def ema_decay(step: int, max_decay: float, power: float) -> float:
@@ -26,9 +31,17 @@ class EMA:
     """`model`'s EMA. `self.model` is a full copy, ready to sample from (None on processes told not to keep one);
     buffers are copied, not averaged."""
 
-    def __init__(self, model: torch.nn.Module, max_decay: float = 0.9999, power: float = 0.75, keep_copy: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_decay: float = 0.9999,
+        power: float = 0.75,
+        keep_copy: bool = True,
+        std: float | None = None,
+    ):
         if not 0.0 <= max_decay < 1.0:
             raise ValueError(f"EMA max decay must be in [0, 1), got {max_decay}")
+        self.std, self.exponent = std, None if std is None else float(std_to_exponent(std))
         self.model = copy.deepcopy(model).requires_grad_(False).eval() if keep_copy else None
         self.device = next(model.parameters()).device
         self.max_decay, self.power, self.step = max_decay, power, 0
@@ -45,10 +58,15 @@ class EMA:
             self.shards[name] = (p.detach().to_local().clone(), _layout(p))
         self.device = next(iter(self.shards.values()))[0].device
 
+    def decay(self, step: int) -> float:
+        if self.exponent is not None:
+            return power_decay(step, self.exponent)
+        return ema_decay(step, self.max_decay, self.power)
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
         self.step += 1
-        weight = 1.0 - ema_decay(self.step, self.max_decay, self.power)
+        weight = 1.0 - self.decay(self.step)
         if self.shards is not None:
             named = dict(model.named_parameters())
             ema_params = [local for local, _ in self.shards.values()]

@@ -3,7 +3,8 @@
     setup_run            everything before the first step (modules/training/setup.py)
     for each step:
         optimizer_step   one optimizer step over the accumulated micro-batches (modules/training/step.py)
-        duties           EMA and counters, then log, checkpoint, validate, evaluate, grid, stop
+        duties           EMA and counters, then log, checkpoint, post-hoc EMA snapshot, validate, evaluate,
+                         grid, stop
                          (modules/training/boundary.py)
     finish               the last checkpoint, the EMA model, its grid and metrics, the final push
 
@@ -24,6 +25,7 @@ from modules.training.boundary import (
     finish,
     grid_if_due,
     log_if_due,
+    snapshot_if_due,
     stop_early,
     update_after_step,
     validate_if_due,
@@ -62,6 +64,7 @@ def train(
             # Duties at their own intervals; each looks at the EMA model.
             log_if_due(run, done)
             checkpoint_if_due(run, done)
+            snapshot_if_due(run, done)
             validate_if_due(run, done)
             evaluate_if_due(run, done)
             grid_if_due(run, done)

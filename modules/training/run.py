@@ -13,6 +13,7 @@ from typing import Any
 from modules.config import DataArguments, ModelArguments, TrainingArguments
 from modules.data.conditions import ConditionSource
 from modules.objectives.protocol import Objective
+from modules.training.alignment import NoAlignment
 from modules.training.ema import EMA
 from modules.training.stopping import NonFiniteGuard, StopRequest
 from modules.training.tracking import LogWindow, MetricsLog
@@ -49,6 +50,8 @@ class Run:
     model: Any  # what the optimizer steps (wrapped for DDP, FSDP or DeepSpeed)
     optimizer: Any
     ema: EMA | None = None
+    profiles: list[EMA] = field(default_factory=list)  # --ema_phema_stds: the post-hoc EMA's power-function EMAs
+    alignment: Any = field(default_factory=NoAlignment)  # --repa_encoder (modules/training/alignment.py)
     lr_scheduler: Any = None
     unwrapped: Any = None  # the model itself, whose weights the EMA averages
     compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around forward and loss

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from modules.artifacts.hub import HubPusher, check_push, push_later
 from modules.artifacts.model_folder import load_pretrained_network, load_pretrained_weights
+from modules.artifacts.phema import parse_stds
 from modules.config import DataArguments, ModelArguments, TrainingArguments, UserError, warn
 from modules.data.batches import WithIndex, model_input, train_loader
 from modules.data.conditions import ConditionSource
@@ -36,6 +37,7 @@ from modules.networks.presets import is_video_model
 from modules.networks.text import TextConditioner, load_text_encoder, stored_text_matches
 from modules.objectives.protocol import Objective
 from modules.records import RUN_CONFIG_FILE, command_line, from_dict, to_dict
+from modules.training.alignment import make_alignment
 from modules.training.checkpoint import check_compatible, load_checkpoint, resolve_resume
 from modules.training.ema import EMA
 from modules.training.flops import model_flops_per_image, peak_tflops
@@ -87,6 +89,8 @@ def setup_run(
         objective, model_args, train_args, data, resolution, num_classes, text
     )
     accelerator = make_accelerator(train_args, out, trackers, objective)
+    sharding = weight_sharding(accelerator)
+    alignment = make_alignment(train_args, model, objective, data, accelerator.device, sharding)
     resume = find_resume(train_args, out, accelerator, model)
     device, world = accelerator.device, accelerator.num_processes
     decode = None
@@ -123,6 +127,7 @@ def setup_run(
         pusher=pusher,
         text=text,
         condition=condition,
+        alignment=alignment,
         images_per_step=train_args.train_batch_size * world * train_args.gradient_accumulation_steps,
     )
     run.flops_per_image = measure_flops(model.to(device), objective, data.train, conditions, device)
@@ -187,6 +192,13 @@ def check_training_arguments(train: TrainingArguments):
         raise UserError(f"--cond_drop_prob must be in [0, 1], got {train.cond_drop_prob}")
     if not 0.0 <= train.ema_max_decay < 1.0:
         raise UserError(f"--ema_max_decay must be in [0, 1), got {train.ema_max_decay}")
+    if train.ema_phema_stds is not None or train.ema_snapshot_steps:
+        stds = parse_stds(train.ema_phema_stds or "", "--ema_phema_stds")
+        if len(set(stds)) < 2 or train.ema_snapshot_steps <= 0:
+            raise UserError(
+                f"post-hoc EMA needs two or more distinct --ema_phema_stds and --ema_snapshot_steps > 0, got "
+                f"'{train.ema_phema_stds}' and {train.ema_snapshot_steps}"
+            )
     if train.lr_scheduler not in LR_SCHEDULERS:
         raise UserError(f"--lr_scheduler '{train.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
     if train.report_to not in TRACKERS:
@@ -499,6 +511,9 @@ def prepare_training(run: Run):
     # Under FSDP only the main process keeps a full EMA copy (to sample and save); each process averages its shard.
     keep_copy = accelerator.is_main_process or not fsdp
     run.ema = EMA(model, train_args.ema_max_decay, train_args.ema_power, keep_copy=keep_copy)
+    if train_args.ema_phema_stds:
+        stds = parse_stds(train_args.ema_phema_stds, "--ema_phema_stds")
+        run.profiles = [EMA(model, keep_copy=keep_copy, std=std) for std in stds]
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     run.unwrapped = unwrapped = accelerator.unwrap_model(run.model)
     if run.deepspeed and (dtype := next(unwrapped.parameters()).dtype) != torch.float32:
@@ -506,7 +521,8 @@ def prepare_training(run: Run):
         # feeds the model its weights' type and keeps norms and the loss in float32, as Accelerate does elsewhere.
         run.compute = functools.partial(torch.autocast, accelerator.device.type, dtype=dtype)
     if fsdp:
-        run.ema.shard_like(unwrapped)
+        for ema in (run.ema, *run.profiles):
+            ema.shard_like(unwrapped)
     if train_args.channels_last:
         unwrapped.to(memory_format=torch.channels_last)
     if train_args.torch_compile:
@@ -533,7 +549,7 @@ def find_resume(train_args: TrainingArguments, out: Path, accelerator, model) ->
 
 def resume_from(run: Run, checkpoint: Path):
     """Model, optimizer, RNG states and EMA from `checkpoint`, and where the run was (see checkpoint.py)."""
-    state = load_checkpoint(run.accelerator, checkpoint, run.ema)
+    state = load_checkpoint(run.accelerator, checkpoint, run.ema, run.profiles)
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     run.start_step, run.images_seen = state["step"], state["images_seen"]
     run.seconds_before = state.get("train_seconds", 0.0)

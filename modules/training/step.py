@@ -41,8 +41,9 @@ def optimizer_step(run: Run, micro_batches: Iterable[dict], step: int) -> StepRe
         cond = run.conditions.batch(batch, generator, device)
         paired = {"noise": batch["noise"]} if "noise" in batch else {}  # a pairs dataset's noise (reflow), not drawn
         with accelerator.accumulate(run.model):
-            with run.compute():
+            with run.compute(), run.alignment.capture():  # REPA reads the hidden states of this forward
                 loss = run.objective.loss(run.model, x0, cond, generator, **paired).mean()
+                loss = loss + run.alignment.loss(run.unwrapped, x0)
             accelerator.backward(loss)
             step_loss += loss.detach() / train_args.gradient_accumulation_steps
             if accelerator.sync_gradients:

@@ -1,6 +1,6 @@
 """Training on two DDP processes: a DDPM run of a video UNet on clips from the accelerate config and what sample.py
-makes of it, a MeanFlow DiT whose saved model samples alike through sample.py and its exported pipeline, and a
-failure on one process ending both."""
+makes of it, a MeanFlow DiT whose saved model samples alike through sample.py and its exported pipeline, a REPA DiT
+with post-hoc EMA snapshots, and a failure on one process ending both."""
 
 import json
 import time
@@ -89,6 +89,36 @@ def test_two_process_meanflow_samples_as_its_exported_pipeline(tmp_path):
     assert json.loads((out / "objective.json").read_text())["objective"] == "meanflow"
     pipe = export_and_load(out, tmp_path / "pipe")
     assert_same_as_sample_py(pipe, out, tmp_path, class_labels=[1, 8, 8], seed=0, max_batch_size=2)
+
+
+def test_two_process_repa_with_post_hoc_ema(tmp_path):
+    """REPA's projector, outside DDP's forward, trains on both processes with a tiny DINOv2 as the encoder; the
+    post-hoc EMA profiles are snapshotted once, by the main process; the saved model has no projector."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    from modules.artifacts.phema import list_snapshots, reconstruct
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48
+    )
+    Dinov2Model(config).save_pretrained(tmp_path / "encoder")
+    out = tmp_path / "repa2"
+    model = ["--model", "dit_tiny", "--patch_size", 4, "--resolution", 16, "--max_train_steps", 2]
+    repa = ["--repa_encoder", tmp_path / "encoder", "--repa_projector_dim", 16]
+    phema = ["--ema_phema_stds", "0.05,0.1", "--ema_snapshot_steps", 1]
+    no_duties = ["--num_sample_images", 0, "--validation_steps", 0]
+    proc = accelerate_launch("train_cfm.py", "--output_dir", out, *TINY, *model, *repa, *phema, *no_duties)
+    assert_clean_two_process_run(proc, out, 2)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1 <= r["repa_similarity"] <= 1 for r in rows if "loss" in r)
+    assert [(s, d) for s, d, _ in list_snapshots(out)] == [(1, 0.05), (1, 0.1), (2, 0.05), (2, 0.1)]
+    assert not list((out / "phema").glob(".*"))  # no temporary file left behind
+    saved = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    assert not any(k.startswith("repa_projector") for k in saved)
+    assert reconstruct(out, 0.07)[0].keys() == saved.keys()  # snapshots of the model, without the projector
 
 
 def test_a_failure_on_one_process_ends_both_with_an_error(tmp_path):

@@ -161,6 +161,13 @@ def test_hub_style_dataset_trains_when_columns_are_named(parquet_dataset, tmp_pa
         (["--train_batch_size", "128"], ["64 training images are fewer than one batch"]),
         (["--fid_num_samples", "8", "--fid_reference_samples", "100"], ["--fid_reference_samples 100 is more than"]),
         (["--eval_metrics", "fid,is"], ["--eval_metrics: unknown is"]),
+        (["--guidance_interval", "0.8,0.2"], ["--guidance_interval: expected 0 <= LO < HI <= 1", "'0.8,0.2'"]),
+        (["--ema_phema_stds", "0.05", "--ema_snapshot_steps", "2"], ["two or more distinct --ema_phema_stds"]),
+        (["--ema_phema_stds", "0.05,0.1"], ["--ema_snapshot_steps > 0"]),
+        (
+            ["--ema_phema_stds", "0.05,0.3", "--ema_snapshot_steps", "2"],
+            ["--ema_phema_stds '0.05,0.3'", "(0, 0.2887)"],
+        ),
         (["--sampler", "meanflow"], ["--sampler 'meanflow': this flow model", "trained with --objective meanflow"]),
         (["--objective", "meanflow", "--meanflow_ratio", "1.5"], ["--meanflow_ratio must be in [0, 1], got 1.5"]),
         (["--objective", "meanflow", "--shared_noise"], ["--objective meanflow does not combine with --shared_noise"]),
@@ -243,6 +250,31 @@ def test_sample_py_refuses_the_meanflow_sampler_for_a_flow_model(capsys, tiny_cf
     argv = ["--model", str(tiny_cfm_run), "--sampler", "meanflow", "--output", str(tmp_path / "grid.png")]
     fails(capsys, argv, "--sampler 'meanflow': this flow model samples with euler", main=sample.main)
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_sample_py_refuses_what_guidance_and_post_hoc_ema_cannot_use(capsys, tiny_cfm_run, tmp_path):
+    """A guide of another resolution (this run's network at 8 px), a post-hoc EMA of a
+    run without snapshots, and bad widths and intervals: one line each, and nothing written."""
+    import sample
+    from modules.artifacts.model_folder import load_model, save_model
+    from modules.networks.unet import UNetModel
+
+    model, objective, record = load_model(tiny_cfm_run)
+    small = UNetModel.from_config({**model.config, "sample_size": 8})
+    save_model(small, objective, tmp_path / "small", {k: record[k] for k in ("class_names",)})
+    save_model(model, objective, tmp_path / "plain", {k: record[k] for k in ("class_names",)})
+    grid = tmp_path / "grid.png"
+    argv = ["--model", str(tiny_cfm_run), "--output", str(grid), "--num_images", "2"]
+    needles = ["--guide_model", "cannot guide this model", "sample_size: 8 vs 32"]
+    fails(capsys, [*argv, "--guide_model", str(tmp_path / "small")], *needles, main=sample.main)
+    fails(capsys, [*argv, "--guidance_interval", "0.5"], "--guidance_interval: expected two times", main=sample.main)
+    fails(capsys, [*argv, "--ema_std", "0.4"], "--ema_std '0.4'", "must be in (0, 0.2887)", main=sample.main)
+    fails(capsys, [*argv, "--ema_sweep", "0.05,abc"], "--ema_sweep: expected comma-separated", main=sample.main)
+    plain = ["--model", str(tmp_path / "plain"), "--output", str(grid), "--ema_std", "0.1"]
+    fails(capsys, plain, "holds no post-hoc EMA snapshots", "--ema_phema_stds", main=sample.main)
+    pairs = [*argv, "--guide_model", str(tiny_cfm_run), "--output_pairs", str(tmp_path / "pairs")]
+    fails(capsys, pairs, "--output_pairs writes pairs, not images: drop --guide_model", main=sample.main)
+    assert not grid.exists() and not (tmp_path / "pairs").exists()
 
 
 def test_resume_from_a_missing_checkpoint(capsys, out, tmp_path):

@@ -135,6 +135,25 @@ def test_class_conditional_flow_unet(cfm_pipe, tiny_cfm_run, tmp_path):
     )
 
 
+def test_guidance_interval_and_autoguidance_as_sample_py(cfm_pipe, tiny_cfm_run, tmp_path):
+    """An export with a guide (the run's checkpoint at step 3) guides as sample.py --guide_model does, and with
+    guidance only for t in [0.3, 0.8] as sample.py --guidance_interval; each setting changes the images."""
+    guide = tiny_cfm_run / "checkpoints" / "checkpoint-3"
+    folder = tmp_path / "guided_pipe"
+    sample.main(["--model", str(tiny_cfm_run), "--export_pipeline", str(folder), "--guide_model", str(guide)])
+    pipe = load(folder)
+    assert type(pipe.guide).__name__ == "UNetModel" and (folder / "guide" / "config.json").is_file()
+    settings = dict(class_labels=[3, 0, 7], seed=1, sampler="heun", num_inference_steps=3, guidance_scale=2.0)
+    interval = dict(settings, guidance_interval="0.3,0.8")
+    floats, _ = sample_py(tiny_cfm_run, tmp_path / "auto", **interval, guide_model=guide)
+    images = pipe(**interval, output_type="pt").images
+    assert (images - (floats / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+    cfg = assert_same_as_sample_py(cfm_pipe, tiny_cfm_run, tmp_path, **interval)  # CFG in the interval
+    assert (cfg - images).abs().max() > 1e-3
+    full = cfm_pipe(**settings, output_type="pt").images
+    assert (cfg - full).abs().max() > 1e-3
+
+
 def test_diffusers_call_conventions(cfm_pipe, capsys):
     """batch_size counts images (cycling over the classes), class_labels gives one image per label, generator takes
     one torch.Generator or one per image, output_type and return_dict and the progress bar are diffusers'."""

@@ -54,6 +54,50 @@ def test_resume_is_exact(tiny_cfm_run, tmp_path, capsys):
     # and the run did train: step 3 and step 6 differ
     halfway = checkpoint_state(tiny_cfm_run / "checkpoints" / "checkpoint-3")
     assert any(not torch.equal(halfway[0][k], whole[0][k]) for k in whole[0])
+    # the post-hoc EMA's snapshots too (step 2 from the first part, 4 and 6 from the resumed one)
+    snapshots = sorted(p.name for p in (tiny_cfm_run / "phema").iterdir())
+    assert len(snapshots) == 6 and snapshots == sorted(p.name for p in (out / "phema").iterdir())
+    for name in snapshots:
+        assert_same(load_file(str(tiny_cfm_run / "phema" / name)), load_file(str(out / "phema" / name)), name)
+
+
+def test_post_hoc_ema_of_the_run(tiny_cfm_run, tmp_path, monkeypatch):
+    """Snapshots every 2 steps of both profiles; the stored profile of the last step reconstructs as its snapshot;
+    another width saved by `python -m modules.artifacts.phema` samples as sample.py --ema_std does; --ema_sweep's
+    rows."""
+    import sample
+    from modules.artifacts import phema
+    from modules.artifacts.phema import list_snapshots, reconstruct, snapshot_name
+
+    run = tiny_cfm_run
+    assert [(step, std) for step, std, _ in list_snapshots(run)] == [(s, d) for s in (2, 4, 6) for d in (0.05, 0.1)]
+    weights, record = reconstruct(run, 0.1)
+    stored = load_file(str(run / "phema" / snapshot_name(6, 0.1)))
+    assert record["step"] == 6 and weights.keys() == stored.keys()
+    for key in stored:
+        torch.testing.assert_close(weights[key], stored[key], atol=1e-6, rtol=1e-5)
+    saved = phema.main([str(run), "--ema_std", "0.07", "--output_dir", str(tmp_path / "ema")])
+    assert json.loads((saved / "objective.json").read_text())["posthoc_ema"]["std"] == 0.07
+    pngs = {}
+    for name, flags in {"saved": ["--model", str(saved)], "flag": ["--model", str(run), "--ema_std", "0.07"]}.items():
+        sample.main([*flags, "--num_images", "3", "--output", str(tmp_path / name)])
+        pngs[name] = [np.array(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))]
+    sample.main(["--model", str(run), "--num_images", "3", "--output", str(tmp_path / "ema_model")])
+    trained = [np.array(Image.open(p)) for p in sorted((tmp_path / "ema_model").glob("*.png"))]
+    assert len(pngs["saved"]) == 3 and all(np.array_equal(a, b) for a, b in zip(*pngs.values(), strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(pngs["saved"], trained, strict=True))
+
+    def fake_metrics(images, *args, **kwargs):  # the metrics are tested on their own; here the sweep is
+        return {"fd_classifier": float(images.float().std())}
+
+    monkeypatch.setattr(sample, "evaluate_generated", fake_metrics)
+    prefix = tmp_path / "sweep"
+    argv = ["--model", str(run), "--num_images", "2", "--eval_metrics", "classifier", "--output", str(prefix)]
+    sample.main([*argv, "--ema_sweep", "0.05,0.07"])
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    assert [r["ema"] for r in rows] == ["the run's EMA", "post-hoc 0.05", "post-hoc 0.07"]
+    assert len({r["fd_classifier"] for r in rows}) == 3
+    assert "| post-hoc 0.07 |" in prefix.with_suffix(".md").read_text()
 
 
 def test_sample_is_independent_of_batch_size(tiny_cfm_run, tmp_path):
