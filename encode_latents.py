@@ -15,7 +15,8 @@ resumes, skipping finished shards; latents.json is written last, once every shar
 center-cropped, so the encoding is deterministic; --random_flip also stores each image's flipped latents (a clip is
 flipped whole), for the trainer to pick per step. With --text_encoder (a frozen one: a CLIP model or 'minilm') each
 caption's embeddings are stored too, and training with the same --text_encoder reads them instead of loading the
-encoder.
+encoder; with --repa_encoder, each image's (and flipped image's) features from a frozen vision encoder, for REPA
+(docs/quality.md).
 Every flag: python encode_latents.py --help.
 """
 
@@ -30,7 +31,14 @@ import torch
 
 from modules.config import DataArguments, UserError, cli_entry, help_field, parse_args
 from modules.data import latents
-from modules.data.latents import FLIP_COLUMNS, LATENT_COLUMNS, METADATA_FILE, TEXT_COLUMNS, channel_statistics
+from modules.data.latents import (
+    FLIP_COLUMNS,
+    LATENT_COLUMNS,
+    METADATA_FILE,
+    REPA_COLUMNS,
+    TEXT_COLUMNS,
+    channel_statistics,
+)
 from modules.data.shards import (
     ShardedFormat,
     ShardedOutputArguments,
@@ -41,6 +49,7 @@ from modules.data.shards import (
 from modules.data.sources import load_train_data, with_clip_length
 from modules.networks.text import load_text_encoder
 from modules.networks.vae import load_vae
+from modules.training.alignment import encoder_source, load_encoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT = ShardedFormat(
@@ -69,6 +78,17 @@ class EncodeArguments:
     max_text_length: int | None = help_field(
         "Tokens per caption for --text_encoder (longer ones are truncated and counted).", default=None
     )
+    repa_encoder: str | None = help_field(
+        "Also store each image's features (float16) from this frozen vision encoder, for REPA (docs/quality.md): a "
+        "transformers AutoModel id or folder with a patch grid (e.g. facebook/dinov2-base), or "
+        "fashion_mnist_classifier. Training with the same --repa_encoder reads them and never runs the encoder.",
+        default=None,
+    )
+    repa_grid: int | None = help_field(
+        "--repa_encoder: the features' grid G (G x G per image), the token grid of the model to train or a whole "
+        "multiple of it (a DiT's latent size / patch size). Default: the latent size / 2.",
+        default=None,
+    )
 
 
 def validate(data_args: DataArguments, args: EncodeArguments, out_args: ShardedOutputArguments):
@@ -85,6 +105,8 @@ def validate(data_args: DataArguments, args: EncodeArguments, out_args: ShardedO
             f"--text_encoder {spec}: our own text encoder trains with the denoiser, so its embeddings cannot be "
             "stored; give a frozen one (a CLIP model or 'minilm'), or pass --text_encoder only to training"
         )
+    if args.repa_grid is not None and (args.repa_grid < 1 or not args.repa_encoder):
+        raise UserError(f"--repa_grid {args.repa_grid}: needs --repa_encoder and at least 1")
     if args.max_text_length is not None and (args.max_text_length < 2 or not args.text_encoder):
         raise UserError(f"--max_text_length {args.max_text_length}: needs --text_encoder and at least 2")
 
@@ -118,6 +140,12 @@ def dataset_card(meta: dict, paths) -> str:
         "text_tokens": "the caption's token embeddings (real tokens only), float16 (tokens, width)",
         "text_pooled": "the caption's pooled embedding, float16 (width,)",
     }
+    if repa := meta.get("repa"):
+        grid, dim, encoder = repa["grid"], repa["dim"], repa["encoder"]
+        columns["repa_features"] = (
+            f"{encoder}'s features of the {item} on a {grid}x{grid} grid, float16 ({grid}^2, {dim})"
+        )
+        columns["repa_flip_features"] = f"the same of the horizontally flipped {item}"
     rows = "\n".join(f"| {name} | {columns[name]} |" for name in meta["columns"])
     res = meta["image_resolution"]
     what = f"clips of {frames} frames" if frames else "images"
@@ -162,15 +190,16 @@ latents.json holds the same facts, the VAE's full record and the arguments that 
 """
 
 
-def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments, text=None):
+def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments, text=None, features=None):
     """`make_shard(rows, progress)`: the latents (and labels, captions, caption embeddings through the text encoder
-    `text`) of those images, as a pyarrow table."""
+    `text`, REPA `features`) of those images, as a pyarrow table."""
 
     batch_size = max(1, args.batch_size // data.num_frames) if data.num_frames else args.batch_size  # items
 
     def make_shard(rows: range, progress):
         shard = latents.encode_shard(
-            vae, data.dataset, rows, batch_size, data_args.dataloader_num_workers, data_args.random_flip, progress
+            *(vae, data.dataset, rows, batch_size, data_args.dataloader_num_workers, data_args.random_flip, progress),
+            features=features,
         )
         if data.captions is not None:
             shard["caption"] = [str(data.captions[i]) for i in rows]
@@ -182,6 +211,7 @@ def shard_maker(vae, data, data_args: DataArguments, args: EncodeArguments, text
 
 
 def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: Path, record: dict, text=None):
+    repa = record.get("repa")
     """`describe(shard_paths, command)`: the dataset card and latents.json, once every shard is whole."""
 
     def describe(paths, command: str):
@@ -216,6 +246,7 @@ def describer(vae, data, data_args: DataArguments, args: EncodeArguments, out: P
             data_args=source_args,
             command=command,
             **text_meta,
+            **({"repa": repa} if repa else {}),
         )
         shape = "x".join(map(str, [*([data.num_frames] if data.num_frames else []), *meta["latent_shape"]]))
         return (
@@ -239,6 +270,22 @@ def truncated_captions(text, paths) -> int:
         at_limit = pc.equal(pc.list_value_length(table.column("text_tokens")), text.max_length)
         full += table.filter(at_limit).column("caption").to_pylist()
     return text.tokenize(full)[2] if full else 0
+
+
+def repa_features(args: EncodeArguments, data, device, latent_size: int):
+    """(images -> float16 features (N, G*G, D), the record {"encoder", "grid", "dim"}) for --repa_encoder, or
+    (None, None)."""
+    if not args.repa_encoder:
+        return None, None
+    if data.num_frames:
+        raise UserError("--repa_encoder stores features of images for REPA; the data are clips")
+    grid = args.repa_grid or max(1, latent_size // 2)
+    source = encoder_source(args.repa_encoder)
+    encoder = load_encoder(source, device)
+    return (
+        lambda images: encoder(images, grid).to(torch.float16),
+        {"encoder": source, "grid": grid, "dim": encoder.dim(grid)},
+    )
 
 
 @cli_entry
@@ -266,6 +313,8 @@ def main(argv=None):
     columns = [*LATENT_COLUMNS, *(FLIP_COLUMNS if data_args.random_flip else ())]
     columns += ["label"] * (data.num_classes > 0) + ["caption"] * (data.captions is not None)
     columns += list(TEXT_COLUMNS) * (text is not None)
+    features, repa = repa_features(args, data, state.device, data_args.resolution // vae.downsample_factor)
+    columns += list(REPA_COLUMNS[: 1 + data_args.random_flip]) * (features is not None)
     record = dict(
         vae=vae_source,
         vae_revision=args.vae_revision,
@@ -276,6 +325,7 @@ def main(argv=None):
         shard_size=out_args.shard_size,
         columns=columns,
         **({"text_encoder": text.config_record()} if text else {}),
+        **({"repa": repa} if repa else {}),
     )
     out = Path(out_args.output_dir)
     return write_sharded_dataset(
@@ -284,7 +334,7 @@ def main(argv=None):
         out_args,
         record,
         len(data.dataset),
-        shard_maker(vae, data, data_args, args, text),
+        shard_maker(vae, data, data_args, args, text, features),
         describer(vae, data, data_args, args, out, record, text),
         desc="encoding",
         argv=argv,

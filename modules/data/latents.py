@@ -7,10 +7,13 @@ A latent dataset is a directory (or a Hub dataset repo) that `datasets.load_data
                                        for the horizontally flipped image or clip, with --random_flip); label (int)
                                        and caption (str) when the images have them;
                                        text_tokens (float16 (L, D): the caption's real tokens), text_pooled
-                                       (float16 (P,)) with --text_encoder
+                                       (float16 (P,)) with --text_encoder; repa_features (float16 (G*G, D): a
+                                       frozen vision encoder's features of the image on a G x G grid, for REPA)
+                                       and repa_flip_features (of the flipped image) with --repa_encoder
     README.md                          dataset card
     latents.json                       VAE, shapes (latent_shape [C, h, w] of one frame; num_frames F of clips),
-                                       statistics, source data; written last: marks the data complete
+                                       statistics, source data, the REPA encoder ("repa": encoder, grid, dim);
+                                       written last: marks the data complete
 
 Training draws z = mean + std * eps afresh each step and normalises it per channel with statistics over all images
 (every frame of every clip): channel_mean = E[mean], channel_std^2 = Var[mean] + E[std^2], the variance of z itself
@@ -35,8 +38,15 @@ METADATA_FILE = "latents.json"
 LATENT_COLUMNS = ("mean", "std")
 FLIP_COLUMNS = ("flip_mean", "flip_std")
 TEXT_COLUMNS = ("text_tokens", "text_pooled")
+REPA_COLUMNS = ("repa_features", "repa_flip_features")  # a frozen encoder's features of each image (and flipped)
 # Parquet column -> batch key.
-BATCH_KEYS = {"mean": "latent_mean", "std": "latent_std", "flip_mean": "flip_mean", "flip_std": "flip_std"}
+BATCH_KEYS = {
+    "mean": "latent_mean",
+    "std": "latent_std",
+    "flip_mean": "flip_mean",
+    "flip_std": "flip_std",
+    **{name: name for name in REPA_COLUMNS},
+}
 REQUIRED_KEYS = (
     "vae",
     "image_resolution",
@@ -52,13 +62,16 @@ MEMORY_FRACTION = 0.25
 
 
 @torch.no_grad()
-def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, flip: bool = False, progress=None):
+def encode_shard(
+    vae, dataset, indices, batch_size: int, num_workers: int = 0, flip: bool = False, progress=None, features=None
+):
     """Encode `dataset[i]` for i in `indices`, in order, through `vae` (modules.vae.VAE): images, or clips frame by
     frame. `batch_size` counts items (clips, not frames).
 
     Returns numpy arrays: "mean", "std" (and with `flip` "flip_mean", "flip_std", of the image or the whole clip
     flipped left-right) float16 (N, C, h, w), or (N, F, C, h, w) for clips, plus "label" int64 (N,) when the items
-    have labels. `num_workers` does not change it.
+    have labels. `num_workers` does not change it. `features` (images in [-1, 1] -> (N, G*G, D), REPA's frozen
+    encoder) adds "repa_features" (and "repa_flip_features") float16 (N, G*G, D).
     """
     indices = list(indices)
     loader = torch.utils.data.DataLoader(
@@ -79,6 +92,9 @@ def encode_shard(vae, dataset, indices, batch_size: int, num_workers: int = 0, f
             columns = {"mean": mean[:n], "std": std[:n]}
             if flip:
                 columns.update(flip_mean=mean[n:], flip_std=std[n:])
+            if features is not None:
+                encoded = features(x)
+                columns.update(repa_features=encoded[:n], **({"repa_flip_features": encoded[n:]} if flip else {}))
             for name, value in columns.items():
                 value = value.to(torch.float16)
                 if not torch.isfinite(value).all():
@@ -125,8 +141,8 @@ def latent_table(columns: dict, class_names=None):
 
     features = {}
     for name, values in columns.items():
-        if isinstance(values, np.ndarray) and values.ndim in (4, 5):
-            array = datasets.Array4D if values.ndim == 5 else datasets.Array3D
+        if isinstance(values, np.ndarray) and values.ndim in (3, 4, 5):
+            array = {3: datasets.Array2D, 4: datasets.Array3D, 5: datasets.Array4D}[values.ndim]
             features[name] = array(tuple(int(d) for d in values.shape[1:]), values.dtype.name)
         elif name == "text_tokens":
             width = int(values[0].shape[1])
@@ -159,8 +175,8 @@ def read_shard(path: Path, columns=None, arrays=tuple(BATCH_KEYS)) -> dict[str, 
             inner = array.flatten()
             shape.append(len(inner) // max(len(array), 1))
             array = inner
-        if len(shape) not in (4, 5) or int(np.prod(shape)) != len(array):
-            raise UserError(f"{path}: column '{name}' does not hold arrays of one shape (C, h, w) or (F, C, h, w)")
+        if len(shape) not in (3, 4, 5) or int(np.prod(shape)) != len(array):
+            raise UserError(f"{path}: column '{name}' does not hold arrays of one shape")
         out[name] = array.to_numpy(zero_copy_only=False).reshape(shape)
     return out
 
@@ -298,7 +314,7 @@ def load_latent_data(
     has_labels = "label" in names
     if need_labels and not has_labels:
         raise labels_needed(f"the latent dataset '{path_or_id}'")
-    columns = [c for c in (*LATENT_COLUMNS, *FLIP_COLUMNS) if c in names]
+    columns = [c for c in (*LATENT_COLUMNS, *FLIP_COLUMNS, *REPA_COLUMNS) if c in names]
     if n * 2 * len(columns) * int(np.prod(shape)) <= _memory_budget():  # float16 latents
         rows, labels = _read_rows(paths, n, shape, columns, has_labels, meta_path)
     else:
@@ -440,6 +456,7 @@ def sample_latents(batch: dict, generator: torch.Generator, data: LatentData, fl
 
     With `flip`, each sample first takes its flipped image's (or whole clip's) (mean, std) with probability 1/2 (one
     uniform per sample, drawn before eps). Random numbers are drawn on the generator's device (best: the batch's).
+    A batch with stored REPA features gets "repa_target": those of the image (flipped or not) each latent is of.
     """
     mean, std = batch["latent_mean"], batch["latent_std"]
     if flip:
@@ -452,6 +469,12 @@ def sample_latents(batch: dict, generator: torch.Generator, data: LatentData, fl
         pick = pick.to(mean.device).view(-1, *[1] * (mean.ndim - 1))  # (B, 1, 1, 1) or (B, 1, 1, 1, 1)
         mean = torch.where(pick, batch["flip_mean"], mean)
         std = torch.where(pick, batch["flip_std"], std)
+        if "repa_features" in batch:  # REPA's target: the features of the image the latent is of
+            batch["repa_target"] = torch.where(
+                pick.view(-1, 1, 1), batch["repa_flip_features"], batch["repa_features"]
+            )
+    elif "repa_features" in batch:
+        batch["repa_target"] = batch["repa_features"]
     eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype).to(mean.device)
     channel_mean, channel_std = _channel_stats(data, mean)
     return (mean + std * eps - channel_mean) / channel_std

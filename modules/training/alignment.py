@@ -10,7 +10,9 @@ image, token by token: loss += --repa_weight * mean over tokens of -cos(projecto
 
 The encoder sees the images the objective trains on (after --random_flip), resized so that its patch grid is the
 model's token grid (a DiT's sample_size / patch_size, a UNet's middle-block resolution); a grid finer than that by a
-whole factor is average-pooled to it. The projector is a submodule of the network (`repa_projector`), so that the
+whole factor is average-pooled to it. On a latent dataset the encoder never runs: `encode_latents.py --repa_encoder`
+stored each image's features (and its flipped image's) beside its latents, and the batch brings those of the image
+each latent is of. The projector is a submodule of the network (`repa_projector`), so that the
 optimizer, DDP, checkpoints and exact resume carry it; `artifacts.model_folder.save_model` leaves it out of every
 saved model. The hidden state is read by a forward hook, only while `capture()` is open: a gradient-checkpointed
 block's recomputation in backward is not read again.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +158,12 @@ class VisionModelEncoder:
         return tokens[:, -grid * grid :].float()
 
 
+def encoder_source(spec: str) -> str:
+    """--repa_encoder as found again from anywhere: a local folder's absolute path, else as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec != CLASSIFIER_ENCODER and path.is_dir() else spec
+
+
 def load_encoder(source: str, device, revision=None, token=None, trust_remote_code=False):
     """The frozen encoder --repa_encoder names."""
     if source == CLASSIFIER_ENCODER:
@@ -186,10 +195,19 @@ class Alignment:
     """REPA for one network: `capture()` around the objective's loss reads the aligned module's output; `loss`
     compares it, projected, with the encoder's features of the same images."""
 
-    def __init__(self, model, encoder, depth: int | None, weight: float, projector_dim: int):
+    def __init__(self, model, encoder, depth: int | None, weight: float, projector_dim: int, stored=None):
+        """`encoder` computes the features of each batch's images; or, for a latent dataset, `stored` is its
+        record of the features stored beside the latents ({"encoder", "grid", "dim"}), read from the batch."""
         site, self.grid, width, self.where = alignment_site(model, depth)
-        self.encoder, self.weight = encoder, weight
-        model.add_module(PROJECTOR, Projector(width, projector_dim, encoder.dim(self.grid)))
+        self.encoder, self.weight, self.stored = encoder, weight, stored
+        if stored is not None and stored["grid"] % self.grid:
+            raise UserError(
+                f"--repa_encoder: the latent dataset stores {stored['encoder']}'s features on a {stored['grid']}x"
+                f"{stored['grid']} grid, which cannot be matched to the model's {self.grid}x{self.grid} tokens; "
+                f"encode it with --repa_grid {self.grid}"
+            )
+        dim = stored["dim"] if stored is not None else encoder.dim(self.grid)
+        model.add_module(PROJECTOR, Projector(width, projector_dim, dim))
         self._hidden, self._open = [], False
         self.window = []
 
@@ -207,14 +225,23 @@ class Alignment:
         finally:
             self._open = False
 
-    def loss(self, model, x0: torch.Tensor) -> torch.Tensor:
+    def target(self, x0: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The features to align with, (B, grid * grid, D): the encoder's of the images x0, or those stored for
+        them (the batch's "repa_target", modules/data/latents.sample_latents), pooled to the model's grid."""
+        if self.stored is None:
+            return self.encoder(x0, self.grid)
+        stored = batch["repa_target"].float()  # (B, G * G, D)
+        side = self.stored["grid"]
+        return pool_to_grid(stored.transpose(1, 2).unflatten(2, (side, side)), self.grid, self.stored["encoder"])
+
+    def loss(self, model, x0: torch.Tensor, batch: dict) -> torch.Tensor:
         """--repa_weight times the mean negative cosine similarity between the projected hidden tokens of the last
-        forward and the encoder's features of x0 (images in [-1, 1]); `model` holds the projector."""
+        forward and the features of the batch's images (`target`); `model` holds the projector."""
         if len(self._hidden) != 1:
             raise RuntimeError(f"REPA expects one forward of the network per loss, saw {len(self._hidden)}")
         hidden = self._hidden.pop()
         tokens = hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden  # a UNet's (B, C, h, w)
-        target = self.encoder(x0, self.grid).to(tokens.dtype)
+        target = self.target(x0, batch).to(tokens.dtype)
         projected = model.get_submodule(PROJECTOR)(tokens)
         similarity = F.cosine_similarity(projected.float(), target.float(), dim=-1).mean()
         self.window.append(float(similarity.detach()))
@@ -236,7 +263,7 @@ class NoAlignment:
     def capture(self):
         yield
 
-    def loss(self, model, x0):
+    def loss(self, model, x0, batch):
         return 0.0
 
     def log_values(self) -> dict:
@@ -257,11 +284,16 @@ def make_alignment(train_args, model, objective, data, device, weight_sharding: 
         raise UserError(f"--repa_encoder trains flow matching and DDPM image models, not {kind}")
     if data.train.num_frames:
         raise UserError("--repa_encoder aligns image models; the data are clips")
-    if data.latent is not None:
-        raise UserError(
-            "--repa_encoder on a latent dataset needs the encoder's features of its images stored beside the latents, "
-            "which encode_latents.py does not write yet; train REPA on images"
-        )
+    stored = None
+    if data.latent is not None:  # the features were stored by encode_latents.py --repa_encoder: no encoder here
+        stored = data.train.metadata.get("repa")
+        source = encoder_source(train_args.repa_encoder)
+        if stored is None or stored["encoder"] != source:
+            held = f"holds {stored['encoder']}'s" if stored else "holds no"
+            raise UserError(
+                f"--repa_encoder {train_args.repa_encoder}: the latent dataset {held} features; encode it with "
+                f"encode_latents.py --repa_encoder {train_args.repa_encoder} (the encoder never runs in training)"
+            )
     if weight_sharding:
         raise UserError(
             f"--repa_encoder under {weight_sharding}: the projector runs outside the sharded forward; train with DDP "
@@ -272,5 +304,8 @@ def make_alignment(train_args, model, objective, data, device, weight_sharding: 
             f"--repa_weight and --repa_projector_dim must be positive, got {train_args.repa_weight} and "
             f"{train_args.repa_projector_dim}"
         )
-    encoder = load_encoder(train_args.repa_encoder, device, token=train_args.hub_token)
-    return Alignment(model, encoder, train_args.repa_depth, train_args.repa_weight, train_args.repa_projector_dim)
+    encoder = (
+        None if stored else load_encoder(encoder_source(train_args.repa_encoder), device, token=train_args.hub_token)
+    )
+    settings = (train_args.repa_depth, train_args.repa_weight, train_args.repa_projector_dim)
+    return Alignment(model, encoder, *settings, stored=stored)

@@ -43,7 +43,7 @@ def optimizer_step(run: Run, micro_batches: Iterable[dict], step: int) -> StepRe
         with accelerator.accumulate(run.model):
             with run.compute(), run.alignment.capture():  # REPA reads the hidden states of this forward
                 loss = run.objective.loss(run.model, x0, cond, generator, **paired).mean()
-                loss = loss + run.alignment.loss(run.unwrapped, x0)
+                loss = loss + run.alignment.loss(run.unwrapped, x0, batch)
             accelerator.backward(loss)
             step_loss += loss.detach() / train_args.gradient_accumulation_steps
             if accelerator.sync_gradients:

@@ -2,11 +2,13 @@
 for bit, projector included; the alignment is logged and moves the network; the saved model has no projector and
 samples; what REPA does not support is refused in one line, before anything is written."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, assert_same, checkpoint_state, fails, in_process, read_metrics
+from helpers import LATENT_FASHION, TINY, assert_same, checkpoint_state, fails, in_process, read_metrics
 from safetensors.torch import load_file
 
 # A DiT at 16 px with patch 4 (4x4 tokens), aligned at its second block; every random draw of training on.
@@ -91,3 +93,36 @@ def test_an_encoder_whose_grid_cannot_match_is_refused(capsys, tmp_path, tiny_vi
         needle = "none of which can be matched to the model's 3x3 tokens"
         fails(capsys, [*argv, "--repa_encoder", "fashion_mnist_classifier"], needle)
     assert not out.exists()
+
+
+def test_repa_on_a_latent_dataset_trains_on_the_features_stored_beside_the_latents(
+    tiny_vae, tiny_vision_encoder, tmp_path, capsys
+):
+    """encode_latents.py --repa_encoder stores each image's (and flipped image's) features on an 8x8 grid; a DiT
+    with 4x4 tokens trains on them, pooled, while loading any encoder fails; another encoder is refused."""
+    from modules.data.latents import read_shard
+    from modules.training import alignment
+
+    latents = tmp_path / "latents"
+    argv = ["--vae", tiny_vae, "--output_dir", latents, *LATENT_FASHION, "--random_flip"]
+    in_process("encode_latents.py", *argv, "--repa_encoder", tiny_vision_encoder)
+    meta = json.loads((latents / "latents.json").read_text())
+    assert meta["repa"] == {"encoder": str(Path(tiny_vision_encoder).resolve()), "grid": 8, "dim": 24}
+    shard = read_shard(latents / meta["shards"][0], ["repa_features", "repa_flip_features"])
+    assert shard["repa_features"].shape == (16, 64, 24) and shard["repa_features"].dtype.name == "float16"
+    assert (shard["repa_features"] != shard["repa_flip_features"]).any()
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder was loaded in training")
+
+    run = tmp_path / "run"
+    train = [*("--latent_dataset", latents, "--model", "dit_tiny", "--patch_size", 4, "--random_flip"), *TINY[2:]]
+    train += ["--max_train_steps", 2, "--validation_steps", 0, "--repa_encoder", tiny_vision_encoder]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alignment, "load_encoder", no_encoder)
+        in_process("train_cfm.py", "--output_dir", run, *train)
+    similarities = [r["repa_similarity"] for r in read_metrics(run) if "repa_similarity" in r]
+    assert len(similarities) == 2 and all(-1 <= s <= 1 for s in similarities)
+    other = [str(a) for a in [*train[:-1], "fashion_mnist_classifier", "--output_dir", tmp_path / "never"]]
+    fails(capsys, other, "--repa_encoder fashion_mnist_classifier: the latent dataset holds", "encode_latents.py")
+    assert not (tmp_path / "never").exists()

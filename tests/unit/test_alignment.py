@@ -107,7 +107,7 @@ def test_the_loss_is_the_negative_cosine_of_the_projected_hidden_tokens(classifi
     x0, t = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2)
     with alignment.capture():
         out = model(x0, t, torch.tensor([0, 1]) if model.config.get("num_classes") else None)
-        loss = alignment.loss(model, x0)
+        loss = alignment.loss(model, x0, {})
     tokens = kept[0].flatten(2).transpose(1, 2) if kept[0].ndim == 4 else kept[0]
     expected = -0.5 * F.cosine_similarity(model.repa_projector(tokens), classifier_encoder(x0, 8), dim=-1).mean()
     torch.testing.assert_close(loss, expected)
@@ -126,10 +126,10 @@ def test_one_capture_per_forward_also_with_gradient_checkpointing(classifier_enc
     x0 = torch.rand(2, 1, 16, 16) * 2 - 1
     for _ in range(2):  # the recomputation in backward must not leave a hidden state for the next loss
         with alignment.capture():
-            loss = model(x0, torch.rand(2), torch.tensor([0, 2])).square().mean() + alignment.loss(model, x0)
+            loss = model(x0, torch.rand(2), torch.tensor([0, 2])).square().mean() + alignment.loss(model, x0, {})
         loss.backward()
     with alignment.capture(), pytest.raises(RuntimeError, match="one forward of the network per loss, saw 0"):
-        alignment.loss(model, x0)
+        alignment.loss(model, x0, {})
 
 
 def test_saved_models_leave_the_projector_out(classifier_encoder, tmp_path):
